@@ -1,0 +1,268 @@
+//! Wiring: opens the data directory (lock, store, index, crash recovery), starts the background
+//! work (group commit, upload expiry) and the HTTP server, and shuts all of it down in order.
+
+use std::collections::HashSet;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::StatusCode;
+use hyper::Response;
+
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::http::{full, Body, Handler};
+use crate::lifecycle::index::Index;
+use crate::registry::{blocking, Registry};
+use crate::store::disk::{DiskStore, Durability};
+use crate::store::BlobStore;
+
+pub struct App {
+    pub config: Config,
+    pub registry: Arc<Registry>,
+    pub index: Arc<Index>,
+    pub store: Arc<DiskStore>,
+    data_dir: PathBuf,
+    /// Held for the daemon's life: a second hoard on the same directory would corrupt it.
+    _lock: fs::File,
+}
+
+impl App {
+    /// Opens everything under the configured data directory. After an unclean stop, blobs that
+    /// no group commit vouched for are re-hashed before anything is served; corrupt ones are
+    /// removed with whatever would dangle without them.
+    pub fn open(config: Config, clock: SharedClock) -> Result<App> {
+        let (root, disk) = config.disk();
+        fs::create_dir_all(&root)
+            .map_err(|e| Error::io(format!("creating data directory {}", root.display()), e))?;
+        let lock = lock_dir(&root)?;
+        let index_dir = root.join("index");
+        let clean_marker = index_dir.join("clean");
+        let was_clean = clean_marker.exists();
+        let store = Arc::new(DiskStore::open(&root, disk.durability)?);
+        let started = std::time::Instant::now();
+        let (index, records) = Index::open(&index_dir, disk.durability == Durability::Sync)?;
+        let index = Arc::new(index);
+        if was_clean {
+            fs::remove_file(&clean_marker).map_err(|e| Error::io("removing clean marker", e))?;
+        }
+        {
+            let s = index.read();
+            tracing::info!(
+                records,
+                blobs = s.blobs.len(),
+                repositories = s.repos.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "index loaded"
+            );
+        }
+        if !was_clean && records > 0 {
+            recover(&*store, &index)?;
+        }
+        let registry = Arc::new(Registry::new(
+            store.clone() as Arc<dyn BlobStore>,
+            index.clone(),
+            clock,
+        ));
+        Ok(App {
+            config,
+            registry,
+            index,
+            store,
+            data_dir: root,
+            _lock: lock,
+        })
+    }
+
+    /// Final group commit, compacted journal, clean marker: the next start replays quickly and
+    /// skips re-verification.
+    pub fn close(&self) -> Result<()> {
+        let store = self.store.clone();
+        self.index.sync_point(|| store.sync())?;
+        let n = self.index.compact()?;
+        let marker = self.data_dir.join("index").join("clean");
+        fs::write(&marker, b"").map_err(|e| Error::io("writing clean marker", e))?;
+        crate::lifecycle::journal::sync_dir(&self.data_dir.join("index"))?;
+        tracing::info!(records = n, "index compacted; clean shutdown");
+        Ok(())
+    }
+}
+
+fn lock_dir(root: &Path) -> Result<fs::File> {
+    let path = root.join("LOCK");
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|_| {
+        Error::new(
+            crate::error::ErrorKind::Conflict,
+            format!(
+                "another hoard process is using {}; stop it or choose another --data-dir",
+                root.display()
+            ),
+        )
+    })?;
+    Ok(f)
+}
+
+fn recover(store: &dyn BlobStore, index: &Index) -> Result<()> {
+    let suspects = index.unsynced();
+    tracing::warn!(
+        blobs = suspects.len(),
+        "unclean shutdown: re-verifying blobs written since the last sync point"
+    );
+    let mut bad = HashSet::new();
+    for d in &suspects {
+        match crate::store::verify(store, d) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                tracing::warn!(digest = %d, "blob is corrupt or missing after the crash; removing it");
+                store.delete(d)?;
+                bad.insert(*d);
+            }
+        }
+    }
+    for m in index.drop_blobs(&bad)? {
+        tracing::warn!(manifest = %m, "removed a manifest whose blobs were lost in the crash");
+    }
+    index.sync_point(|| store.sync())
+}
+
+/// Runs the daemon until SIGINT/SIGTERM. `on_ready` receives the bound address.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let addr = config.listen.clone();
+    let grace = config.shutdown_timeout.0;
+    let upload_timeout = config.upload_timeout.0;
+    let sync_interval = config.disk().1.sync_interval.0;
+    let clock: SharedClock = Arc::new(SystemClock);
+    let app = {
+        let config = config.clone();
+        let clock = clock.clone();
+        blocking(move || App::open(config, clock)).await?
+    };
+    let app = Arc::new(app);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let local: SocketAddr = listener.local_addr()?;
+    tracing::info!("listening on http://{local}");
+
+    let group_commit = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(sync_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let app = app.clone();
+                let res = blocking(move || {
+                    let store = app.store.clone();
+                    app.index.sync_point(|| store.sync())
+                })
+                .await;
+                if let Err(e) = res {
+                    tracing::error!(error = %e, "group commit failed; will retry");
+                }
+            }
+        })
+    };
+    let expiry = {
+        let reg = app.registry.clone();
+        let period = (upload_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let n = reg.uploads.expire(upload_timeout.as_millis() as i64);
+                if n > 0 {
+                    tracing::info!(sessions = n, "expired idle upload sessions");
+                }
+            }
+        })
+    };
+
+    let handler: Handler = {
+        let app = app.clone();
+        Arc::new(move |req| {
+            let app = app.clone();
+            Box::pin(async move { route(&app, req).await })
+        })
+    };
+    crate::http::serve(listener, handler, shutdown_signal(), grace).await;
+    group_commit.abort();
+    expiry.abort();
+    let closing = app.clone();
+    blocking(move || closing.close()).await?;
+    Ok(())
+}
+
+async fn route(app: &Arc<App>, req: hyper::Request<hyper::body::Incoming>) -> Response<Body> {
+    let path = req.uri().path();
+    if path == "/v2" || path.starts_with("/v2/") {
+        let mut req = req;
+        if req.uri().path() == "/v2" {
+            // Some clients ping /v2 without the slash.
+            *req.uri_mut() = http::Uri::from_static("/v2/");
+        }
+        return crate::oci::handle(app.registry.clone(), req).await;
+    }
+    match path {
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/" => text(StatusCode::OK, status_page(app)),
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn status_page(app: &App) -> String {
+    let s = app.index.read();
+    let bytes: u64 = s.blobs.values().map(|b| b.size).sum();
+    let manifests: usize = s.repos.values().map(|r| r.manifests.len()).sum();
+    let tags: usize = s.repos.values().map(|r| r.tags.len()).sum();
+    format!(
+        "hoard {}\nrepositories: {}\nmanifests: {manifests}\ntags: {tags}\nblobs: {} ({bytes} bytes)\nuploads in progress: {}\n",
+        env!("CARGO_PKG_VERSION"),
+        s.repos.len(),
+        s.blobs.len(),
+        app.registry.uploads.len()
+    )
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops hoard");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown requested");
+}

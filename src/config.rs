@@ -1,0 +1,304 @@
+//! Configuration: one TOML file whose `[store]` section mirrors the store tree, every key also
+//! settable by a `HOARD_…` environment variable and a `hoard serve` flag (flag > env > file >
+//! default). Sizes and durations are human text: "10GiB", "512MiB", "1s", "5m", "14d".
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::store::disk::Durability;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the HTTP front end (OCI registry, health). Port 0 picks a free port.
+    pub listen: String,
+    /// Where everything is kept unless a store says otherwise.
+    pub data_dir: PathBuf,
+    pub log_format: LogFormat,
+    /// An upload session with no request for this long is dropped and its data removed.
+    pub upload_timeout: HumanDuration,
+    /// How long a stopping daemon lets in-flight requests finish.
+    pub shutdown_timeout: HumanDuration,
+    pub store: StoreConfig,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: "127.0.0.1:5000".into(),
+            data_dir: PathBuf::from("./hoard-data"),
+            log_format: LogFormat::Text,
+            upload_timeout: HumanDuration(Duration::from_secs(3600)),
+            shutdown_timeout: HumanDuration(Duration::from_secs(30)),
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The store tree. Today one leaf; S3 and a tiered store (disk over S3) join as variants.
+///
+/// ```toml
+/// [store.disk]
+/// durability = "group"     # or "sync": fsync every blob before answering
+/// sync_interval = "1s"     # group commit period
+/// ```
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum StoreConfig {
+    Disk(DiskConfig),
+}
+
+impl Default for StoreConfig {
+    fn default() -> StoreConfig {
+        StoreConfig::Disk(DiskConfig::default())
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiskConfig {
+    /// Defaults to `data_dir`.
+    pub path: Option<PathBuf>,
+    pub durability: Durability,
+    pub sync_interval: HumanDuration,
+}
+
+impl Default for DiskConfig {
+    fn default() -> DiskConfig {
+        DiskConfig {
+            path: None,
+            durability: Durability::Group,
+            sync_interval: HumanDuration(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// Overrides from flags and environment (clap merges the two); `None` leaves the file's value.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Overrides {
+    /// TOML configuration file.
+    #[arg(long, env = "HOARD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to serve HTTP on, e.g. 0.0.0.0:5000 (default 127.0.0.1:5000; port 0 = any).
+    #[arg(long, env = "HOARD_LISTEN")]
+    pub listen: Option<String>,
+    /// Data directory (default ./hoard-data).
+    #[arg(long, env = "HOARD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "HOARD_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// `sync` fsyncs every blob before answering; `group` (default) fsyncs every sync interval.
+    #[arg(long, env = "HOARD_DURABILITY", value_parser = parse_durability)]
+    pub durability: Option<Durability>,
+    /// Group commit period, e.g. 1s or 200ms.
+    #[arg(long, env = "HOARD_SYNC_INTERVAL", value_parser = parse_duration)]
+    pub sync_interval: Option<Duration>,
+    /// Idle upload sessions are dropped after this long, e.g. 1h.
+    #[arg(long, env = "HOARD_UPLOAD_TIMEOUT", value_parser = parse_duration)]
+    pub upload_timeout: Option<Duration>,
+    /// How long shutdown waits for in-flight requests, e.g. 30s.
+    #[arg(long, env = "HOARD_SHUTDOWN_TIMEOUT", value_parser = parse_duration)]
+    pub shutdown_timeout: Option<Duration>,
+}
+
+impl Config {
+    /// The file (if any) with overrides applied.
+    pub fn load(o: &Overrides) -> Result<Config, String> {
+        let mut c = match &o.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = &o.listen {
+            c.listen = v.clone();
+        }
+        if let Some(v) = &o.data_dir {
+            c.data_dir = v.clone();
+        }
+        if let Some(v) = o.log_format {
+            c.log_format = v;
+        }
+        if let Some(v) = o.upload_timeout {
+            c.upload_timeout = HumanDuration(v);
+        }
+        if let Some(v) = o.shutdown_timeout {
+            c.shutdown_timeout = HumanDuration(v);
+        }
+        let StoreConfig::Disk(disk) = &mut c.store;
+        if let Some(v) = o.durability {
+            disk.durability = v;
+        }
+        if let Some(v) = o.sync_interval {
+            disk.sync_interval = HumanDuration(v);
+        }
+        if disk.sync_interval.0.is_zero() {
+            return Err("sync_interval must be greater than zero".into());
+        }
+        Ok(c)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    }
+
+    pub fn disk(&self) -> (PathBuf, &DiskConfig) {
+        let StoreConfig::Disk(d) = &self.store;
+        (d.path.clone().unwrap_or_else(|| self.data_dir.clone()), d)
+    }
+}
+
+fn parse_durability(s: &str) -> Result<Durability, String> {
+    match s {
+        "sync" => Ok(Durability::Sync),
+        "group" => Ok(Durability::Group),
+        _ => Err(format!(
+            "durability must be \"sync\" or \"group\", not {s:?}"
+        )),
+    }
+}
+
+/// A duration written as text ("1s", "250ms", "5m", "1h30m", "14d") or as plain seconds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl fmt::Debug for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(HumanDuration(Duration::from_secs(s))),
+            Raw::Text(t) => parse_duration(&t)
+                .map(HumanDuration)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let err = || format!("invalid duration {s:?}: write e.g. 500ms, 30s, 5m, 2h, 14d or 1h30m");
+    if s.is_empty() {
+        return Err(err());
+    }
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+        if digits == 0 {
+            return Err(err());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| err())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
+            "w" => Duration::from_secs(n.saturating_mul(7 * 86_400)),
+            _ => return Err(err()),
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
+/// A byte size written as text ("50GiB", "512MiB", "10GB", "4096") or as a plain number.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let err = || format!("invalid size {s:?}: write e.g. 4096, 512MiB, 50GiB or 10GB");
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num.parse().map_err(|_| err())?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1000,
+        "MB" => 1000u64.pow(2),
+        "GB" => 1000u64.pow(3),
+        "TB" => 1000u64.pow(4),
+        "KiB" | "K" | "k" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "TiB" | "T" => 1 << 40,
+        _ => return Err(err()),
+    };
+    if !num.is_finite() || num < 0.0 {
+        return Err(err());
+    }
+    Ok((num * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(
+            parse_duration("14d").unwrap(),
+            Duration::from_secs(14 * 86400)
+        );
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        for bad in ["", "s", "1x", "-1s", "1.5s", "m5"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("50GiB").unwrap(), 50 << 30);
+        assert_eq!(parse_size("10GB").unwrap(), 10_000_000_000);
+        assert_eq!(parse_size("1.5MiB").unwrap(), 3 << 19);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn file_rejects_unknown_keys_and_reads_the_store_tree() {
+        let c: Config = toml::from_str(
+            "listen = \"0.0.0.0:5001\"\n[store.disk]\ndurability = \"sync\"\nsync_interval = \"200ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen, "0.0.0.0:5001");
+        let (_, d) = c.disk();
+        assert_eq!(d.durability, Durability::Sync);
+        assert_eq!(d.sync_interval.0, Duration::from_millis(200));
+        assert!(toml::from_str::<Config>("lisen = \"x\"").is_err());
+        assert!(toml::from_str::<Config>("[store.disk]\nfoo = 1").is_err());
+    }
+}

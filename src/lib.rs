@@ -1,0 +1,16 @@
+//! hoard: one daemon a BuildKit build farm shares as its cache — an OCI registry for layer cache
+//! and images, backed by a verified content-addressed store and a crash-safe index.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod clock;
+pub mod config;
+pub mod digest;
+pub mod error;
+pub mod http;
+pub mod lifecycle;
+pub mod names;
+pub mod oci;
+pub mod registry;
+pub mod store;

@@ -1,0 +1,329 @@
+//! The index: which blobs the store holds (size, times), which repositories see them, manifests
+//! with the children they pin, and tags. Held in memory, changed only through journaled `Op`s,
+//! so a restart replays the journal instead of scanning the blob tree.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
+
+use crate::clock::Millis;
+use crate::digest::Digest;
+use crate::error::Result;
+
+use super::journal::Journal;
+pub use super::journal::{ManifestMeta, Op};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlobMeta {
+    pub size: u64,
+    pub added: Millis,
+}
+
+#[derive(Default, Debug)]
+pub struct Repo {
+    /// Blobs pushed or mounted here: what `GET /v2/<repo>/blobs/<digest>` may serve.
+    pub blobs: HashSet<Digest>,
+    pub manifests: HashMap<Digest, ManifestMeta>,
+    /// Sorted, as tag listing wants them.
+    pub tags: BTreeMap<String, Digest>,
+}
+
+impl Repo {
+    fn is_empty(&self) -> bool {
+        self.blobs.is_empty() && self.manifests.is_empty() && self.tags.is_empty()
+    }
+}
+
+#[derive(Default, Debug)]
+pub struct State {
+    pub blobs: HashMap<Digest, BlobMeta>,
+    pub repos: BTreeMap<String, Repo>,
+    /// Blobs whose `BlobAdded` record (sequence number as value) no `SyncPoint` covers yet:
+    /// after an unclean stop these are the ones whose bytes may not have reached the disk.
+    pub unsynced: HashMap<Digest, u64>,
+}
+
+impl State {
+    /// Applies the record with sequence number `seq`.
+    pub fn apply(&mut self, seq: u64, op: Op) {
+        match op {
+            Op::BlobAdded { digest, size, at } => {
+                self.blobs
+                    .entry(digest)
+                    .or_insert(BlobMeta { size, added: at });
+                self.unsynced.insert(digest, seq);
+            }
+            Op::BlobRemoved { digest } => {
+                self.blobs.remove(&digest);
+                self.unsynced.remove(&digest);
+            }
+            Op::Link { repo, digest } => {
+                self.repos.entry(repo).or_default().blobs.insert(digest);
+            }
+            Op::Unlink { repo, digest } => {
+                self.with_repo(&repo, |r| {
+                    r.blobs.remove(&digest);
+                });
+            }
+            Op::ManifestPut { repo, digest, meta } => {
+                self.repos
+                    .entry(repo)
+                    .or_default()
+                    .manifests
+                    .insert(digest, meta);
+            }
+            Op::ManifestDeleted { repo, digest } => {
+                self.with_repo(&repo, |r| {
+                    r.manifests.remove(&digest);
+                    r.tags.retain(|_, d| *d != digest);
+                });
+            }
+            Op::TagSet {
+                repo, tag, digest, ..
+            } => {
+                self.repos.entry(repo).or_default().tags.insert(tag, digest);
+            }
+            Op::TagDeleted { repo, tag } => {
+                self.with_repo(&repo, |r| {
+                    r.tags.remove(&tag);
+                });
+            }
+            Op::SyncPoint { upto } => self.unsynced.retain(|_, seq| *seq >= upto),
+        }
+    }
+
+    /// Applies `f` to a repository and forgets the repository once nothing is left in it, so the
+    /// catalog never lists empty names.
+    fn with_repo(&mut self, repo: &str, f: impl FnOnce(&mut Repo)) {
+        if let Some(r) = self.repos.get_mut(repo) {
+            f(r);
+            if r.is_empty() {
+                self.repos.remove(repo);
+            }
+        }
+    }
+
+    /// The smallest sequence of ops that rebuilds this state (the compacted journal): synced
+    /// blobs, a `SyncPoint` vouching for them, blobs not yet synced, then repositories.
+    pub fn snapshot_ops(&self) -> impl Iterator<Item = Op> + '_ {
+        let added = |(d, m): (&Digest, &BlobMeta)| Op::BlobAdded {
+            digest: *d,
+            size: m.size,
+            at: m.added,
+        };
+        let synced = self
+            .blobs
+            .iter()
+            .filter(|(d, _)| !self.unsynced.contains_key(*d))
+            .map(added);
+        let upto = (self.blobs.len() - self.unsynced.len()) as u64;
+        let unsynced = self
+            .blobs
+            .iter()
+            .filter(|(d, _)| self.unsynced.contains_key(*d))
+            .map(added);
+        let blobs = synced
+            .chain(std::iter::once(Op::SyncPoint { upto }))
+            .chain(unsynced);
+        let repos = self.repos.iter().flat_map(|(name, r)| {
+            let links = r.blobs.iter().map(move |d| Op::Link {
+                repo: name.clone(),
+                digest: *d,
+            });
+            let manifests = r.manifests.iter().map(move |(d, m)| Op::ManifestPut {
+                repo: name.clone(),
+                digest: *d,
+                meta: m.clone(),
+            });
+            let tags = r.tags.iter().map(move |(t, d)| Op::TagSet {
+                repo: name.clone(),
+                tag: t.clone(),
+                digest: *d,
+                at: 0,
+            });
+            links.chain(manifests).chain(tags)
+        });
+        blobs.chain(repos)
+    }
+}
+
+/// The state plus its journal. Every change goes through [`Index::commit`], which journals
+/// before it applies, under one lock, so the journal's order is the state's order.
+pub struct Index {
+    state: RwLock<State>,
+    journal: Mutex<Journal>,
+}
+
+/// Journal size at which a running daemon compacts it.
+const COMPACT_AT: u64 = 256 << 20;
+
+impl Index {
+    /// Replays the journal in `dir`. `sync_each` makes every commit fsync the journal.
+    pub fn open(dir: &Path, sync_each: bool) -> Result<(Index, u64)> {
+        let mut state = State::default();
+        let (journal, n) = Journal::open(dir, sync_each, |seq, op| state.apply(seq, op))?;
+        Ok((
+            Index {
+                state: RwLock::new(state),
+                journal: Mutex::new(journal),
+            },
+            n,
+        ))
+    }
+
+    pub fn read(&self) -> RwLockReadGuard<'_, State> {
+        // A poisoned lock means a panic mid-apply; the state is still the journal's prefix.
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Journals `ops`, then applies them. Nothing is applied if the journal write fails.
+    pub fn commit(&self, ops: Vec<Op>) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut state = self.write();
+        let mut journal = self.journal();
+        let seq = journal.next_seq();
+        journal.append(&ops)?;
+        for (i, op) in ops.into_iter().enumerate() {
+            state.apply(seq + i as u64, op);
+        }
+        Ok(())
+    }
+
+    /// Checks a precondition against the current state and commits the ops it returns, all under
+    /// the write lock, so nothing can change in between (e.g. "every child still exists").
+    pub fn commit_if(&self, f: impl FnOnce(&State) -> Result<Vec<Op>>) -> Result<()> {
+        let mut state = self.write();
+        let ops = f(&state)?;
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut journal = self.journal();
+        let seq = journal.next_seq();
+        journal.append(&ops)?;
+        for (i, op) in ops.into_iter().enumerate() {
+            state.apply(seq + i as u64, op);
+        }
+        Ok(())
+    }
+
+    /// The group-commit point. Every blob journaled before `upto` was committed to the store
+    /// before its record was written, so once `sync_blobs` returns they are all durable; then the
+    /// journal is fsynced and a `SyncPoint { upto }` vouches for exactly those records (blobs
+    /// committed meanwhile stay unsynced until the next round). Compacts a grown journal.
+    pub fn sync_point(&self, sync_blobs: impl FnOnce() -> Result<()>) -> Result<()> {
+        let upto = self.journal().next_seq();
+        sync_blobs()?;
+        let mut state = self.write();
+        let mut journal = self.journal();
+        journal.sync()?;
+        let seq = journal.next_seq();
+        journal.append(&[Op::SyncPoint { upto }])?;
+        state.apply(seq, Op::SyncPoint { upto });
+        if journal.file_len() > COMPACT_AT {
+            let n = journal.rewrite(state.snapshot_ops())?;
+            let renumbered = renumber_unsynced(&state);
+            state.unsynced = renumbered;
+            tracing::info!(records = n, "compacted the index journal");
+        }
+        Ok(())
+    }
+
+    /// Rewrites the journal as the compacted state (start-up and clean shutdown).
+    pub fn compact(&self) -> Result<u64> {
+        let mut state = self.write();
+        let mut journal = self.journal();
+        let n = journal.rewrite(state.snapshot_ops())?;
+        state.unsynced = renumber_unsynced(&state);
+        Ok(n)
+    }
+
+    /// Blobs no `SyncPoint` vouches for (re-verified after an unclean stop).
+    pub fn unsynced(&self) -> Vec<Digest> {
+        self.read().unsynced.keys().copied().collect()
+    }
+
+    pub fn has_blob(&self, d: &Digest) -> Option<BlobMeta> {
+        self.read().blobs.get(d).copied()
+    }
+}
+
+/// After a rewrite the unsynced blobs follow the synced ones and the `SyncPoint`, in iteration
+/// order; their new sequence numbers are past the point.
+fn renumber_unsynced(state: &State) -> HashMap<Digest, u64> {
+    let upto = (state.blobs.len() - state.unsynced.len()) as u64;
+    state
+        .blobs
+        .keys()
+        .filter(|d| state.unsynced.contains_key(*d))
+        .enumerate()
+        .map(|(i, d)| (*d, upto + 1 + i as u64))
+        .collect()
+}
+
+impl Index {
+    /// Drops blobs found corrupt and everything that would dangle without them: links, manifests
+    /// listing them (and manifests listing those), and tags on such manifests (invariant 1).
+    pub fn drop_blobs(&self, bad: &HashSet<Digest>) -> Result<Vec<String>> {
+        if bad.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut report = Vec::new();
+        self.commit_if(|state| {
+            let mut gone: HashSet<Digest> = bad.clone();
+            let mut ops = Vec::new();
+            for d in bad {
+                if state.blobs.contains_key(d) {
+                    ops.push(Op::BlobRemoved { digest: *d });
+                }
+            }
+            // Cascade to manifests until nothing more falls.
+            let mut dead_manifests: HashSet<(String, Digest)> = HashSet::new();
+            loop {
+                let mut changed = false;
+                for (name, repo) in &state.repos {
+                    for (md, meta) in &repo.manifests {
+                        let key = (name.clone(), *md);
+                        if dead_manifests.contains(&key) {
+                            continue;
+                        }
+                        if gone.contains(md) || meta.children.iter().any(|c| gone.contains(c)) {
+                            dead_manifests.insert(key);
+                            gone.insert(*md);
+                            changed = true;
+                        }
+                    }
+                }
+                if !changed {
+                    break;
+                }
+            }
+            for (name, repo) in &state.repos {
+                for d in repo.blobs.iter().filter(|d| gone.contains(d)) {
+                    ops.push(Op::Unlink {
+                        repo: name.clone(),
+                        digest: *d,
+                    });
+                }
+            }
+            for (name, md) in dead_manifests {
+                report.push(format!("{name}@{md}"));
+                ops.push(Op::ManifestDeleted {
+                    repo: name,
+                    digest: md,
+                });
+            }
+            Ok(ops)
+        })?;
+        Ok(report)
+    }
+}

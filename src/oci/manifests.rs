@@ -1,0 +1,130 @@
+//! `PUT`/`GET`/`HEAD`/`DELETE /v2/<name>/manifests/<reference>`.
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, ETAG, LOCATION};
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+
+use super::errors::{Code, OciError};
+use super::{empty_response, header, query, HandlerResult, CONTENT_DIGEST};
+use crate::error::{Error, ErrorKind};
+use crate::http::{empty, full};
+use crate::names::{Reference, RepoName, Tag};
+use crate::registry::manifests::{PutManifest, MAX_MANIFEST};
+use crate::registry::Registry;
+
+const OCI_SUBJECT: HeaderName = HeaderName::from_static("oci-subject");
+
+fn parse_reference(r: &str) -> Result<Reference, OciError> {
+    Reference::parse(r).map_err(|e| OciError::from_error(e, Code::ManifestUnknown))
+}
+
+fn too_large() -> OciError {
+    OciError::new(
+        Code::SizeInvalid,
+        format!("manifest is over the {MAX_MANIFEST} byte limit"),
+    )
+    .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+}
+
+pub async fn put(
+    reg: &Registry,
+    name: &RepoName,
+    r: &str,
+    req: Request<Incoming>,
+) -> HandlerResult {
+    let reference = parse_reference(r)?;
+    let mut extra_tags = Vec::new();
+    for (k, v) in query(&req) {
+        if k == "tag" {
+            extra_tags
+                .push(Tag::parse(&v).map_err(|e| OciError::from_error(e, Code::ManifestInvalid))?);
+        }
+    }
+    if let Some(Ok(n)) = header(&req, CONTENT_LENGTH).map(str::parse::<usize>) {
+        if n > MAX_MANIFEST {
+            return Err(too_large());
+        }
+    }
+    let content_type = header(&req, CONTENT_TYPE).map(str::to_owned);
+    let body: Bytes = match Limited::new(req.into_body(), MAX_MANIFEST).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Err(e) => {
+            return Err(OciError::new(
+                Code::ManifestInvalid,
+                format!("manifest upload interrupted: {e}"),
+            ))
+        }
+    };
+    let stored = reg
+        .put_manifest(PutManifest {
+            repo: name,
+            reference: &reference,
+            content_type: content_type.as_deref(),
+            body,
+            extra_tags: &extra_tags,
+        })
+        .await
+        .map_err(|e| OciError::from_error(e, Code::ManifestBlobUnknown))?;
+    let mut headers = vec![
+        (LOCATION, format!("/v2/{name}/manifests/{}", stored.digest)),
+        (CONTENT_DIGEST, stored.digest.to_string()),
+    ];
+    if let Some(s) = stored.subject {
+        headers.push((OCI_SUBJECT, s.to_string()));
+    }
+    Ok(empty_response(StatusCode::CREATED, &headers))
+}
+
+pub async fn get(
+    reg: &Registry,
+    name: &RepoName,
+    r: &str,
+    req: &Request<Incoming>,
+) -> HandlerResult {
+    let reference = parse_reference(r)?;
+    let missing = |e: Error| OciError::from_error(e, Code::ManifestUnknown);
+    let (digest, meta, body) = if req.method() == Method::HEAD {
+        let (d, m) = reg.resolve_manifest(name, &reference).map_err(missing)?;
+        (d, m, None)
+    } else {
+        let (d, m, b) = reg.get_manifest(name, &reference).await.map_err(missing)?;
+        if b.len() as u64 != m.size {
+            return Err(OciError::from_error(
+                Error::new(
+                    ErrorKind::Internal,
+                    format!("stored manifest {d} has the wrong size"),
+                ),
+                Code::ManifestUnknown,
+            ));
+        }
+        (d, m, Some(b))
+    };
+    let mut resp = Response::new(match body {
+        Some(b) => full(b),
+        None => empty(),
+    });
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&meta.media_type) {
+        h.insert(CONTENT_TYPE, v);
+    }
+    h.insert(CONTENT_LENGTH, HeaderValue::from(meta.size));
+    if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
+        h.insert(CONTENT_DIGEST, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{digest}\"")) {
+        h.insert(ETAG, v);
+    }
+    Ok(resp)
+}
+
+pub fn delete(reg: &Registry, name: &RepoName, r: &str) -> HandlerResult {
+    let reference = parse_reference(r)?;
+    reg.delete_manifest(name, &reference)
+        .map_err(|e| OciError::from_error(e, Code::ManifestUnknown))?;
+    Ok(empty_response(StatusCode::ACCEPTED, &[]))
+}

@@ -1,0 +1,167 @@
+//! The OCI Distribution API v1.1 front end (`/v2/…`): routing, request parsing at the edge and
+//! mapping service results to the spec's statuses, headers and error bodies.
+
+mod blobs;
+pub mod errors;
+mod listing;
+mod manifests;
+pub mod routes;
+mod uploads;
+
+use std::sync::Arc;
+
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Method, StatusCode};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+
+use crate::http::{empty, full, Body};
+use crate::registry::Registry;
+use errors::{Code, OciError};
+use routes::Route;
+
+pub const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
+pub const CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+
+pub type HandlerResult = Result<Response<Body>, OciError>;
+
+/// Handles a request whose path starts with `/v2/`.
+pub async fn handle(reg: Arc<Registry>, req: Request<Incoming>) -> Response<Body> {
+    let is_head = req.method() == Method::HEAD;
+    let path = percent_decode(req.uri().path());
+    let rest = path.strip_prefix("/v2/").unwrap_or("");
+    let result =
+        match routes::parse(rest) {
+            Ok(Some(route)) => dispatch(&reg, route, req).await,
+            Ok(None) => Err(OciError::new(Code::NameUnknown, "no such endpoint")
+                .with_status(StatusCode::NOT_FOUND)),
+            Err(e) => Err(OciError::from_error(e, Code::NameUnknown)),
+        };
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => error_response(&e, is_head),
+    };
+    resp.headers_mut()
+        .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+    resp
+}
+
+async fn dispatch(reg: &Registry, route: Route<'_>, req: Request<Incoming>) -> HandlerResult {
+    let method = req.method().clone();
+    match (route, method) {
+        (Route::Base, Method::GET | Method::HEAD) => Ok(json_response(StatusCode::OK, "{}")),
+        (Route::Catalog, Method::GET) => listing::catalog(reg, &req),
+        (Route::Tags(name), Method::GET) => listing::tags(reg, &name, &req),
+        (Route::Referrers(name, d), Method::GET) => listing::referrers(reg, &name, d, &req),
+        (Route::Blob(name, d), Method::GET | Method::HEAD) => blobs::get(reg, &name, d, &req).await,
+        (Route::Blob(name, d), Method::DELETE) => blobs::delete(reg, &name, d),
+        (Route::UploadStart(name), Method::POST) => uploads::start(reg, &name, req).await,
+        (Route::Upload(name, id), Method::PATCH) => uploads::patch(reg, &name, id, req).await,
+        (Route::Upload(name, id), Method::PUT) => uploads::put(reg, &name, id, req).await,
+        (Route::Upload(name, id), Method::GET) => uploads::status(reg, &name, id).await,
+        (Route::Upload(name, id), Method::DELETE) => uploads::cancel(reg, &name, id),
+        (Route::Manifest(name, r), Method::GET | Method::HEAD) => {
+            manifests::get(reg, &name, r, &req).await
+        }
+        (Route::Manifest(name, r), Method::PUT) => manifests::put(reg, &name, r, req).await,
+        (Route::Manifest(name, r), Method::DELETE) => manifests::delete(reg, &name, r),
+        (_, m) => Err(OciError::new(
+            Code::Unsupported,
+            format!("method {m} is not supported on this endpoint"),
+        )),
+    }
+}
+
+pub fn error_response(e: &OciError, is_head: bool) -> Response<Body> {
+    let body = e.body();
+    let len = body.len();
+    let mut resp = Response::new(if is_head { empty() } else { full(body) });
+    *resp.status_mut() = e.status;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    resp
+}
+
+pub fn json_response(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    let body = body.into();
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// An empty response with a status and headers (201/202/204 answers).
+pub fn empty_response(status: StatusCode, headers: &[(HeaderName, String)]) -> Response<Body> {
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_LENGTH, HeaderValue::from(0));
+    for (k, v) in headers {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            h.insert(k.clone(), v);
+        }
+    }
+    resp
+}
+
+/// Decoded `key=value` pairs of the request's query, in order.
+pub fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (
+                percent_decode(&k.replace('+', " ")),
+                percent_decode(&v.replace('+', " ")),
+            )
+        })
+        .collect()
+}
+
+pub fn query_one<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    q.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+pub fn percent_decode(s: &str) -> String {
+    if !s.contains('%') {
+        return s.to_owned();
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn header(req: &Request<Incoming>, name: impl http::header::AsHeaderName) -> Option<&str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn decodes_percent_escapes() {
+        assert_eq!(percent_decode("sha256%3Aab"), "sha256:ab");
+        assert_eq!(percent_decode("a%2Fb"), "a/b");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+}

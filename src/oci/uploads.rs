@@ -1,0 +1,248 @@
+//! Blob uploads: `POST /v2/<name>/blobs/uploads/` (session, monolithic `?digest=`, `?mount=`),
+//! `PATCH`/`PUT`/`GET`/`DELETE /v2/<name>/blobs/uploads/<id>`.
+
+use http::header::{HeaderName, CONTENT_LENGTH, LOCATION, RANGE};
+use http::StatusCode;
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper::Request;
+
+use super::errors::{Code, OciError};
+use super::{empty_response, header, query, query_one, HandlerResult, CONTENT_DIGEST};
+use crate::digest::{Algorithm, Digest};
+use crate::error::{Error, ErrorKind};
+use crate::names::RepoName;
+use crate::registry::{pump, Registry};
+use crate::store::Expect;
+
+const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
+
+fn upload_error(e: Error) -> OciError {
+    OciError::from_error(e, Code::BlobUploadUnknown)
+}
+
+fn blob_location(name: &RepoName, d: &Digest) -> String {
+    format!("/v2/{name}/blobs/{d}")
+}
+
+fn session_headers(name: &RepoName, id: &str, offset: u64) -> Vec<(HeaderName, String)> {
+    vec![
+        (LOCATION, format!("/v2/{name}/blobs/uploads/{id}")),
+        // Inclusive end of what is stored; "0-0" also for an empty upload, as distribution does.
+        (RANGE, format!("0-{}", offset.saturating_sub(1))),
+        (UPLOAD_UUID, id.to_owned()),
+    ]
+}
+
+fn created(name: &RepoName, d: &Digest) -> HandlerResult {
+    Ok(empty_response(
+        StatusCode::CREATED,
+        &[
+            (LOCATION, blob_location(name, d)),
+            (CONTENT_DIGEST, d.to_string()),
+        ],
+    ))
+}
+
+fn parse_digest_param(v: &str) -> Result<Digest, OciError> {
+    v.parse()
+        .map_err(|e: Error| OciError::from_error(e, Code::DigestInvalid))
+}
+
+/// True when the request carries (or may carry) a body.
+fn has_body(req: &Request<Incoming>) -> bool {
+    match header(req, CONTENT_LENGTH).map(str::parse::<u64>) {
+        Some(Ok(n)) => n > 0,
+        _ => !req.body().is_end_stream(),
+    }
+}
+
+pub async fn start(reg: &Registry, name: &RepoName, req: Request<Incoming>) -> HandlerResult {
+    let q = query(&req);
+    if let Some(m) = query_one(&q, "mount") {
+        let digest = parse_digest_param(m)?;
+        let from = match query_one(&q, "from") {
+            Some(f) => {
+                Some(RepoName::parse(f).map_err(|e| OciError::from_error(e, Code::NameInvalid))?)
+            }
+            None => None,
+        };
+        if reg
+            .mount(name, &digest, from.as_ref())
+            .map_err(upload_error)?
+        {
+            return created(name, &digest);
+        }
+        // Not mountable: fall through to a normal upload session, as the spec says.
+    } else if let Some(d) = query_one(&q, "digest") {
+        let digest = parse_digest_param(d)?;
+        // A digest with no body is a hint some clients send; only an actual body (or the empty
+        // blob's own digest) makes this a one-request upload.
+        if has_body(&req) || digest == Digest::of(digest.algorithm(), b"") {
+            let writer = reg.new_writer(digest.algorithm()).map_err(upload_error)?;
+            let (writer, res) = pump(writer, req.into_body()).await;
+            res.map_err(upload_error)?;
+            reg.commit_upload(name, writer, Expect { digest, size: None })
+                .await
+                .map_err(upload_error)?;
+            return created(name, &digest);
+        }
+    }
+    let id = reg.uploads.start(name.clone());
+    Ok(empty_response(
+        StatusCode::ACCEPTED,
+        &session_headers(name, &id, 0),
+    ))
+}
+
+/// `Content-Range: <start>-<end>` (the spec's form; `bytes ` prefix also accepted).
+fn parse_content_range(v: &str) -> Option<(u64, u64)> {
+    let v = v.trim();
+    let v = v.strip_prefix("bytes ").unwrap_or(v);
+    let v = v.split('/').next()?;
+    let (a, b) = v.split_once('-')?;
+    let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    (b >= a).then_some((a, b))
+}
+
+fn range_not_satisfiable(msg: String) -> OciError {
+    OciError::new(Code::BlobUploadInvalid, msg).with_status(StatusCode::RANGE_NOT_SATISFIABLE)
+}
+
+/// Appends the request body to the session. On any failure mid-body (client cut off, disk
+/// full) the session is dropped with its data: nothing partial lingers in tmp/.
+async fn append(
+    reg: &Registry,
+    name: &RepoName,
+    id: &str,
+    req: Request<Incoming>,
+    session: &mut crate::registry::uploads::Session,
+) -> Result<(), OciError> {
+    let offset = session.offset();
+    let expected_len = match header(&req, "content-range") {
+        Some(cr) => {
+            let (a, b) = parse_content_range(cr).ok_or_else(|| {
+                OciError::new(
+                    Code::BlobUploadInvalid,
+                    format!("malformed Content-Range {cr:?}: expected <start>-<end>"),
+                )
+                .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
+            })?;
+            if a != offset {
+                return Err(range_not_satisfiable(format!(
+                    "chunk starts at {a}, but the upload has {offset} bytes: send from {offset}"
+                )));
+            }
+            Some(b - a + 1)
+        }
+        None => None,
+    };
+    if !has_body(&req) {
+        return Ok(());
+    }
+    let writer = match session.writer.take() {
+        Some(w) => w,
+        None => reg.new_writer(Algorithm::Sha256).map_err(upload_error)?,
+    };
+    let (writer, res) = pump(writer, req.into_body()).await;
+    let appended = writer.written() - offset;
+    if let Err(e) = res {
+        drop(writer);
+        reg.uploads.remove(id);
+        tracing::info!(upload = id, repo = %name, error = %e.message, "upload dropped");
+        return Err(upload_error(e));
+    }
+    session.writer = Some(writer);
+    if let Some(want) = expected_len {
+        if appended != want {
+            reg.uploads.remove(id);
+            return Err(OciError::from_error(
+                Error::new(
+                    ErrorKind::SizeMismatch,
+                    format!("Content-Range announced {want} bytes but the body had {appended}"),
+                ),
+                Code::SizeInvalid,
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub async fn patch(
+    reg: &Registry,
+    name: &RepoName,
+    id: &str,
+    req: Request<Incoming>,
+) -> HandlerResult {
+    let s = reg.uploads.get(name, id).map_err(upload_error)?;
+    let mut session = s.lock().await;
+    append(reg, name, id, req, &mut session).await?;
+    reg.uploads.touch(&mut session);
+    Ok(empty_response(
+        StatusCode::ACCEPTED,
+        &session_headers(name, id, session.offset()),
+    ))
+}
+
+pub async fn put(
+    reg: &Registry,
+    name: &RepoName,
+    id: &str,
+    req: Request<Incoming>,
+) -> HandlerResult {
+    let q = query(&req);
+    let s = reg.uploads.get(name, id).map_err(upload_error)?;
+    let Some(d) = query_one(&q, "digest") else {
+        return Err(OciError::new(
+            Code::DigestInvalid,
+            "the digest query parameter is required to finish an upload",
+        ));
+    };
+    let digest = match parse_digest_param(d) {
+        Ok(d) => d,
+        Err(e) => {
+            reg.uploads.remove(id);
+            return Err(e);
+        }
+    };
+    let mut session = s.lock().await;
+    append(reg, name, id, req, &mut session).await?;
+    reg.uploads.remove(id);
+    let writer = match session.writer.take() {
+        Some(w) => w,
+        None => reg.new_writer(digest.algorithm()).map_err(upload_error)?,
+    };
+    drop(session);
+    reg.commit_upload(name, writer, Expect { digest, size: None })
+        .await
+        .map_err(upload_error)?;
+    created(name, &digest)
+}
+
+pub async fn status(reg: &Registry, name: &RepoName, id: &str) -> HandlerResult {
+    let s = reg.uploads.get(name, id).map_err(upload_error)?;
+    let session = s.lock().await;
+    Ok(empty_response(
+        StatusCode::NO_CONTENT,
+        &session_headers(name, id, session.offset()),
+    ))
+}
+
+pub fn cancel(reg: &Registry, name: &RepoName, id: &str) -> HandlerResult {
+    reg.uploads.get(name, id).map_err(upload_error)?;
+    reg.uploads.remove(id);
+    Ok(empty_response(StatusCode::NO_CONTENT, &[]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_content_range;
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(parse_content_range("0-9"), Some((0, 9)));
+        assert_eq!(parse_content_range("bytes 10-19/*"), Some((10, 19)));
+        assert_eq!(parse_content_range("5-4"), None);
+        assert_eq!(parse_content_range("x"), None);
+    }
+}

@@ -1,0 +1,234 @@
+//! The registry service: blobs as seen by repositories, uploads, manifests, tags and referrers,
+//! over the blob store and the index. Protocol-free: the OCI front end maps its results to HTTP.
+
+pub mod manifests;
+pub mod uploads;
+
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::clock::SharedClock;
+use crate::digest::{Algorithm, Digest};
+use crate::error::{Error, ErrorKind, Result};
+use crate::lifecycle::index::{Index, Op};
+use crate::names::RepoName;
+use crate::store::{BlobRead, BlobStore, BlobWriter, Expect};
+
+pub use uploads::{blocking, pump, Uploads};
+
+pub struct Registry {
+    pub store: Arc<dyn BlobStore>,
+    pub index: Arc<Index>,
+    pub clock: SharedClock,
+    pub uploads: Uploads,
+}
+
+/// Where a blob read starts and how much it returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub start: u64,
+    pub len: u64,
+}
+
+impl Registry {
+    pub fn new(store: Arc<dyn BlobStore>, index: Arc<Index>, clock: SharedClock) -> Registry {
+        Registry {
+            store,
+            index,
+            uploads: Uploads::new(clock.clone()),
+            clock,
+        }
+    }
+
+    /// Size of `d` as `repo` sees it: pushed or mounted there, or one of its manifests.
+    pub fn stat_blob(&self, repo: &RepoName, d: &Digest) -> Result<u64> {
+        let state = self.index.read();
+        let visible = state
+            .repos
+            .get(repo.as_str())
+            .is_some_and(|r| r.blobs.contains(d) || r.manifests.contains_key(d));
+        match state.blobs.get(d) {
+            Some(meta) if visible => Ok(meta.size),
+            _ => Err(Error::not_found(format!(
+                "blob {d} is not in repository {repo}"
+            ))),
+        }
+    }
+
+    /// Opens `d` for reading from `span.start`.
+    pub async fn open_blob(
+        &self,
+        repo: &RepoName,
+        d: &Digest,
+        start: u64,
+    ) -> Result<Box<dyn BlobRead>> {
+        self.stat_blob(repo, d)?;
+        let store = self.store.clone();
+        let d = *d;
+        blocking(move || {
+            let mut r = store.open(&d)?;
+            if start > 0 {
+                r.seek(SeekFrom::Start(start))
+                    .map_err(|e| Error::io(format!("seeking in {d}"), e))?;
+            }
+            Ok(r)
+        })
+        .await
+    }
+
+    /// Reads a whole small blob (manifests, configs) into memory.
+    pub async fn read_small(&self, d: &Digest, max: u64) -> Result<Bytes> {
+        let store = self.store.clone();
+        let d = *d;
+        blocking(move || {
+            let r = store.open(&d)?;
+            let mut buf = Vec::with_capacity(r.size().min(max) as usize);
+            r.take(max)
+                .read_to_end(&mut buf)
+                .map_err(|e| Error::io(format!("reading {d}"), e))?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    /// Removes `d` from `repo`'s view; the bytes stay while anything else still uses them.
+    pub fn delete_blob(&self, repo: &RepoName, d: &Digest) -> Result<()> {
+        self.index.commit_if(|state| {
+            let linked = state
+                .repos
+                .get(repo.as_str())
+                .is_some_and(|r| r.blobs.contains(d));
+            if !linked {
+                return Err(Error::not_found(format!(
+                    "blob {d} is not in repository {repo}"
+                )));
+            }
+            Ok(vec![Op::Unlink {
+                repo: repo.to_string(),
+                digest: *d,
+            }])
+        })
+    }
+
+    /// Cross-repository mount: links `d` into `repo` if `from` has it (or, with no `from`, if any
+    /// repository has it). `Ok(false)` means the client must upload it.
+    pub fn mount(&self, repo: &RepoName, d: &Digest, from: Option<&RepoName>) -> Result<bool> {
+        let mut mounted = false;
+        self.index.commit_if(|state| {
+            if !state.blobs.contains_key(d) {
+                return Ok(vec![]);
+            }
+            let source_has = match from {
+                Some(from) => state
+                    .repos
+                    .get(from.as_str())
+                    .is_some_and(|r| r.blobs.contains(d) || r.manifests.contains_key(d)),
+                None => true,
+            };
+            if !source_has {
+                return Ok(vec![]);
+            }
+            mounted = true;
+            Ok(link_ops(state, repo, *d))
+        })?;
+        Ok(mounted)
+    }
+
+    /// Commits an upload's bytes as blob `expect.digest` and makes it visible in `repo`.
+    pub async fn commit_upload(
+        &self,
+        repo: &RepoName,
+        writer: Box<dyn BlobWriter>,
+        expect: Expect,
+    ) -> Result<u64> {
+        let size = blocking(move || writer.commit(expect)).await?;
+        self.record_blob(repo, expect.digest, size)?;
+        Ok(size)
+    }
+
+    /// Journals a blob the store just committed and links it into `repo`.
+    fn record_blob(&self, repo: &RepoName, d: Digest, size: u64) -> Result<()> {
+        let at = self.clock.now_ms();
+        self.index.commit_if(|state| {
+            let mut ops = Vec::with_capacity(2);
+            if !state.blobs.contains_key(&d) {
+                ops.push(Op::BlobAdded {
+                    digest: d,
+                    size,
+                    at,
+                });
+            }
+            ops.extend(link_ops(state, repo, d));
+            Ok(ops)
+        })
+    }
+
+    /// Stores bytes held in memory as a blob (manifests), skipping the write if already stored.
+    pub async fn put_bytes(&self, repo: &RepoName, d: Digest, data: Bytes) -> Result<()> {
+        if self.index.has_blob(&d).is_some() {
+            return self.record_blob(repo, d, data.len() as u64);
+        }
+        let store = self.store.clone();
+        let size = Some(data.len() as u64);
+        let writer_result = blocking(move || {
+            let mut w = store.begin(d.algorithm())?;
+            w.write(&data)?;
+            w.commit(Expect { digest: d, size })
+        })
+        .await?;
+        self.record_blob(repo, d, writer_result)
+    }
+
+    pub fn new_writer(&self, alg: Algorithm) -> Result<Box<dyn BlobWriter>> {
+        self.store.begin(alg)
+    }
+
+    pub fn catalog(&self, n: Option<usize>, last: Option<&str>) -> (Vec<String>, bool) {
+        let state = self.index.read();
+        let names = state
+            .repos
+            .iter()
+            .filter(|(_, r)| !r.manifests.is_empty() || !r.blobs.is_empty())
+            .map(|(k, _)| k.as_str());
+        paginate(names, n, last)
+    }
+}
+
+fn link_ops(state: &crate::lifecycle::index::State, repo: &RepoName, d: Digest) -> Vec<Op> {
+    let linked = state
+        .repos
+        .get(repo.as_str())
+        .is_some_and(|r| r.blobs.contains(&d));
+    if linked {
+        vec![]
+    } else {
+        vec![Op::Link {
+            repo: repo.to_string(),
+            digest: d,
+        }]
+    }
+}
+
+/// Sorted names after `last`, at most `n`; the flag says whether more follow.
+pub fn paginate<'a>(
+    sorted: impl Iterator<Item = &'a str>,
+    n: Option<usize>,
+    last: Option<&str>,
+) -> (Vec<String>, bool) {
+    let mut it = sorted.filter(|s| last.is_none_or(|l| *s > l));
+    let limit = n.unwrap_or(usize::MAX);
+    let page: Vec<String> = it.by_ref().take(limit).map(str::to_owned).collect();
+    let more = n.is_some() && it.next().is_some();
+    (page, more)
+}
+
+impl Error {
+    pub fn is_client_mismatch(&self) -> bool {
+        matches!(
+            self.kind,
+            ErrorKind::DigestMismatch | ErrorKind::SizeMismatch
+        )
+    }
+}

@@ -1,0 +1,442 @@
+//! The local-disk blob store. Owns this layout under the data directory:
+//!
+//! ```text
+//! blobs/sha256/ab/ab12…ef     one file per blob, named by its digest (sha512/ likewise)
+//! tmp/<random>                uploads in progress; emptied at start
+//! ```
+//! A blob is written to `tmp/` while it is hashed, checked against the digest and size the client
+//! named, then renamed into `blobs/` — the rename is the only commit point, so a crash leaves the
+//! whole blob or nothing. With `durability = "sync"` the file is fsynced before the rename and the
+//! directory after it; by default renamed files are fsynced together by the group commit
+//! (`sync`), and the index re-verifies what the last group did not cover after an unclean stop.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::digest::{Algorithm, Digest, Hasher};
+use crate::error::{Error, ErrorKind, Result};
+
+use super::{BlobRead, BlobStore, BlobWriter, Expect};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// fsync each blob (and its directory) before answering.
+    Sync,
+    /// fsync in groups every `sync_interval`; a process crash loses nothing, a power loss at
+    /// most that window.
+    Group,
+}
+
+pub struct DiskStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    tmp: PathBuf,
+    durability: Durability,
+    /// Files renamed into place since the last group sync.
+    dirty: Mutex<Vec<PathBuf>>,
+}
+
+impl DiskStore {
+    /// Opens the store under `root`, creating it, and removes uploads a previous run left in tmp/.
+    pub fn open(root: &Path, durability: Durability) -> Result<DiskStore> {
+        let tmp = root.join("tmp");
+        match fs::remove_dir_all(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("clearing tmp/", e)),
+        }
+        for d in [root.join("blobs"), tmp.clone()] {
+            fs::create_dir_all(&d)
+                .map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+        }
+        Ok(DiskStore {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                tmp,
+                durability,
+                dirty: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.inner.blob_path(d)
+    }
+
+    pub fn tmp_dir(&self) -> &Path {
+        &self.inner.tmp
+    }
+}
+
+impl Inner {
+    fn blob_path(&self, d: &Digest) -> PathBuf {
+        let hex = d.hex();
+        self.root
+            .join("blobs")
+            .join(d.algorithm().name())
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    fn dirty(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
+        self.dirty.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// An upload being written to `tmp/`. Dropping it without a commit removes the file, so a
+/// cancelled request or a dropped session cannot leave partial data behind.
+pub struct DiskWriter {
+    store: Arc<Inner>,
+    file: Option<File>,
+    path: PathBuf,
+    hasher: Hasher,
+    written: u64,
+}
+
+impl BlobWriter for DiskWriter {
+    fn write(&mut self, buf: &[u8]) -> Result<()> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| Error::internal("write after close"))?;
+        file.write_all(buf)
+            .map_err(|e| Error::io("writing upload data", e))?;
+        self.hasher.update(buf);
+        self.written += buf.len() as u64;
+        Ok(())
+    }
+
+    fn written(&self) -> u64 {
+        self.written
+    }
+
+    fn commit(mut self: Box<Self>, expect: Expect) -> Result<u64> {
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| Error::internal("commit after close"))?;
+        // From here on the tmp file is ours to remove on every error path.
+        let tmp = std::mem::take(&mut self.path);
+        let result = commit_file(
+            &self.store,
+            file,
+            &tmp,
+            self.hasher.clone(),
+            self.written,
+            expect,
+        );
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+}
+
+fn commit_file(
+    store: &Inner,
+    file: File,
+    tmp: &Path,
+    hasher: Hasher,
+    written: u64,
+    expect: Expect,
+) -> Result<u64> {
+    if let Some(size) = expect.size {
+        if size != written {
+            return Err(Error::new(
+                ErrorKind::SizeMismatch,
+                format!("received {written} bytes, but the upload declared {size}"),
+            ));
+        }
+    }
+    // A chunked upload is hashed with sha256 before the client names its digest; a sha512 digest
+    // at the end means hashing the bytes once more (rare: most clients use sha256).
+    let actual = if hasher.algorithm() == expect.digest.algorithm() {
+        hasher.finish()
+    } else {
+        rehash(tmp, expect.digest.algorithm())?
+    };
+    if actual != expect.digest {
+        return Err(Error::new(
+            ErrorKind::DigestMismatch,
+            format!(
+                "the uploaded content hashes to {actual}, not to the digest given ({})",
+                expect.digest
+            ),
+        ));
+    }
+    let sync = store.durability == Durability::Sync;
+    if sync {
+        file.sync_data()
+            .map_err(|e| Error::io("syncing upload data", e))?;
+    }
+    drop(file);
+    let dest = store.blob_path(&expect.digest);
+    let parent = dest.parent().unwrap_or(&store.root);
+    // Concurrent uploads of one digest both rename identical bytes onto the same name: the last
+    // rename wins atomically and readers see one whole file either way.
+    if let Err(e) = fs::rename(tmp, &dest) {
+        if e.kind() != io::ErrorKind::NotFound {
+            return Err(Error::io("committing blob", e));
+        }
+        fs::create_dir_all(parent).map_err(|e| Error::io("creating blob directory", e))?;
+        fs::rename(tmp, &dest).map_err(|e| Error::io("committing blob", e))?;
+    }
+    if sync {
+        crate::lifecycle::journal::sync_dir(parent)?;
+    } else {
+        store.dirty().push(dest);
+    }
+    Ok(written)
+}
+
+fn rehash(path: &Path, alg: Algorithm) -> Result<Digest> {
+    let mut f = File::open(path).map_err(|e| Error::io("re-reading upload", e))?;
+    let mut h = alg.hasher();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| Error::io("re-reading upload", e))?;
+        if n == 0 {
+            return Ok(h.finish());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+impl Drop for DiskWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() && !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+struct DiskRead {
+    file: File,
+    len: u64,
+}
+
+impl Read for DiskRead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.file.read(buf)
+    }
+}
+
+impl Seek for DiskRead {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        self.file.seek(pos)
+    }
+}
+
+impl BlobRead for DiskRead {
+    fn size(&self) -> u64 {
+        self.len
+    }
+}
+
+fn random_name() -> String {
+    let mut b = [0u8; 16];
+    // getrandom failing means no entropy source at all; a time-based name is still unique enough
+    // for a tmp file that is opened with create_new.
+    if getrandom::getrandom(&mut b).is_err() {
+        let t = crate::clock::SystemClock;
+        let n = crate::clock::Clock::now_ms(&t) as u128 ^ (std::process::id() as u128) << 64;
+        b = n.to_le_bytes();
+    }
+    crate::digest::hex_encode(&b)
+}
+
+impl BlobStore for DiskStore {
+    fn begin(&self, alg: Algorithm) -> Result<Box<dyn BlobWriter>> {
+        let path = self.inner.tmp.join(random_name());
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::io("creating upload file", e))?;
+        Ok(Box::new(DiskWriter {
+            store: self.inner.clone(),
+            file: Some(file),
+            path,
+            hasher: alg.hasher(),
+            written: 0,
+        }))
+    }
+
+    fn open(&self, d: &Digest) -> Result<Box<dyn BlobRead>> {
+        let path = self.inner.blob_path(d);
+        let file = File::open(&path).map_err(|e| Error::io(format!("opening {d}"), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(format!("reading size of {d}"), e))?
+            .len();
+        Ok(Box::new(DiskRead { file, len }))
+    }
+
+    fn delete(&self, d: &Digest) -> Result<()> {
+        match fs::remove_file(self.inner.blob_path(d)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("removing {d}"), e)),
+        }
+    }
+
+    fn walk(&self, f: &mut dyn FnMut(Digest, u64)) -> Result<()> {
+        for alg in [Algorithm::Sha256, Algorithm::Sha512] {
+            let top = self.inner.root.join("blobs").join(alg.name());
+            let Ok(prefixes) = fs::read_dir(&top) else {
+                continue;
+            };
+            for prefix in prefixes.flatten() {
+                let Ok(files) = fs::read_dir(prefix.path()) else {
+                    continue;
+                };
+                for file in files.flatten() {
+                    let name = file.file_name();
+                    let Some(name) = name.to_str() else { continue };
+                    let Ok(d) = format!("{}:{name}", alg.name()).parse::<Digest>() else {
+                        continue;
+                    };
+                    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+                    f(d, size);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        let dirty = std::mem::take(&mut *self.inner.dirty());
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        // Many files: one syncfs flushes them all (and their directories) at once. Few: fsync
+        // each, so a busy shared filesystem is not flushed for a handful of blobs.
+        if dirty.len() > 32 {
+            let dir = File::open(&self.inner.root).map_err(|e| Error::io("opening data dir", e))?;
+            return rustix::fs::syncfs(&dir)
+                .map_err(|e| Error::io("syncing the data filesystem", e.into()));
+        }
+        let mut dirs: Vec<&Path> = Vec::new();
+        for path in &dirty {
+            match File::open(path) {
+                Ok(f) => f
+                    .sync_all()
+                    .map_err(|e| Error::io(format!("syncing {}", path.display()), e))?,
+                // Deleted since (evicted): nothing left to make durable.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
+            }
+            if let Some(p) = path.parent() {
+                if !dirs.contains(&p) {
+                    dirs.push(p);
+                }
+            }
+        }
+        for d in dirs {
+            crate::lifecycle::journal::sync_dir(d)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(store: &DiskStore, data: &[u8], expect: Expect) -> Result<u64> {
+        let mut w = store.begin(expect.digest.algorithm())?;
+        w.write(data)?;
+        w.commit(expect)
+    }
+
+    #[test]
+    fn commits_verified_bytes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), Durability::Group).unwrap();
+        let d = Digest::sha256_of(b"hello");
+        assert_eq!(
+            put(
+                &store,
+                b"hello",
+                Expect {
+                    digest: d,
+                    size: Some(5)
+                }
+            )
+            .unwrap(),
+            5
+        );
+        let mut r = store.open(&d).unwrap();
+        let mut s = String::new();
+        r.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "hello");
+
+        let other = Digest::sha256_of(b"other");
+        let err = put(
+            &store,
+            b"hello",
+            Expect {
+                digest: other,
+                size: None,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::DigestMismatch);
+        let err = put(
+            &store,
+            b"hello",
+            Expect {
+                digest: d,
+                size: Some(4),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::SizeMismatch);
+        assert!(store.open(&other).is_err());
+        // Neither failure left anything in tmp/.
+        assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
+        store.sync().unwrap();
+    }
+
+    #[test]
+    fn dropped_writer_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), Durability::Sync).unwrap();
+        let mut w = store.begin(Algorithm::Sha512).unwrap();
+        w.write(b"partial").unwrap();
+        assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 1);
+        drop(w);
+        assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn reopening_clears_tmp_and_walks_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), Durability::Group).unwrap();
+        let d = Digest::of(Algorithm::Sha512, b"x");
+        put(
+            &store,
+            b"x",
+            Expect {
+                digest: d,
+                size: None,
+            },
+        )
+        .unwrap();
+        std::mem::forget(store.begin(Algorithm::Sha256).unwrap());
+        drop(store);
+        let store = DiskStore::open(dir.path(), Durability::Group).unwrap();
+        assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
+        let mut seen = Vec::new();
+        store.walk(&mut |d, n| seen.push((d, n))).unwrap();
+        assert_eq!(seen, vec![(d, 1)]);
+    }
+}

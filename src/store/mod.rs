@@ -1,0 +1,62 @@
+//! Where blob bytes live. One small `BlobStore` trait; the disk store is its leaf (S3 and a tiered
+//! store come later and wrap or replace it). Stores know nothing of HTTP or repositories: they
+//! keep verified bytes under their digest.
+
+pub mod disk;
+
+use std::io::{Read, Seek};
+
+use crate::digest::{Algorithm, Digest};
+use crate::error::Result;
+
+/// The bytes of one stored blob, positioned at its start.
+pub trait BlobRead: Read + Seek + Send {
+    fn size(&self) -> u64;
+}
+
+/// An upload in progress: bytes are hashed and counted as they are written, so the commit
+/// compares digests without re-reading anything. Dropping a writer discards the upload.
+pub trait BlobWriter: Send {
+    fn write(&mut self, buf: &[u8]) -> Result<()>;
+    /// Bytes written so far.
+    fn written(&self) -> u64;
+    /// Verifies digest and size, then makes the blob visible in one atomic step. Returns the
+    /// size. A mismatch discards the upload and stores nothing.
+    fn commit(self: Box<Self>, expect: Expect) -> Result<u64>;
+}
+
+/// What the client promised: the commit refuses bytes that do not match.
+#[derive(Clone, Copy, Debug)]
+pub struct Expect {
+    pub digest: Digest,
+    pub size: Option<u64>,
+}
+
+/// Blocking calls: the server runs them on the blocking pool.
+pub trait BlobStore: Send + Sync + 'static {
+    /// Starts a new upload hashed with `alg`.
+    fn begin(&self, alg: Algorithm) -> Result<Box<dyn BlobWriter>>;
+    fn open(&self, d: &Digest) -> Result<Box<dyn BlobRead>>;
+    fn delete(&self, d: &Digest) -> Result<()>;
+    /// Calls `f` for every stored blob (verification and repair; never on a hot path).
+    fn walk(&self, f: &mut dyn FnMut(Digest, u64)) -> Result<()>;
+    /// Makes every blob committed so far durable (the group-commit point).
+    fn sync(&self) -> Result<()>;
+}
+
+/// Re-hashes a stored blob; `Ok(true)` when its bytes still match its name.
+pub fn verify(store: &dyn BlobStore, d: &Digest) -> Result<bool> {
+    let mut r = store.open(d)?;
+    let mut h = d.algorithm().hasher();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r
+            .read(&mut buf)
+            .map_err(|e| crate::error::Error::io(format!("reading {d}"), e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finish() == *d)
+}
