@@ -1,0 +1,366 @@
+//! Shared by the black-box tests: start the real `hoard` binary on port 0 with a temporary data
+//! directory, and talk to it with a small HTTP/1.1 client over real sockets (small enough to
+//! also send what well-behaved clients never do: cut bodies, TLS bytes, lying headers).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub struct Hoard {
+    pub addr: SocketAddr,
+    pub child: Child,
+    pub log: Arc<Mutex<String>>,
+    pub data: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Hoard {
+    /// Starts hoard on a fresh temporary data directory.
+    pub fn start(extra: &[&str]) -> Hoard {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        let mut h = Hoard::start_on(&data, extra);
+        h._tmp = Some(tmp);
+        h
+    }
+
+    /// Starts hoard on `data` (kept by the caller, for restart tests).
+    pub fn start_on(data: &Path, extra: &[&str]) -> Hoard {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hoard"));
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data)
+            .args(extra)
+            .env("HOARD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("starting the hoard binary");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut tx = Some(tx);
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Some(i) = line.find("listening on http://") {
+                        let addr: String = line[i + 20..]
+                            .chars()
+                            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                            .collect();
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(addr);
+                        }
+                    }
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a.parse().expect("listen address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("hoard did not start; log:\n{}", log.lock().unwrap());
+            }
+        };
+        Hoard {
+            addr,
+            child,
+            log,
+            data: data.to_path_buf(),
+            _tmp: None,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        wait_timeout(&mut self.child, Duration::from_secs(30)).expect("hoard did not stop on SIGTERM")
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// A request helper usable from other threads (only the address is needed).
+    pub fn req_at(
+        addr: SocketAddr,
+    ) -> impl Fn(&str, &str, &[(&str, &str)], Vec<u8>) -> Resp {
+        move |method, path, headers, body| {
+            let mut r = Req {
+                addr,
+                method: method.into(),
+                path: path.into(),
+                headers: Vec::new(),
+                body,
+            };
+            for (k, v) in headers {
+                r = r.header(k, v);
+            }
+            r.send()
+        }
+    }
+
+    pub fn req(&self, method: &str, path: &str) -> Req {
+        Req {
+            addr: self.addr,
+            method: method.into(),
+            path: path.into(),
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+}
+
+impl Drop for Hoard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, t: Duration) -> Option<std::process::ExitStatus> {
+    let end = Instant::now() + t;
+    while Instant::now() < end {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+pub struct Req {
+    addr: SocketAddr,
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    /// The first OCI error code in the body.
+    pub fn code(&self) -> String {
+        self.json()["errors"][0]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+impl Req {
+    pub fn header(mut self, k: &str, v: &str) -> Req {
+        self.headers.push((k.into(), v.into()));
+        self
+    }
+
+    pub fn body(mut self, b: impl Into<Vec<u8>>) -> Req {
+        self.body = b.into();
+        self
+    }
+
+    fn head_bytes(&self, content_length: Option<usize>) -> Vec<u8> {
+        let mut s = format!("{} {} HTTP/1.1\r\nHost: {}\r\n", self.method, self.path, self.addr);
+        for (k, v) in &self.headers {
+            s.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if let Some(n) = content_length {
+            s.push_str(&format!("Content-Length: {n}\r\n"));
+        }
+        s.push_str("Connection: close\r\n\r\n");
+        s.into_bytes()
+    }
+
+    pub fn send(self) -> Resp {
+        let mut stream = TcpStream::connect(self.addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let has_len = self.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length"));
+        let len = if has_len { None } else if self.body.is_empty() && matches!(self.method.as_str(), "GET" | "HEAD" | "DELETE") { None } else { Some(self.body.len()) };
+        stream.write_all(&self.head_bytes(len)).unwrap();
+        // A server may answer (413, 400) before reading the whole body and close: read the answer.
+        let _ = stream.write_all(&self.body);
+        read_response(&mut stream, self.method == "HEAD")
+    }
+
+    /// Announces `announced` bytes, sends only the body given, then closes the connection.
+    pub fn send_cut(self, announced: usize) {
+        let mut stream = TcpStream::connect(self.addr).expect("connect");
+        stream.write_all(&self.head_bytes(Some(announced))).unwrap();
+        stream.write_all(&self.body).unwrap();
+        stream.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        drop(stream);
+    }
+}
+
+pub fn read_response(stream: &mut impl Read, is_head: bool) -> Resp {
+    let mut r = BufReader::new(stream);
+    let mut line = String::new();
+    r.read_line(&mut line).expect("status line");
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {line:?}"));
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).expect("header line");
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':').expect("header");
+        headers.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    let mut resp = Resp {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    if is_head {
+        return resp;
+    }
+    if let Some(n) = resp.header("content-length").map(|v| v.parse::<usize>().unwrap()) {
+        let mut body = vec![0u8; n];
+        r.read_exact(&mut body).expect("body");
+        resp.body = body;
+    } else {
+        r.read_to_end(&mut resp.body).unwrap();
+    }
+    resp
+}
+
+pub fn sha256(data: &[u8]) -> String {
+    hoard::digest::Digest::sha256_of(data).to_string()
+}
+
+pub fn sha512(data: &[u8]) -> String {
+    hoard::digest::Digest::of(hoard::digest::Algorithm::Sha512, data).to_string()
+}
+
+/// Deterministic pseudo-random bytes (so blobs are distinct and incompressible).
+pub fn bytes(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Pushes a blob with POST + PUT (what BuildKit does) and asserts 201.
+pub fn push_blob(h: &Hoard, repo: &str, data: &[u8]) -> String {
+    let d = sha256(data);
+    let r = h.req("POST", &format!("/v2/{repo}/blobs/uploads/")).send();
+    assert_eq!(r.status, 202, "{}", r.text());
+    let loc = r.header("location").unwrap().to_owned();
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = h
+        .req("PUT", &format!("{loc}{sep}digest={d}"))
+        .header("Content-Type", "application/octet-stream")
+        .body(data.to_vec())
+        .send();
+    assert_eq!(r.status, 201, "{}", r.text());
+    d
+}
+
+pub fn put_manifest(h: &Hoard, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> Resp {
+    h.req("PUT", &format!("/v2/{repo}/manifests/{reference}"))
+        .header("Content-Type", media_type)
+        .body(body.to_vec())
+        .send()
+}
+
+/// Files under `dir` (recursively).
+pub fn count_files(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    rd.flatten()
+        .map(|e| {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                count_files(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+/// Fails with an install hint when a peer tool is missing: a missing peer is a failure, never a skip.
+pub fn require_tool(tool: &str, hint: &str) -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join(tool);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("`{tool}` is not installed; {hint} (the README's test command installs it)");
+}
+
+pub fn image_manifest(config: (&str, usize, &str), layers: &[(String, usize)]) -> Vec<u8> {
+    let layers: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|(d, n)| serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": n}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": config.2, "digest": config.0, "size": config.1},
+        "layers": layers,
+    }))
+    .unwrap()
+}
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
