@@ -628,7 +628,7 @@ fn config_file_env_and_flags() {
     let cfg = tmp.path().join("hoard.toml");
     std::fs::write(&cfg, "log_format = \"json\"\nupload_timeout = \"2s\"\n[store.disk]\ndurability = \"sync\"\n").unwrap();
     let h = Hoard::start(&["--config", cfg.to_str().unwrap()]);
-    assert!(h.log().contains("\"listening on http://"), "json log lines: {}", h.log());
+    assert!(h.log().contains("\"message\":\"listening on http://"), "json log lines: {}", h.log());
     push_blob(&h, "j", b"sync durability");
     // Idle sessions expire by the configured timeout.
     let r = h.req("POST", "/v2/j/blobs/uploads/").send();

@@ -50,6 +50,11 @@ impl Hoard {
             std::thread::spawn(move || {
                 let mut tx = Some(tx);
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    {
+                        let mut l = log.lock().unwrap();
+                        l.push_str(&line);
+                        l.push('\n');
+                    }
                     if let Some(i) = line.find("listening on http://") {
                         let addr: String = line[i + 20..]
                             .chars()
@@ -59,9 +64,6 @@ impl Hoard {
                             let _ = tx.send(addr);
                         }
                     }
-                    let mut l = log.lock().unwrap();
-                    l.push_str(&line);
-                    l.push('\n');
                 }
             });
         }
