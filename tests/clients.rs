@@ -1,0 +1,185 @@
+//! Real clients against the real daemon: skopeo (copy in and back, byte-identical), buildah
+//! (`bud --layers --cache-to/--cache-from`, full cache hit on a wiped builder), and containerd's
+//! `ctr images pull/push --plain-http` through a private containerd. A missing tool fails the
+//! test with the package to install.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+/// An OCI image layout with one gzip layer, written by hand.
+fn make_oci_layout(dir: &Path) -> (String, Vec<u8>) {
+    let ctx = dir.join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("hello.txt"), bytes(77, 200_000)).unwrap();
+    let tgz = dir.join("layer.tgz");
+    run(Command::new("tar").arg("czf").arg(&tgz).arg("-C").arg(&ctx).arg("hello.txt"));
+    let layer = std::fs::read(&tgz).unwrap();
+    let blobs = dir.join("layout/blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |data: &[u8]| {
+        let d = sha256(data);
+        std::fs::write(blobs.join(d.strip_prefix("sha256:").unwrap()), data).unwrap();
+        d
+    };
+    let dl = put(&layer);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [sha256(&std::fs::read(ctx.join("hello.txt")).map(|_| {
+            let out = Command::new("gzip").arg("-dc").arg(&tgz).output().unwrap();
+            out.stdout
+        }).unwrap())]},
+        "config": {}
+    }))
+    .unwrap();
+    let dc = put(&config);
+    let manifest = image_manifest((&dc, config.len(), "application/vnd.oci.image.config.v1+json"), &[(dl, layer.len())]);
+    let dm = put(&manifest);
+    std::fs::write(dir.join("layout/oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let index = serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": dm, "size": manifest.len(),
+                       "annotations": {"org.opencontainers.image.ref.name": "v1"}}]
+    });
+    std::fs::write(dir.join("layout/index.json"), index.to_string()).unwrap();
+    (dm, manifest)
+}
+
+#[test]
+fn skopeo_copies_an_image_in_and_back_byte_identical() {
+    let skopeo = require_tool("skopeo", "install it with `apt-get install skopeo`");
+    let h = Hoard::start(&[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let (dm, manifest) = make_oci_layout(tmp.path());
+    let src = format!("oci:{}:v1", tmp.path().join("layout").display());
+    let dst = format!("docker://127.0.0.1:{}/team/app:v1", h.port());
+    run(Command::new(&skopeo).args(["copy", "--dest-tls-verify=false", &src, &dst]));
+    // The pushed manifest is the original, byte for byte.
+    let r = h.req("GET", "/v2/team/app/manifests/v1").header("Accept", OCI_MANIFEST).send();
+    assert_eq!(r.body, manifest);
+    assert_eq!(r.header("docker-content-digest"), Some(dm.as_str()));
+    // And back out into a fresh layout.
+    let back = format!("oci:{}:v1", tmp.path().join("back").display());
+    run(Command::new(&skopeo).args(["copy", "--src-tls-verify=false", &dst, &back]));
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("back/index.json")).unwrap()).unwrap();
+    assert_eq!(index["manifests"][0]["digest"], dm.as_str());
+    for entry in std::fs::read_dir(tmp.path().join("layout/blobs/sha256")).unwrap().flatten() {
+        let a = std::fs::read(entry.path()).unwrap();
+        let b = std::fs::read(tmp.path().join("back/blobs/sha256").join(entry.file_name())).unwrap();
+        assert!(a == b, "blob {:?} differs", entry.file_name());
+    }
+    // skopeo inspect and list-tags read it too.
+    let tags = run(Command::new(&skopeo).args(["list-tags", "--tls-verify=false", &format!("docker://127.0.0.1:{}/team/app", h.port())]));
+    assert!(tags.contains("\"v1\""), "{tags}");
+}
+
+#[test]
+fn buildah_layer_cache_round_trips_with_a_full_hit_after_wiping_local_storage() {
+    let buildah = require_tool("buildah", "install it with `apt-get install buildah`");
+    let h = Hoard::start(&[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("a"), bytes(1, 300_000)).unwrap();
+    std::fs::write(ctx.join("b"), bytes(2, 1000)).unwrap();
+    std::fs::write(ctx.join("Containerfile"), "FROM scratch\nCOPY a /a\nCOPY b /b\n").unwrap();
+    let cache = format!("127.0.0.1:{}/cache/app", h.port());
+    let build = |store: &str| {
+        let root = tmp.path().join(store);
+        run(Command::new(&buildah)
+            .arg("--storage-driver")
+            .arg("vfs")
+            .arg("--root")
+            .arg(root.join("root"))
+            .arg("--runroot")
+            .arg(root.join("run"))
+            .args(["bud", "--layers", "--tls-verify=false", "--cache-to", &cache, "--cache-from", &cache, "-t", "out", "-f"])
+            .arg(ctx.join("Containerfile"))
+            .arg(&ctx))
+    };
+    let first = build("builder1");
+    assert!(first.contains("Pushing cache"), "{first}");
+    let tags = h.req("GET", "/v2/cache/app/tags/list").send().json();
+    assert_eq!(tags["tags"].as_array().unwrap().len(), 2, "one cache tag per layer: {tags}");
+    // A new builder with empty local storage: both steps come from hoard.
+    let second = build("builder2");
+    assert_eq!(second.matches("Cache pulled from remote").count(), 2, "{second}");
+    let id = |s: &str| s.lines().last().unwrap_or("").trim().to_owned();
+    assert_eq!(id(&first), id(&second), "same image from cache");
+}
+
+#[test]
+fn containerd_pulls_and_pushes_through_a_private_containerd() {
+    let containerd = require_tool("containerd", "install it with `apt-get install containerd`");
+    let ctr = require_tool("ctr", "install it with `apt-get install containerd`");
+    let skopeo = require_tool("skopeo", "install it with `apt-get install skopeo`");
+    let h = Hoard::start(&[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let (dm, _) = make_oci_layout(tmp.path());
+    let reference = format!("127.0.0.1:{}/base/img:v1", h.port());
+    run(Command::new(&skopeo).args([
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:v1", tmp.path().join("layout").display()),
+        &format!("docker://{reference}"),
+    ]));
+    let d = tmp.path().join("ctd");
+    std::fs::create_dir_all(&d).unwrap();
+    let sock = d.join("c.sock");
+    std::fs::write(
+        d.join("config.toml"),
+        format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.snapshotter.v1.btrfs\", \"io.containerd.snapshotter.v1.zfs\", \"io.containerd.snapshotter.v1.aufs\", \"io.containerd.snapshotter.v1.devmapper\"]\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n[debug]\n  address = \"\"\n",
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = sock.display()
+        ),
+    )
+    .unwrap();
+    let mut daemon = Command::new(&containerd)
+        .arg("--config")
+        .arg(d.join("config.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(&mut daemon);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !sock.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let ctr_cmd = || {
+        let mut c = Command::new(&ctr);
+        c.arg("--address").arg(&sock).args(["--namespace", "hoardtest"]);
+        c
+    };
+    run(ctr_cmd().args(["images", "pull", "--plain-http", &reference]));
+    let pushed = format!("127.0.0.1:{}/pushed/img:v2", h.port());
+    run(ctr_cmd().args(["images", "tag", &reference, &pushed]));
+    run(ctr_cmd().args(["images", "push", "--plain-http", &pushed]));
+    let r = h.req("HEAD", "/v2/pushed/img/manifests/v2").send();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("docker-content-digest"), Some(dm.as_str()));
+}
