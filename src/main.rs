@@ -21,6 +21,10 @@ struct Cli {
 enum Command {
     /// Run the daemon (defaults: HTTP on 127.0.0.1:5000, data in ./hoard-data).
     Serve(Overrides),
+    /// Measure push/HEAD/pull/manifest throughput against a registry URL (see benches/).
+    Bench(hoard::bench::BenchArgs),
+    /// Print one core's sha256 throughput in MB/s.
+    BenchSha256,
 }
 
 fn init_logging(format: LogFormat) {
@@ -46,6 +50,16 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(hoard::app::serve(config))
+        }
+        Command::Bench(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(hoard::bench::run(args))
+        }
+        Command::BenchSha256 => {
+            println!("{:.0}", hoard::bench::sha256_speed());
+            Ok(())
         }
     }
 }

@@ -58,7 +58,11 @@ fn export_from(prefix: &str, seed: u64) -> Export {
         saw_config = true;
     }
     assert!(saw_config, "{prefix}: no cache config descriptor");
-    assert_eq!(manifest.len(), original.len(), "rewrite keeps the manifest's shape");
+    assert_eq!(
+        manifest.len(),
+        original.len(),
+        "rewrite keeps the manifest's shape"
+    );
     Export {
         manifest: manifest.into_bytes(),
         media_type,
@@ -70,7 +74,12 @@ fn export_from(prefix: &str, seed: u64) -> Export {
 
 /// BuildKit's pusher: HEAD each blob; on 404 POST a session, then PUT to the Location it got
 /// (with `digest` appended to whatever query the Location carried). At most 4 in parallel.
-fn push_like_buildkit(h: &Hoard, repo: &str, blobs: &[(String, Vec<u8>, &str)], absolute: bool) -> usize {
+fn push_like_buildkit(
+    h: &Hoard,
+    repo: &str,
+    blobs: &[(String, Vec<u8>, &str)],
+    absolute: bool,
+) -> usize {
     let mut uploaded = 0;
     for chunk in blobs.chunks(4) {
         let results: Vec<bool> = std::thread::scope(|s| {
@@ -80,7 +89,12 @@ fn push_like_buildkit(h: &Hoard, repo: &str, blobs: &[(String, Vec<u8>, &str)], 
                     let send = Hoard::req_at(h.addr);
                     let addr = h.addr;
                     s.spawn(move || {
-                        let r = send("HEAD", &format!("/v2/{repo}/blobs/{d}"), &[("Accept", &format!("{accept}, */*"))], vec![]);
+                        let r = send(
+                            "HEAD",
+                            &format!("/v2/{repo}/blobs/{d}"),
+                            &[("Accept", &format!("{accept}, */*"))],
+                            vec![],
+                        );
                         if r.status == 200 {
                             assert_eq!(r.header("content-length").unwrap(), data.len().to_string());
                             return false;
@@ -128,18 +142,28 @@ fn export(h: &Hoard, repo: &str, tag: &str, e: &Export, absolute: bool) -> usize
     n += push_like_buildkit(
         h,
         repo,
-        &[(e.config_digest.clone(), e.config.clone(), "application/vnd.buildkit.cacheconfig.v0")],
+        &[(
+            e.config_digest.clone(),
+            e.config.clone(),
+            "application/vnd.buildkit.cacheconfig.v0",
+        )],
         absolute,
     );
     // The manifest: HEAD by tag; "present" only if 200 and the digest header matches.
     let want = sha256(&e.manifest);
-    let r = h.req("HEAD", &format!("/v2/{repo}/manifests/{tag}")).header("Accept", &format!("{}, */*", e.media_type)).send();
+    let r = h
+        .req("HEAD", &format!("/v2/{repo}/manifests/{tag}"))
+        .header("Accept", &format!("{}, */*", e.media_type))
+        .send();
     let present = r.status == 200 && r.header("docker-content-digest") == Some(want.as_str());
     if !present {
         let r = put_manifest(h, repo, tag, &e.media_type, &e.manifest);
         assert_eq!(r.status, 201, "{}", r.text());
         assert_eq!(r.header("docker-content-digest"), Some(want.as_str()));
-        assert_eq!(r.header("location").unwrap(), format!("/v2/{repo}/manifests/{want}"));
+        assert_eq!(
+            r.header("location").unwrap(),
+            format!("/v2/{repo}/manifests/{want}")
+        );
     }
     n
 }
@@ -148,17 +172,35 @@ fn export(h: &Hoard, repo: &str, tag: &str, e: &Export, absolute: bool) -> usize
 /// digest header, GET the cache config blob, then (when it uses the cache) layers by digest,
 /// some with `Range: bytes=N-`.
 fn import(h: &Hoard, repo: &str, tag: &str, e: &Export) {
-    let r = h.req("HEAD", &format!("/v2/{repo}/manifests/{tag}")).header("Accept", ACCEPT_RESOLVE).send();
+    let r = h
+        .req("HEAD", &format!("/v2/{repo}/manifests/{tag}"))
+        .header("Accept", ACCEPT_RESOLVE)
+        .send();
     assert_eq!(r.status, 200);
-    let digest = r.header("docker-content-digest").expect("digest header").to_owned();
+    let digest = r
+        .header("docker-content-digest")
+        .expect("digest header")
+        .to_owned();
     assert_eq!(digest, sha256(&e.manifest));
-    assert_eq!(r.header("content-length").unwrap(), e.manifest.len().to_string());
+    assert_eq!(
+        r.header("content-length").unwrap(),
+        e.manifest.len().to_string()
+    );
     assert_eq!(r.header("content-type"), Some(e.media_type.as_str()));
-    let m = h.req("GET", &format!("/v2/{repo}/manifests/{digest}")).header("Accept", &format!("{}, */*", e.media_type)).send();
+    let m = h
+        .req("GET", &format!("/v2/{repo}/manifests/{digest}"))
+        .header("Accept", &format!("{}, */*", e.media_type))
+        .send();
     assert_eq!(m.status, 200);
     assert_eq!(m.body, e.manifest, "manifest bytes kept exactly");
-    assert!(m.body.len() < 1 << 20, "BuildKit reads manifests with a 1 MiB cap");
-    let c = h.req("GET", &format!("/v2/{repo}/blobs/{}", e.config_digest)).header("Accept", "application/vnd.buildkit.cacheconfig.v0, */*").send();
+    assert!(
+        m.body.len() < 1 << 20,
+        "BuildKit reads manifests with a 1 MiB cap"
+    );
+    let c = h
+        .req("GET", &format!("/v2/{repo}/blobs/{}", e.config_digest))
+        .header("Accept", "application/vnd.buildkit.cacheconfig.v0, */*")
+        .send();
     assert_eq!(c.status, 200);
     assert_eq!(c.body, e.config, "cache config bytes kept exactly");
     for (d, data) in &e.layers {
@@ -166,7 +208,10 @@ fn import(h: &Hoard, repo: &str, tag: &str, e: &Export) {
         assert_eq!(r.status, 200);
         assert!(r.body == *data);
         if data.len() > 100 {
-            let r = h.req("GET", &format!("/v2/{repo}/blobs/{d}")).header("Range", "bytes=100-").send();
+            let r = h
+                .req("GET", &format!("/v2/{repo}/blobs/{d}"))
+                .header("Range", "bytes=100-")
+                .send();
             assert_eq!(r.status, 206);
             assert!(r.body[..] == data[100..]);
         }
@@ -187,7 +232,11 @@ fn every_cache_layout_exports_and_imports() {
     for (i, (prefix, tag)) in layouts.iter().enumerate() {
         let e = export_from(prefix, i as u64 + 1);
         let uploaded = export(&h, "cache", tag, &e, i % 2 == 1);
-        assert_eq!(uploaded, e.layers.len() + 1, "{prefix}: first export uploads everything");
+        assert_eq!(
+            uploaded,
+            e.layers.len() + 1,
+            "{prefix}: first export uploads everything"
+        );
         import(&h, "cache", tag, &e);
         exports.insert(*tag, e);
     }
@@ -196,22 +245,35 @@ fn every_cache_layout_exports_and_imports() {
     let e = &exports["main"];
     assert_eq!(export(&h, "cache", "main", e, false), 0);
     // Importing a ref that was never exported is a miss, not an error (phase g).
-    let r = h.req("HEAD", "/v2/cache/manifests/doesnotexist").header("Accept", ACCEPT_RESOLVE).send();
+    let r = h
+        .req("HEAD", "/v2/cache/manifests/doesnotexist")
+        .header("Accept", ACCEPT_RESOLVE)
+        .send();
     assert_eq!(r.status, 404);
     assert!(r.body.is_empty());
     let tags = h.req("GET", "/v2/cache/tags/list").send().json();
-    assert_eq!(tags["tags"], serde_json::json!(["docker", "imgmf", "index", "main", "zstd"]));
+    assert_eq!(
+        tags["tags"],
+        serde_json::json!(["docker", "imgmf", "index", "main", "zstd"])
+    );
 }
 
 #[test]
 fn recorded_manifests_are_refused_until_their_layers_exist() {
     // The exact recorded manifest names layers nobody pushed here: refused, never dangling.
     let h = Hoard::start(&[]);
-    for prefix in ["registry-image-manifest", "registry-index", "registry-docker-manifest-list"] {
+    for prefix in [
+        "registry-image-manifest",
+        "registry-index",
+        "registry-docker-manifest-list",
+    ] {
         let m = fixture(&format!("{prefix}.manifest.json"));
         let config = fixture(&format!("{prefix}.cacheconfig.v0.json"));
         push_blob(&h, "exact", &config);
-        let mt = serde_json::from_slice::<serde_json::Value>(&m).unwrap()["mediaType"].as_str().unwrap().to_owned();
+        let mt = serde_json::from_slice::<serde_json::Value>(&m).unwrap()["mediaType"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         let r = put_manifest(&h, "exact", "main", &mt, &m);
         assert_eq!(r.status, 400, "{prefix}");
         assert_eq!(r.code(), "MANIFEST_BLOB_UNKNOWN");
@@ -226,6 +288,10 @@ fn recorded_request_sequence_fixture_is_intact() {
     let seq = String::from_utf8(fixture("registry-request-sequences.txt")).unwrap();
     assert!(seq.contains("PUT                  /v2/cache/manifests/main"));
     assert!(!seq.contains("PATCH"));
-    let m: serde_json::Value = serde_json::from_slice(&fixture("registry-image-manifest.manifest.json")).unwrap();
-    assert_eq!(m["config"]["mediaType"], "application/vnd.buildkit.cacheconfig.v0");
+    let m: serde_json::Value =
+        serde_json::from_slice(&fixture("registry-image-manifest.manifest.json")).unwrap();
+    assert_eq!(
+        m["config"]["mediaType"],
+        "application/vnd.buildkit.cacheconfig.v0"
+    );
 }

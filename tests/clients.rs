@@ -11,7 +11,9 @@ use std::process::Command;
 use common::*;
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -27,7 +29,12 @@ fn make_oci_layout(dir: &Path) -> (String, Vec<u8>) {
     std::fs::create_dir_all(&ctx).unwrap();
     std::fs::write(ctx.join("hello.txt"), bytes(77, 200_000)).unwrap();
     let tgz = dir.join("layer.tgz");
-    run(Command::new("tar").arg("czf").arg(&tgz).arg("-C").arg(&ctx).arg("hello.txt"));
+    run(Command::new("tar")
+        .arg("czf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(&ctx)
+        .arg("hello.txt"));
     let layer = std::fs::read(&tgz).unwrap();
     let blobs = dir.join("layout/blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
@@ -47,9 +54,20 @@ fn make_oci_layout(dir: &Path) -> (String, Vec<u8>) {
     }))
     .unwrap();
     let dc = put(&config);
-    let manifest = image_manifest((&dc, config.len(), "application/vnd.oci.image.config.v1+json"), &[(dl, layer.len())]);
+    let manifest = image_manifest(
+        (
+            &dc,
+            config.len(),
+            "application/vnd.oci.image.config.v1+json",
+        ),
+        &[(dl, layer.len())],
+    );
     let dm = put(&manifest);
-    std::fs::write(dir.join("layout/oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(
+        dir.join("layout/oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
     let index = serde_json::json!({
         "schemaVersion": 2, "mediaType": OCI_INDEX,
         "manifests": [{"mediaType": OCI_MANIFEST, "digest": dm, "size": manifest.len(),
@@ -69,22 +87,34 @@ fn skopeo_copies_an_image_in_and_back_byte_identical() {
     let dst = format!("docker://127.0.0.1:{}/team/app:v1", h.port());
     run(Command::new(&skopeo).args(["copy", "--dest-tls-verify=false", &src, &dst]));
     // The pushed manifest is the original, byte for byte.
-    let r = h.req("GET", "/v2/team/app/manifests/v1").header("Accept", OCI_MANIFEST).send();
+    let r = h
+        .req("GET", "/v2/team/app/manifests/v1")
+        .header("Accept", OCI_MANIFEST)
+        .send();
     assert_eq!(r.body, manifest);
     assert_eq!(r.header("docker-content-digest"), Some(dm.as_str()));
     // And back out into a fresh layout.
     let back = format!("oci:{}:v1", tmp.path().join("back").display());
     run(Command::new(&skopeo).args(["copy", "--src-tls-verify=false", &dst, &back]));
     let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(tmp.path().join("back/index.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(tmp.path().join("back/index.json")).unwrap())
+            .unwrap();
     assert_eq!(index["manifests"][0]["digest"], dm.as_str());
-    for entry in std::fs::read_dir(tmp.path().join("layout/blobs/sha256")).unwrap().flatten() {
+    for entry in std::fs::read_dir(tmp.path().join("layout/blobs/sha256"))
+        .unwrap()
+        .flatten()
+    {
         let a = std::fs::read(entry.path()).unwrap();
-        let b = std::fs::read(tmp.path().join("back/blobs/sha256").join(entry.file_name())).unwrap();
+        let b =
+            std::fs::read(tmp.path().join("back/blobs/sha256").join(entry.file_name())).unwrap();
         assert!(a == b, "blob {:?} differs", entry.file_name());
     }
     // skopeo inspect and list-tags read it too.
-    let tags = run(Command::new(&skopeo).args(["list-tags", "--tls-verify=false", &format!("docker://127.0.0.1:{}/team/app", h.port())]));
+    let tags = run(Command::new(&skopeo).args([
+        "list-tags",
+        "--tls-verify=false",
+        &format!("docker://127.0.0.1:{}/team/app", h.port()),
+    ]));
     assert!(tags.contains("\"v1\""), "{tags}");
 }
 
@@ -97,7 +127,11 @@ fn buildah_layer_cache_round_trips_with_a_full_hit_after_wiping_local_storage() 
     std::fs::create_dir_all(&ctx).unwrap();
     std::fs::write(ctx.join("a"), bytes(1, 300_000)).unwrap();
     std::fs::write(ctx.join("b"), bytes(2, 1000)).unwrap();
-    std::fs::write(ctx.join("Containerfile"), "FROM scratch\nCOPY a /a\nCOPY b /b\n").unwrap();
+    std::fs::write(
+        ctx.join("Containerfile"),
+        "FROM scratch\nCOPY a /a\nCOPY b /b\n",
+    )
+    .unwrap();
     let cache = format!("127.0.0.1:{}/cache/app", h.port());
     let build = |store: &str| {
         let root = tmp.path().join(store);
@@ -108,17 +142,36 @@ fn buildah_layer_cache_round_trips_with_a_full_hit_after_wiping_local_storage() 
             .arg(root.join("root"))
             .arg("--runroot")
             .arg(root.join("run"))
-            .args(["bud", "--layers", "--tls-verify=false", "--cache-to", &cache, "--cache-from", &cache, "-t", "out", "-f"])
+            .args([
+                "bud",
+                "--layers",
+                "--tls-verify=false",
+                "--cache-to",
+                &cache,
+                "--cache-from",
+                &cache,
+                "-t",
+                "out",
+                "-f",
+            ])
             .arg(ctx.join("Containerfile"))
             .arg(&ctx))
     };
     let first = build("builder1");
     assert!(first.contains("Pushing cache"), "{first}");
     let tags = h.req("GET", "/v2/cache/app/tags/list").send().json();
-    assert_eq!(tags["tags"].as_array().unwrap().len(), 2, "one cache tag per layer: {tags}");
+    assert_eq!(
+        tags["tags"].as_array().unwrap().len(),
+        2,
+        "one cache tag per layer: {tags}"
+    );
     // A new builder with empty local storage: both steps come from hoard.
     let second = build("builder2");
-    assert_eq!(second.matches("Cache pulled from remote").count(), 2, "{second}");
+    assert_eq!(
+        second.matches("Cache pulled from remote").count(),
+        2,
+        "{second}"
+    );
     let id = |s: &str| s.lines().last().unwrap_or("").trim().to_owned();
     assert_eq!(id(&first), id(&second), "same image from cache");
 }
@@ -172,7 +225,9 @@ fn containerd_pulls_and_pushes_through_a_private_containerd() {
     }
     let ctr_cmd = || {
         let mut c = Command::new(&ctr);
-        c.arg("--address").arg(&sock).args(["--namespace", "hoardtest"]);
+        c.arg("--address")
+            .arg(&sock)
+            .args(["--namespace", "hoardtest"]);
         c
     };
     run(ctr_cmd().args(["images", "pull", "--plain-http", &reference]));

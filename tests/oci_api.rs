@@ -11,7 +11,10 @@ fn base_endpoint_and_health() {
     let h = Hoard::start(&[]);
     let r = h.req("GET", "/v2/").send();
     assert_eq!(r.status, 200);
-    assert_eq!(r.header("docker-distribution-api-version"), Some("registry/2.0"));
+    assert_eq!(
+        r.header("docker-distribution-api-version"),
+        Some("registry/2.0")
+    );
     assert_eq!(h.req("GET", "/healthz").send().status, 200);
     assert_eq!(h.req("GET", "/v2").send().status, 200);
     assert_eq!(h.req("GET", "/nope").send().status, 404);
@@ -56,7 +59,10 @@ fn monolithic_post_put_and_chunked_uploads_store_exact_bytes() {
         let r = h
             .req("PATCH", &loc)
             .header("Content-Type", "application/octet-stream")
-            .header("Content-Range", &format!("{}-{}", off, off + chunk.len() - 1))
+            .header(
+                "Content-Range",
+                &format!("{}-{}", off, off + chunk.len() - 1),
+            )
             .body(chunk.to_vec())
             .send();
         assert_eq!(r.status, 202, "{}", r.text());
@@ -95,8 +101,17 @@ fn sha512_blobs_are_stored_under_sha512() {
     let r = h.req("POST", "/v2/x/blobs/uploads/").send();
     let loc = r.header("location").unwrap().to_owned();
     // Chunked first (hashed as sha256 while streaming), then finished as sha512.
-    assert_eq!(h.req("PATCH", &loc).body(data[..100].to_vec()).send().status, 202);
-    let r = h.req("PUT", &format!("{loc}?digest={d}")).body(data[100..].to_vec()).send();
+    assert_eq!(
+        h.req("PATCH", &loc)
+            .body(data[..100].to_vec())
+            .send()
+            .status,
+        202
+    );
+    let r = h
+        .req("PUT", &format!("{loc}?digest={d}"))
+        .body(data[100..].to_vec())
+        .send();
     assert_eq!(r.status, 201, "{}", r.text());
     let got = h.req("GET", &format!("/v2/x/blobs/{d}")).send();
     assert_eq!(got.body, data);
@@ -104,9 +119,15 @@ fn sha512_blobs_are_stored_under_sha512() {
     // Monolithic sha512 too.
     let e = bytes(6, 10);
     let de = sha512(&e);
-    let r = h.req("POST", &format!("/v2/x/blobs/uploads/?digest={de}")).body(e.clone()).send();
+    let r = h
+        .req("POST", &format!("/v2/x/blobs/uploads/?digest={de}"))
+        .body(e.clone())
+        .send();
     assert_eq!(r.status, 201, "{}", r.text());
-    assert_eq!(h.req("HEAD", &format!("/v2/x/blobs/{de}")).send().status, 200);
+    assert_eq!(
+        h.req("HEAD", &format!("/v2/x/blobs/{de}")).send().status,
+        200
+    );
 }
 
 #[test]
@@ -120,30 +141,60 @@ fn head_get_ranges_and_delete() {
     assert_eq!(head.header("accept-ranges"), Some("bytes"));
     assert_eq!(head.header("docker-content-digest"), Some(d.as_str()));
 
-    let r = h.req("GET", &format!("/v2/a/b/blobs/{d}")).header("Range", "bytes=1000-").send();
+    let r = h
+        .req("GET", &format!("/v2/a/b/blobs/{d}"))
+        .header("Range", "bytes=1000-")
+        .send();
     assert_eq!(r.status, 206);
     assert_eq!(r.body, &data[1000..]);
-    assert_eq!(r.header("content-range").unwrap(), format!("bytes 1000-2097151/2097152"));
-    let r = h.req("GET", &format!("/v2/a/b/blobs/{d}")).header("Range", "bytes=10-19").send();
+    assert_eq!(
+        r.header("content-range").unwrap(),
+        format!("bytes 1000-2097151/2097152")
+    );
+    let r = h
+        .req("GET", &format!("/v2/a/b/blobs/{d}"))
+        .header("Range", "bytes=10-19")
+        .send();
     assert_eq!(r.status, 206);
     assert_eq!(r.body, &data[10..20]);
     assert_eq!(r.header("content-length"), Some("10"));
-    let r = h.req("GET", &format!("/v2/a/b/blobs/{d}")).header("Range", "bytes=5000000-").send();
+    let r = h
+        .req("GET", &format!("/v2/a/b/blobs/{d}"))
+        .header("Range", "bytes=5000000-")
+        .send();
     assert_eq!(r.status, 416);
     assert_eq!(r.header("content-range"), Some("bytes */2097152"));
-    assert_eq!(r.header("content-length").unwrap().parse::<usize>().unwrap(), r.body.len());
+    assert_eq!(
+        r.header("content-length")
+            .unwrap()
+            .parse::<usize>()
+            .unwrap(),
+        r.body.len()
+    );
 
     // Not visible in another repository until mounted.
-    assert_eq!(h.req("HEAD", &format!("/v2/other/blobs/{d}")).send().status, 404);
+    assert_eq!(
+        h.req("HEAD", &format!("/v2/other/blobs/{d}")).send().status,
+        404
+    );
     let miss = h.req("GET", &format!("/v2/other/blobs/{d}")).send();
     assert_eq!(miss.code(), "BLOB_UNKNOWN");
     // HEAD errors carry no body.
     let r = h.req("HEAD", &format!("/v2/other/blobs/{d}")).send();
     assert!(r.body.is_empty());
 
-    assert_eq!(h.req("DELETE", &format!("/v2/a/b/blobs/{d}")).send().status, 202);
-    assert_eq!(h.req("HEAD", &format!("/v2/a/b/blobs/{d}")).send().status, 404);
-    assert_eq!(h.req("DELETE", &format!("/v2/a/b/blobs/{d}")).send().status, 404);
+    assert_eq!(
+        h.req("DELETE", &format!("/v2/a/b/blobs/{d}")).send().status,
+        202
+    );
+    assert_eq!(
+        h.req("HEAD", &format!("/v2/a/b/blobs/{d}")).send().status,
+        404
+    );
+    assert_eq!(
+        h.req("DELETE", &format!("/v2/a/b/blobs/{d}")).send().status,
+        404
+    );
 }
 
 #[test]
@@ -151,22 +202,44 @@ fn cross_repository_mounts() {
     let h = Hoard::start(&[]);
     let data = bytes(8, 100);
     let d = push_blob(&h, "src", &data);
-    let r = h.req("POST", &format!("/v2/dst/blobs/uploads/?mount={d}&from=src")).send();
+    let r = h
+        .req(
+            "POST",
+            &format!("/v2/dst/blobs/uploads/?mount={d}&from=src"),
+        )
+        .send();
     assert_eq!(r.status, 201);
     assert_eq!(r.header("location").unwrap(), format!("/v2/dst/blobs/{d}"));
-    assert_eq!(h.req("GET", &format!("/v2/dst/blobs/{d}")).send().body, data);
+    assert_eq!(
+        h.req("GET", &format!("/v2/dst/blobs/{d}")).send().body,
+        data
+    );
     // from a repository that does not have it: a normal upload session.
-    let r = h.req("POST", &format!("/v2/dst2/blobs/uploads/?mount={d}&from=nothere")).send();
+    let r = h
+        .req(
+            "POST",
+            &format!("/v2/dst2/blobs/uploads/?mount={d}&from=nothere"),
+        )
+        .send();
     assert_eq!(r.status, 202);
     assert!(r.header("location").unwrap().contains("/blobs/uploads/"));
     // mount without from: found anywhere.
-    let r = h.req("POST", &format!("/v2/dst3/blobs/uploads/?mount={d}")).send();
+    let r = h
+        .req("POST", &format!("/v2/dst3/blobs/uploads/?mount={d}"))
+        .send();
     assert_eq!(r.status, 201);
     // Unknown digest: session.
-    let r = h.req("POST", &format!("/v2/dst3/blobs/uploads/?mount={}&from=src", sha256(b"zz"))).send();
+    let r = h
+        .req(
+            "POST",
+            &format!("/v2/dst3/blobs/uploads/?mount={}&from=src", sha256(b"zz")),
+        )
+        .send();
     assert_eq!(r.status, 202);
     // Malformed mount digest.
-    let r = h.req("POST", "/v2/dst3/blobs/uploads/?mount=sha256:xyz&from=src").send();
+    let r = h
+        .req("POST", "/v2/dst3/blobs/uploads/?mount=sha256:xyz&from=src")
+        .send();
     assert_eq!(r.status, 400);
     assert_eq!(r.code(), "DIGEST_INVALID");
 }
@@ -175,21 +248,36 @@ fn cross_repository_mounts() {
 fn malformed_and_wrong_digests_store_nothing() {
     let h = Hoard::start(&[]);
     let data = bytes(9, 1000);
-    for bad in ["sha256:abc", "md5:0123", "sha256:ZZ", "SHA256:00", "nodigest"] {
+    for bad in [
+        "sha256:abc",
+        "md5:0123",
+        "sha256:ZZ",
+        "SHA256:00",
+        "nodigest",
+    ] {
         let r = h.req("GET", &format!("/v2/r/blobs/{bad}")).send();
         assert_eq!(r.status, 400, "{bad}");
         assert_eq!(r.code(), "DIGEST_INVALID");
-        let r = h.req("POST", &format!("/v2/r/blobs/uploads/?digest={bad}")).body(data.clone()).send();
+        let r = h
+            .req("POST", &format!("/v2/r/blobs/uploads/?digest={bad}"))
+            .body(data.clone())
+            .send();
         assert_eq!(r.status, 400, "{bad}");
     }
     // Right shape, wrong content: monolithic, POST+PUT and chunked.
     let wrong = sha256(b"something else");
-    let r = h.req("POST", &format!("/v2/r/blobs/uploads/?digest={wrong}")).body(data.clone()).send();
+    let r = h
+        .req("POST", &format!("/v2/r/blobs/uploads/?digest={wrong}"))
+        .body(data.clone())
+        .send();
     assert_eq!(r.status, 400);
     assert_eq!(r.code(), "DIGEST_INVALID");
     let r = h.req("POST", "/v2/r/blobs/uploads/").send();
     let loc = r.header("location").unwrap().to_owned();
-    let r = h.req("PUT", &format!("{loc}?digest={wrong}")).body(data.clone()).send();
+    let r = h
+        .req("PUT", &format!("{loc}?digest={wrong}"))
+        .body(data.clone())
+        .send();
     assert_eq!(r.status, 400);
     assert_eq!(r.code(), "DIGEST_INVALID");
     // The failed session is gone.
@@ -200,8 +288,16 @@ fn malformed_and_wrong_digests_store_nothing() {
     let r = h.req("PUT", &loc).body(data.clone()).send();
     assert_eq!(r.status, 400);
     assert_eq!(r.code(), "DIGEST_INVALID");
-    assert_eq!(h.req("HEAD", &format!("/v2/r/blobs/{wrong}")).send().status, 404);
-    assert_eq!(h.req("HEAD", &format!("/v2/r/blobs/{}", sha256(&data))).send().status, 404);
+    assert_eq!(
+        h.req("HEAD", &format!("/v2/r/blobs/{wrong}")).send().status,
+        404
+    );
+    assert_eq!(
+        h.req("HEAD", &format!("/v2/r/blobs/{}", sha256(&data)))
+            .send()
+            .status,
+        404
+    );
     assert_eq!(count_files(&h.data.join("blobs")), 0);
     assert_eq!(count_files(&h.data.join("tmp")), 0);
 }
@@ -212,18 +308,34 @@ fn size_mismatch_out_of_order_and_unknown_uploads() {
     let data = bytes(10, 3000);
     let r = h.req("POST", "/v2/r/blobs/uploads/").send();
     let loc = r.header("location").unwrap().to_owned();
-    let r = h.req("PATCH", &loc).header("Content-Range", "0-999").body(data[..1000].to_vec()).send();
+    let r = h
+        .req("PATCH", &loc)
+        .header("Content-Range", "0-999")
+        .body(data[..1000].to_vec())
+        .send();
     assert_eq!(r.status, 202);
     // Out of order: skipping ahead and going back both 416; the session survives.
-    let r = h.req("PATCH", &loc).header("Content-Range", "2000-2999").body(data[2000..].to_vec()).send();
+    let r = h
+        .req("PATCH", &loc)
+        .header("Content-Range", "2000-2999")
+        .body(data[2000..].to_vec())
+        .send();
     assert_eq!(r.status, 416, "{}", r.text());
-    let r = h.req("PATCH", &loc).header("Content-Range", "0-999").body(data[..1000].to_vec()).send();
+    let r = h
+        .req("PATCH", &loc)
+        .header("Content-Range", "0-999")
+        .body(data[..1000].to_vec())
+        .send();
     assert_eq!(r.status, 416);
     let s = h.req("GET", &loc).send();
     assert_eq!(s.status, 204);
     assert_eq!(s.header("range"), Some("0-999"));
     // Content-Range promising more than the body holds: size error, session dropped.
-    let r = h.req("PATCH", &loc).header("Content-Range", "1000-2999").body(data[1000..1500].to_vec()).send();
+    let r = h
+        .req("PATCH", &loc)
+        .header("Content-Range", "1000-2999")
+        .body(data[1000..1500].to_vec())
+        .send();
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(r.code(), "SIZE_INVALID");
     assert_eq!(h.req("GET", &loc).send().status, 404);
@@ -241,10 +353,25 @@ fn size_mismatch_out_of_order_and_unknown_uploads() {
     // A session belongs to its repository.
     let r = h.req("POST", "/v2/r/blobs/uploads/").send();
     let id = r.header("docker-upload-uuid").unwrap().to_owned();
-    assert_eq!(h.req("GET", &format!("/v2/other/blobs/uploads/{id}")).send().status, 404);
+    assert_eq!(
+        h.req("GET", &format!("/v2/other/blobs/uploads/{id}"))
+            .send()
+            .status,
+        404
+    );
     // Cancel.
-    assert_eq!(h.req("DELETE", &format!("/v2/r/blobs/uploads/{id}")).send().status, 204);
-    assert_eq!(h.req("GET", &format!("/v2/r/blobs/uploads/{id}")).send().status, 404);
+    assert_eq!(
+        h.req("DELETE", &format!("/v2/r/blobs/uploads/{id}"))
+            .send()
+            .status,
+        204
+    );
+    assert_eq!(
+        h.req("GET", &format!("/v2/r/blobs/uploads/{id}"))
+            .send()
+            .status,
+        404
+    );
     assert_eq!(count_files(&h.data.join("tmp")), 0);
 }
 
@@ -256,19 +383,28 @@ fn client_cut_off_mid_upload_leaves_nothing() {
     // Monolithic PUT announcing 3 MiB but sending 1 MiB, then hanging up.
     let r = h.req("POST", "/v2/r/blobs/uploads/").send();
     let loc = r.header("location").unwrap().to_owned();
-    h.req("PUT", &format!("{loc}?digest={d}")).body(data[..1 << 20].to_vec()).send_cut(data.len());
+    h.req("PUT", &format!("{loc}?digest={d}"))
+        .body(data[..1 << 20].to_vec())
+        .send_cut(data.len());
     // PATCH cut off too.
     let r = h.req("POST", "/v2/r/blobs/uploads/").send();
     let loc2 = r.header("location").unwrap().to_owned();
-    h.req("PATCH", &loc2).body(data[..1 << 20].to_vec()).send_cut(data.len());
+    h.req("PATCH", &loc2)
+        .body(data[..1 << 20].to_vec())
+        .send_cut(data.len());
     // POST ?digest= cut off.
-    h.req("POST", &format!("/v2/r/blobs/uploads/?digest={d}")).body(data[..5000].to_vec()).send_cut(data.len());
+    h.req("POST", &format!("/v2/r/blobs/uploads/?digest={d}"))
+        .body(data[..5000].to_vec())
+        .send_cut(data.len());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while count_files(&h.data.join("tmp")) > 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert_eq!(count_files(&h.data.join("tmp")), 0, "tmp/ not cleaned");
-    assert_eq!(h.req("HEAD", &format!("/v2/r/blobs/{d}")).send().status, 404);
+    assert_eq!(
+        h.req("HEAD", &format!("/v2/r/blobs/{d}")).send().status,
+        404
+    );
     assert_eq!(h.req("GET", &loc).send().status, 404);
     assert_eq!(h.req("GET", &loc2).send().status, 404);
     assert_eq!(count_files(&h.data.join("blobs")), 0);
@@ -289,17 +425,34 @@ fn two_clients_pushing_the_same_blob_at_once_both_succeed() {
             std::thread::spawn(move || {
                 let h2 = common::Hoard::req_at(addr);
                 let repo = if i % 2 == 0 { "same" } else { "other" };
-                h2(&format!("POST"), &format!("/v2/{repo}/blobs/uploads/"), &[], vec![])
-                    .header("location")
-                    .map(|l| l.to_owned())
-                    .map(|loc| h2("PUT", &format!("{loc}?digest={}", sha256(&data)), &[], data.to_vec()).status)
+                h2(
+                    &format!("POST"),
+                    &format!("/v2/{repo}/blobs/uploads/"),
+                    &[],
+                    vec![],
+                )
+                .header("location")
+                .map(|l| l.to_owned())
+                .map(|loc| {
+                    h2(
+                        "PUT",
+                        &format!("{loc}?digest={}", sha256(&data)),
+                        &[],
+                        data.to_vec(),
+                    )
+                    .status
+                })
             })
         })
         .collect();
     for t in threads {
         assert_eq!(t.join().unwrap(), Some(201));
     }
-    assert_eq!(count_files(&h.data.join("blobs")), 1, "one copy of the bytes");
+    assert_eq!(
+        count_files(&h.data.join("blobs")),
+        1,
+        "one copy of the bytes"
+    );
     for repo in ["same", "other"] {
         let r = h.req("GET", &format!("/v2/{repo}/blobs/{d}")).send();
         assert_eq!(r.body.len(), data.len());
@@ -312,7 +465,16 @@ fn repository_names_are_validated() {
     let h = Hoard::start(&[]);
     let d = sha256(b"x");
     let long = "a".repeat(256);
-    for bad in ["UPPER/x", "a/../b", "..%2Fetc", "a//b", "a__-b", "-a", long.as_str(), "a/%2e%2e/b"] {
+    for bad in [
+        "UPPER/x",
+        "a/../b",
+        "..%2Fetc",
+        "a//b",
+        "a__-b",
+        "-a",
+        long.as_str(),
+        "a/%2e%2e/b",
+    ] {
         let r = h.req("GET", &format!("/v2/{bad}/blobs/{d}")).send();
         assert_eq!(r.status, 400, "{bad}: {}", r.text());
         assert_eq!(r.code(), "NAME_INVALID", "{bad}");
@@ -320,9 +482,17 @@ fn repository_names_are_validated() {
         assert_eq!(r.status, 400, "{bad}");
     }
     // Nothing was created outside the data directory's blob tree.
-    assert_eq!(h.req("GET", "/v2/_catalog").send().json()["repositories"], serde_json::json!([]));
+    assert_eq!(
+        h.req("GET", "/v2/_catalog").send().json()["repositories"],
+        serde_json::json!([])
+    );
     let ok = "a".repeat(255);
-    assert_eq!(h.req("POST", &format!("/v2/{ok}/blobs/uploads/")).send().status, 202);
+    assert_eq!(
+        h.req("POST", &format!("/v2/{ok}/blobs/uploads/"))
+            .send()
+            .status,
+        202
+    );
 }
 
 #[test]
@@ -332,20 +502,31 @@ fn manifests_by_tag_and_digest() {
     let dc = push_blob(&h, "app", cfg);
     let layer = bytes(13, 5000);
     let dl = push_blob(&h, "app", &layer);
-    let m = image_manifest((&dc, cfg.len(), "application/vnd.oci.image.config.v1+json"), &[(dl.clone(), layer.len())]);
+    let m = image_manifest(
+        (&dc, cfg.len(), "application/vnd.oci.image.config.v1+json"),
+        &[(dl.clone(), layer.len())],
+    );
     let dm = sha256(&m);
     let r = put_manifest(&h, "app", "v1", OCI_MANIFEST, &m);
     assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(r.header("docker-content-digest"), Some(dm.as_str()));
-    assert_eq!(r.header("location").unwrap(), format!("/v2/app/manifests/{dm}"));
+    assert_eq!(
+        r.header("location").unwrap(),
+        format!("/v2/app/manifests/{dm}")
+    );
     for reference in ["v1", dm.as_str()] {
-        let g = h.req("GET", &format!("/v2/app/manifests/{reference}")).header("Accept", OCI_MANIFEST).send();
+        let g = h
+            .req("GET", &format!("/v2/app/manifests/{reference}"))
+            .header("Accept", OCI_MANIFEST)
+            .send();
         assert_eq!(g.status, 200);
         assert_eq!(g.body, m, "bytes stored exactly");
         assert_eq!(g.header("content-type"), Some(OCI_MANIFEST));
         assert_eq!(g.header("docker-content-digest"), Some(dm.as_str()));
         assert_eq!(g.header("content-length").unwrap(), m.len().to_string());
-        let hd = h.req("HEAD", &format!("/v2/app/manifests/{reference}")).send();
+        let hd = h
+            .req("HEAD", &format!("/v2/app/manifests/{reference}"))
+            .send();
         assert_eq!(hd.status, 200);
         assert_eq!(hd.header("docker-content-digest"), Some(dm.as_str()));
         assert_eq!(hd.header("content-length").unwrap(), m.len().to_string());
@@ -357,7 +538,10 @@ fn manifests_by_tag_and_digest() {
     let r = put_manifest(&h, "app", &format!("{dm}?tag=t1&tag=t2"), OCI_MANIFEST, &m);
     assert_eq!(r.status, 201, "{}", r.text());
     let tags = h.req("GET", "/v2/app/tags/list").send().json();
-    assert_eq!(tags, serde_json::json!({"name": "app", "tags": ["t1", "t2", "v1"]}));
+    assert_eq!(
+        tags,
+        serde_json::json!({"name": "app", "tags": ["t1", "t2", "v1"]})
+    );
     // Wrong digest in the URL.
     let r = put_manifest(&h, "app", &sha256(b"nope"), OCI_MANIFEST, &m);
     assert_eq!(r.status, 400);
@@ -365,17 +549,30 @@ fn manifests_by_tag_and_digest() {
     // Delete a tag: only the tag goes.
     assert_eq!(h.req("DELETE", "/v2/app/manifests/v1").send().status, 202);
     assert_eq!(h.req("GET", "/v2/app/manifests/v1").send().status, 404);
-    assert_eq!(h.req("GET", &format!("/v2/app/manifests/{dm}")).send().status, 200);
+    assert_eq!(
+        h.req("GET", &format!("/v2/app/manifests/{dm}"))
+            .send()
+            .status,
+        200
+    );
     assert_eq!(h.req("GET", "/v2/app/manifests/t1").send().status, 200);
     // Delete by digest: manifest and its tags go.
-    assert_eq!(h.req("DELETE", &format!("/v2/app/manifests/{dm}")).send().status, 202);
+    assert_eq!(
+        h.req("DELETE", &format!("/v2/app/manifests/{dm}"))
+            .send()
+            .status,
+        202
+    );
     let r = h.req("GET", &format!("/v2/app/manifests/{dm}")).send();
     assert_eq!(r.status, 404);
     assert_eq!(r.code(), "MANIFEST_UNKNOWN");
     assert_eq!(h.req("GET", "/v2/app/manifests/t1").send().status, 404);
     assert_eq!(h.req("DELETE", "/v2/app/manifests/t1").send().status, 404);
     // Unknown repository, invalid tag.
-    assert_eq!(h.req("GET", "/v2/nothing/manifests/latest").send().code(), "MANIFEST_UNKNOWN");
+    assert_eq!(
+        h.req("GET", "/v2/nothing/manifests/latest").send().code(),
+        "MANIFEST_UNKNOWN"
+    );
     assert_eq!(h.req("GET", "/v2/app/manifests/-bad").send().status, 400);
 }
 
@@ -386,7 +583,10 @@ fn manifest_validation_errors() {
     let dc = push_blob(&h, "v", cfg);
     let missing = sha256(b"never pushed");
     // A layer that was never pushed.
-    let m = image_manifest((&dc, 2, "application/vnd.oci.image.config.v1+json"), &[(missing.clone(), 12)]);
+    let m = image_manifest(
+        (&dc, 2, "application/vnd.oci.image.config.v1+json"),
+        &[(missing.clone(), 12)],
+    );
     let r = put_manifest(&h, "v", "t", OCI_MANIFEST, &m);
     assert_eq!(r.status, 400);
     assert_eq!(r.code(), "MANIFEST_BLOB_UNKNOWN");
@@ -397,18 +597,30 @@ fn manifest_validation_errors() {
         "layers": [{"mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
                     "digest": missing, "size": 12, "urls": ["https://example.invalid/layer"]}]
     })).unwrap();
-    assert_eq!(put_manifest(&h, "v", "foreign", OCI_MANIFEST, &m2).status, 201);
+    assert_eq!(
+        put_manifest(&h, "v", "foreign", OCI_MANIFEST, &m2).status,
+        201
+    );
     // Invalid JSON, wrong schema, bad descriptor digest, wrong declared size, type mismatch.
     let r = put_manifest(&h, "v", "t", OCI_MANIFEST, b"{not json");
     assert_eq!((r.status, r.code().as_str()), (400, "MANIFEST_INVALID"));
     let r = put_manifest(&h, "v", "t", OCI_MANIFEST, br#"{"schemaVersion":1}"#);
     assert_eq!((r.status, r.code().as_str()), (400, "MANIFEST_INVALID"));
     let bad = image_manifest((&dc, 2, "x"), &[("sha256:1234".into(), 1)]);
-    assert_eq!(put_manifest(&h, "v", "t", OCI_MANIFEST, &bad).code(), "MANIFEST_INVALID");
+    assert_eq!(
+        put_manifest(&h, "v", "t", OCI_MANIFEST, &bad).code(),
+        "MANIFEST_INVALID"
+    );
     let wrong_size = image_manifest((&dc, 3, "application/vnd.oci.image.config.v1+json"), &[]);
-    assert_eq!(put_manifest(&h, "v", "t", OCI_MANIFEST, &wrong_size).code(), "MANIFEST_INVALID");
+    assert_eq!(
+        put_manifest(&h, "v", "t", OCI_MANIFEST, &wrong_size).code(),
+        "MANIFEST_INVALID"
+    );
     let ok = image_manifest((&dc, 2, "application/vnd.oci.image.config.v1+json"), &[]);
-    assert_eq!(put_manifest(&h, "v", "t", OCI_INDEX, &ok).code(), "MANIFEST_INVALID");
+    assert_eq!(
+        put_manifest(&h, "v", "t", OCI_INDEX, &ok).code(),
+        "MANIFEST_INVALID"
+    );
     // 5 MiB manifest: 413, nothing stored.
     let mut big = b"{\"schemaVersion\":2,\"annotations\":{\"x\":\"".to_vec();
     big.extend(std::iter::repeat_n(b'a', 5 << 20));
@@ -417,7 +629,10 @@ fn manifest_validation_errors() {
     assert_eq!(r.status, 413);
     assert_eq!(r.code(), "SIZE_INVALID");
     assert_eq!(h.req("GET", "/v2/v/manifests/big").send().status, 404);
-    assert_eq!(h.req("GET", "/v2/v/tags/list").send().json()["tags"], serde_json::json!(["foreign"]));
+    assert_eq!(
+        h.req("GET", "/v2/v/tags/list").send().json()["tags"],
+        serde_json::json!(["foreign"])
+    );
 }
 
 #[test]
@@ -433,7 +648,10 @@ fn every_manifest_shape_buildkit_and_images_use() {
     // Index whose entries are layers plus the cache config (BuildKit image-manifest=false).
     for (mt, layer_mt) in [
         (OCI_INDEX, "application/vnd.oci.image.layer.v1.tar+gzip"),
-        ("application/vnd.docker.distribution.manifest.list.v2+json", "application/vnd.docker.image.rootfs.diff.tar.gzip"),
+        (
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+            "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        ),
     ] {
         let idx = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2, "mediaType": mt,
@@ -441,7 +659,8 @@ fn every_manifest_shape_buildkit_and_images_use() {
                 {"mediaType": layer_mt, "digest": dl, "size": layer.len()},
                 {"mediaType": cachecfg, "digest": dcc, "size": cc.len()},
             ]
-        })).unwrap();
+        }))
+        .unwrap();
         let r = put_manifest(&h, "c", "cache", mt, &idx);
         assert_eq!(r.status, 201, "{mt}: {}", r.text());
         let g = h.req("GET", "/v2/c/manifests/cache").send();
@@ -462,7 +681,13 @@ fn every_manifest_shape_buildkit_and_images_use() {
         "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": dcfg, "size": 14},
         "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": dl, "size": layer.len()}]
     })).unwrap();
-    let r = put_manifest(&h, "c", "docker", "application/vnd.docker.distribution.manifest.v2+json", &dm);
+    let r = put_manifest(
+        &h,
+        "c",
+        "docker",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        &dm,
+    );
     assert_eq!(r.status, 201, "{}", r.text());
     let multi = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2, "mediaType": OCI_INDEX,
@@ -471,13 +696,19 @@ fn every_manifest_shape_buildkit_and_images_use() {
             {"mediaType": OCI_MANIFEST, "digest": sha256(b"arm64 not pushed"), "size": 500, "platform": {"os": "linux", "architecture": "arm64"}},
         ]
     })).unwrap();
-    assert_eq!(put_manifest(&h, "c", "multi", OCI_INDEX, &multi).status, 201);
+    assert_eq!(
+        put_manifest(&h, "c", "multi", OCI_INDEX, &multi).status,
+        201
+    );
     // A missing layer entry in a cache index is refused.
     let broken = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2, "mediaType": OCI_INDEX,
         "manifests": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": sha256(b"gone"), "size": 4}]
     })).unwrap();
-    assert_eq!(put_manifest(&h, "c", "broken", OCI_INDEX, &broken).code(), "MANIFEST_BLOB_UNKNOWN");
+    assert_eq!(
+        put_manifest(&h, "c", "broken", OCI_INDEX, &broken).code(),
+        "MANIFEST_BLOB_UNKNOWN"
+    );
 }
 
 #[test]
@@ -487,7 +718,10 @@ fn referrers_and_subject() {
     let de = push_blob(&h, "s", empty);
     let base = image_manifest((&de, 2, "application/vnd.oci.image.config.v1+json"), &[]);
     let db = sha256(&base);
-    assert_eq!(put_manifest(&h, "s", "base", OCI_MANIFEST, &base).status, 201);
+    assert_eq!(
+        put_manifest(&h, "s", "base", OCI_MANIFEST, &base).status,
+        201
+    );
     let mk = |at: &str, n: u8| {
         serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": at,
@@ -495,31 +729,48 @@ fn referrers_and_subject() {
             "layers": [],
             "subject": {"mediaType": OCI_MANIFEST, "digest": db, "size": base.len()},
             "annotations": {"n": n.to_string()}
-        })).unwrap()
+        }))
+        .unwrap()
     };
     let sig = mk("application/vnd.example.sig", 1);
     let sbom = mk("application/vnd.example.sbom", 2);
     let r = put_manifest(&h, "s", &sha256(&sig), OCI_MANIFEST, &sig);
     assert_eq!(r.status, 201);
     assert_eq!(r.header("oci-subject"), Some(db.as_str()));
-    assert_eq!(put_manifest(&h, "s", &sha256(&sbom), OCI_MANIFEST, &sbom).status, 201);
+    assert_eq!(
+        put_manifest(&h, "s", &sha256(&sbom), OCI_MANIFEST, &sbom).status,
+        201
+    );
     let r = h.req("GET", &format!("/v2/s/referrers/{db}")).send();
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-type"), Some(OCI_INDEX));
     let j = r.json();
     assert_eq!(j["schemaVersion"], 2);
     assert_eq!(j["manifests"].as_array().unwrap().len(), 2);
-    let r = h.req("GET", &format!("/v2/s/referrers/{db}?artifactType=application/vnd.example.sbom")).send();
+    let r = h
+        .req(
+            "GET",
+            &format!("/v2/s/referrers/{db}?artifactType=application/vnd.example.sbom"),
+        )
+        .send();
     assert_eq!(r.header("oci-filters-applied"), Some("artifactType"));
     let j = r.json();
     assert_eq!(j["manifests"].as_array().unwrap().len(), 1);
     assert_eq!(j["manifests"][0]["digest"], sha256(&sbom));
     assert_eq!(j["manifests"][0]["annotations"]["n"], "2");
-    assert_eq!(j["manifests"][0]["artifactType"], "application/vnd.example.sbom");
+    assert_eq!(
+        j["manifests"][0]["artifactType"],
+        "application/vnd.example.sbom"
+    );
     // Subject that does not exist yet: accepted; no referrers for unknown digests.
-    let r = h.req("GET", &format!("/v2/s/referrers/{}", sha256(b"none"))).send();
+    let r = h
+        .req("GET", &format!("/v2/s/referrers/{}", sha256(b"none")))
+        .send();
     assert_eq!(r.json()["manifests"], serde_json::json!([]));
-    assert_eq!(h.req("GET", "/v2/s/referrers/sha256:bad").send().status, 400);
+    assert_eq!(
+        h.req("GET", "/v2/s/referrers/sha256:bad").send().status,
+        400
+    );
 }
 
 #[test]
@@ -532,13 +783,19 @@ fn tag_and_catalog_pagination() {
     }
     let r = h.req("GET", "/v2/p/tags/list?n=2").send();
     assert_eq!(r.json()["tags"], serde_json::json!(["a", "b"]));
-    assert_eq!(r.header("link"), Some("</v2/p/tags/list?n=2&last=b>; rel=\"next\""));
+    assert_eq!(
+        r.header("link"),
+        Some("</v2/p/tags/list?n=2&last=b>; rel=\"next\"")
+    );
     let r = h.req("GET", "/v2/p/tags/list?n=2&last=b").send();
     assert_eq!(r.json()["tags"], serde_json::json!(["c", "d"]));
     let r = h.req("GET", "/v2/p/tags/list?n=2&last=d").send();
     assert_eq!(r.json()["tags"], serde_json::json!(["e"]));
     assert!(r.header("link").is_none());
-    assert_eq!(h.req("GET", "/v2/p/tags/list?n=0").send().json()["tags"], serde_json::json!([]));
+    assert_eq!(
+        h.req("GET", "/v2/p/tags/list?n=0").send().json()["tags"],
+        serde_json::json!([])
+    );
     assert_eq!(h.req("GET", "/v2/p/tags/list?n=x").send().status, 400);
     let r = h.req("GET", "/v2/unknown/tags/list").send();
     assert_eq!((r.status, r.code().as_str()), (404, "NAME_UNKNOWN"));
@@ -547,7 +804,10 @@ fn tag_and_catalog_pagination() {
     }
     let r = h.req("GET", "/v2/_catalog?n=2").send();
     assert_eq!(r.json()["repositories"], serde_json::json!(["p", "q/one"]));
-    assert_eq!(r.header("link"), Some("</v2/_catalog?n=2&last=q/one>; rel=\"next\""));
+    assert_eq!(
+        r.header("link"),
+        Some("</v2/_catalog?n=2&last=q/one>; rel=\"next\"")
+    );
     let r = h.req("GET", "/v2/_catalog?last=q/one").send();
     assert_eq!(r.json()["repositories"], serde_json::json!(["q/two", "z"]));
 }
@@ -558,11 +818,19 @@ fn tls_client_hello_gets_an_http_answer() {
     let mut s = std::net::TcpStream::connect(h.addr).unwrap();
     use std::io::Write;
     // The start of a TLS 1.2 ClientHello record.
-    s.write_all(&[0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03]).unwrap();
+    s.write_all(&[
+        0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03,
+    ])
+    .unwrap();
     let mut buf = Vec::new();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
     let _ = s.read_to_end(&mut buf);
-    assert!(buf.starts_with(b"HTTP/"), "{:?}", String::from_utf8_lossy(&buf));
+    assert!(
+        buf.starts_with(b"HTTP/"),
+        "{:?}",
+        String::from_utf8_lossy(&buf)
+    );
     // And plain HTTP keeps working.
     assert_eq!(h.req("GET", "/v2/").send().status, 200);
 }
@@ -570,7 +838,10 @@ fn tls_client_hello_gets_an_http_answer() {
 #[test]
 fn unsupported_methods_get_405() {
     let h = Hoard::start(&[]);
-    let r = h.req("PATCH", "/v2/r/manifests/x").body(b"{}".to_vec()).send();
+    let r = h
+        .req("PATCH", "/v2/r/manifests/x")
+        .body(b"{}".to_vec())
+        .send();
     assert_eq!((r.status, r.code().as_str()), (405, "UNSUPPORTED"));
     assert_eq!(h.req("DELETE", "/v2/r/tags/list").send().status, 405);
 }
@@ -583,14 +854,20 @@ fn restart_keeps_tags_and_blobs_and_sigterm_exits_zero() {
     let layer = bytes(16, 10_000);
     let dl = push_blob(&h, "keep", &layer);
     let dc = push_blob(&h, "keep", b"{}");
-    let m = image_manifest((&dc, 2, "application/vnd.oci.image.config.v1+json"), &[(dl.clone(), layer.len())]);
+    let m = image_manifest(
+        (&dc, 2, "application/vnd.oci.image.config.v1+json"),
+        &[(dl.clone(), layer.len())],
+    );
     assert_eq!(put_manifest(&h, "keep", "v1", OCI_MANIFEST, &m).status, 201);
     let status = h.stop();
     assert!(status.success(), "exit status {status:?}\n{}", h.log());
     assert!(data.join("index/clean").exists());
     let h = Hoard::start_on(&data, &[]);
     assert_eq!(h.req("GET", "/v2/keep/manifests/v1").send().body, m);
-    assert_eq!(h.req("GET", &format!("/v2/keep/blobs/{dl}")).send().body, layer);
+    assert_eq!(
+        h.req("GET", &format!("/v2/keep/blobs/{dl}")).send().body,
+        layer
+    );
     assert!(!h.log().contains("unclean"), "{}", h.log());
 }
 
@@ -626,9 +903,17 @@ fn kill9_loses_nothing_acknowledged_and_reverifies() {
 fn config_file_env_and_flags() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("hoard.toml");
-    std::fs::write(&cfg, "log_format = \"json\"\nupload_timeout = \"2s\"\n[store.disk]\ndurability = \"sync\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "log_format = \"json\"\nupload_timeout = \"2s\"\n[store.disk]\ndurability = \"sync\"\n",
+    )
+    .unwrap();
     let h = Hoard::start(&["--config", cfg.to_str().unwrap()]);
-    assert!(h.log().contains("\"message\":\"listening on http://"), "json log lines: {}", h.log());
+    assert!(
+        h.log().contains("\"message\":\"listening on http://"),
+        "json log lines: {}",
+        h.log()
+    );
     push_blob(&h, "j", b"sync durability");
     // Idle sessions expire by the configured timeout.
     let r = h.req("POST", "/v2/j/blobs/uploads/").send();
@@ -642,10 +927,20 @@ fn config_file_env_and_flags() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown field"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A second daemon on the same data directory is refused.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hoard"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", h.data.to_str().unwrap()])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            h.data.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());

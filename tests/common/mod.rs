@@ -101,7 +101,8 @@ impl Hoard {
             .arg("-TERM")
             .arg(self.child.id().to_string())
             .status();
-        wait_timeout(&mut self.child, Duration::from_secs(30)).expect("hoard did not stop on SIGTERM")
+        wait_timeout(&mut self.child, Duration::from_secs(30))
+            .expect("hoard did not stop on SIGTERM")
     }
 
     pub fn kill9(&mut self) {
@@ -110,9 +111,7 @@ impl Hoard {
     }
 
     /// A request helper usable from other threads (only the address is needed).
-    pub fn req_at(
-        addr: SocketAddr,
-    ) -> impl Fn(&str, &str, &[(&str, &str)], Vec<u8>) -> Resp {
+    pub fn req_at(addr: SocketAddr) -> impl Fn(&str, &str, &[(&str, &str)], Vec<u8>) -> Resp {
         move |method, path, headers, body| {
             let mut r = Req {
                 addr,
@@ -210,7 +209,10 @@ impl Req {
     }
 
     fn head_bytes(&self, content_length: Option<usize>) -> Vec<u8> {
-        let mut s = format!("{} {} HTTP/1.1\r\nHost: {}\r\n", self.method, self.path, self.addr);
+        let mut s = format!(
+            "{} {} HTTP/1.1\r\nHost: {}\r\n",
+            self.method, self.path, self.addr
+        );
         for (k, v) in &self.headers {
             s.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -223,9 +225,21 @@ impl Req {
 
     pub fn send(self) -> Resp {
         let mut stream = TcpStream::connect(self.addr).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let has_len = self.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length"));
-        let len = if has_len { None } else if self.body.is_empty() && matches!(self.method.as_str(), "GET" | "HEAD" | "DELETE") { None } else { Some(self.body.len()) };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let has_len = self
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-length"));
+        let len = if has_len {
+            None
+        } else if self.body.is_empty() && matches!(self.method.as_str(), "GET" | "HEAD" | "DELETE")
+        {
+            None
+        } else {
+            Some(self.body.len())
+        };
         stream.write_all(&self.head_bytes(len)).unwrap();
         // A server may answer (413, 400) before reading the whole body and close: read the answer.
         let _ = stream.write_all(&self.body);
@@ -271,7 +285,10 @@ pub fn read_response(stream: &mut impl Read, is_head: bool) -> Resp {
     if is_head {
         return resp;
     }
-    if let Some(n) = resp.header("content-length").map(|v| v.parse::<usize>().unwrap()) {
+    if let Some(n) = resp
+        .header("content-length")
+        .map(|v| v.parse::<usize>().unwrap())
+    {
         let mut body = vec![0u8; n];
         r.read_exact(&mut body).expect("body");
         resp.body = body;
@@ -291,7 +308,10 @@ pub fn sha512(data: &[u8]) -> String {
 
 /// Deterministic pseudo-random bytes (so blobs are distinct and incompressible).
 pub fn bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
     (0..n)
         .map(|_| {
             x ^= x << 13;
@@ -327,7 +347,9 @@ pub fn put_manifest(h: &Hoard, repo: &str, reference: &str, media_type: &str, bo
 
 /// Files under `dir` (recursively).
 pub fn count_files(dir: &Path) -> usize {
-    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     rd.flatten()
         .map(|e| {
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Benchmarks hoard against a peer registry (Debian's docker-registry, distribution 2.8) in the
+# same run: each round runs `hoard bench` against both, alternating which goes first, then
+# prints per-measurement ratios (hoard / peer), peak RSS, one core's sha256 speed, and hoard
+# with durability = "sync" against the disk's own `dd conv=fsync` speed.
+#   usage: benches/compare.sh [ROUNDS] [SCALE]      (defaults: 2 rounds, full scale)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-2}
+SCALE=${2:-1}
+command -v docker-registry >/dev/null || { echo "docker-registry missing: apt-get install docker-registry" >&2; exit 1; }
+cargo build --release --quiet
+HOARD=target/release/hoard
+WORK=$(mktemp -d "${TMPDIR:-/var/tmp}/hoard-bench.XXXXXX")
+OUT="$WORK/results.jsonl"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 200); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "not ready: $1" >&2; exit 1; }
+
+HPORT=$(free_port)
+"$HOARD" serve --listen "127.0.0.1:$HPORT" --data-dir "$WORK/hoard" 2>"$WORK/hoard.log" &
+HPID=$!; pids+=("$HPID")
+PPORT=$(free_port)
+cat > "$WORK/peer.yml" <<YML
+version: 0.1
+log: {level: error}
+storage:
+  filesystem: {rootdirectory: $WORK/peer}
+  delete: {enabled: true}
+http: {addr: 127.0.0.1:$PPORT, secret: bench-only-secret}
+YML
+docker-registry serve "$WORK/peer.yml" >"$WORK/peer.log" 2>&1 &
+PPID_=$!; pids+=("$PPID_")
+wait_http "http://127.0.0.1:$HPORT/v2/"
+wait_http "http://127.0.0.1:$PPORT/v2/"
+
+for r in $(seq "$ROUNDS"); do
+  if [ $((r % 2)) -eq 1 ]; then order="hoard peer"; else order="peer hoard"; fi
+  for who in $order; do
+    port=$HPORT; [ "$who" = peer ] && port=$PPORT
+    echo "round $r: $who" >&2
+    "$HOARD" bench --url "http://127.0.0.1:$port" --label "$who" --scale "$SCALE" >> "$OUT"
+  done
+done
+rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+echo "{\"label\":\"hoard\",\"name\":\"peak_rss_kB\",\"value\":$(rss $HPID),\"unit\":\"kB\"}" >> "$OUT"
+echo "{\"label\":\"peer\",\"name\":\"peak_rss_kB\",\"value\":$(rss $PPID_),\"unit\":\"kB\"}" >> "$OUT"
+echo "{\"label\":\"machine\",\"name\":\"sha256_one_core_MBps\",\"value\":$("$HOARD" bench-sha256),\"unit\":\"MB/s\"}" >> "$OUT"
+
+# durability = "sync" against the disk's own fsynced sequential write speed, same filesystem.
+SPORT=$(free_port)
+"$HOARD" serve --listen "127.0.0.1:$SPORT" --data-dir "$WORK/hoard-sync" --durability sync 2>"$WORK/hoard-sync.log" &
+pids+=("$!")
+wait_http "http://127.0.0.1:$SPORT/v2/"
+"$HOARD" bench --url "http://127.0.0.1:$SPORT" --label hoard-sync --only large >> "$OUT"
+dd_out=$(dd if=/dev/zero of="$WORK/dd.bin" bs=1M count=1024 conv=fsync 2>&1 | tail -1)
+rm -f "$WORK/dd.bin"
+dd_mbps=$(python3 -c 'import re,sys; m=re.search(r"([0-9.]+) bytes.*copied, ([0-9.]+) s", sys.argv[1]); print(round(float(m.group(1))/float(m.group(2))/1e6))' "$dd_out")
+echo "{\"label\":\"machine\",\"name\":\"dd_fsync_MBps\",\"value\":$dd_mbps,\"unit\":\"MB/s\"}" >> "$OUT"
+
+python3 - "$OUT" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by = {}
+for r in rows:
+    by.setdefault((r["label"], r["name"]), []).append(r["value"])
+med = {k: statistics.median(v) for k, v in by.items()}
+names = sorted({n for (l, n) in med if l == "hoard"})
+print(f"{'measurement':28} {'hoard':>12} {'peer':>12} {'ratio':>8}")
+for n in names:
+    h, p = med.get(("hoard", n)), med.get(("peer", n))
+    if p:
+        ratio = h / p
+        if n == "peak_rss_kB":
+            ratio = p / h  # higher is better: how many times smaller hoard's peak RSS is
+        print(f"{n:28} {h:12.1f} {p:12.1f} {ratio:7.2f}x")
+sha = med[("machine", "sha256_one_core_MBps")]
+dd = med[("machine", "dd_fsync_MBps")]
+big = med[("hoard", "push_1GiB_MBps")]
+sync_big = med[("hoard-sync", "push_1GiB_MBps")]
+print(f"{'sha256 one core (MB/s)':28} {sha:12.1f}")
+print(f"{'1 GiB push / sha256 core':28} {big / sha:12.2f}")
+print(f"{'dd conv=fsync (MB/s)':28} {dd:12.1f}")
+print(f"{'sync 1 GiB push (MB/s)':28} {sync_big:12.1f}  ({sync_big / dd:.2f} of dd)")
+print("(peak_rss_kB ratio = peer / hoard)")
+PY

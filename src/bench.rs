@@ -1,0 +1,330 @@
+//! `hoard bench`: pushes, HEADs and pulls blobs and manifests against any registry URL over
+//! keep-alive HTTP/1.1 connections, and prints one JSON line per measurement. benches/compare.sh
+//! runs it against hoard and a peer registry in the same run, alternating, and prints ratios.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+
+use crate::digest::Digest;
+
+type Sender = http1::SendRequest<Full<Bytes>>;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Registry base URL, e.g. http://127.0.0.1:5000
+    #[arg(long)]
+    pub url: String,
+    /// Label printed with each result (e.g. "hoard" or "peer").
+    #[arg(long, default_value = "target")]
+    pub label: String,
+    /// Which measurements: all, or a comma list of large,medium,small,manifest.
+    #[arg(long, default_value = "all")]
+    pub only: String,
+    /// Scale the blob counts down (for a quick run), e.g. 0.1.
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+}
+
+async fn connect(host: &str) -> anyhow::Result<Sender> {
+    let stream = tokio::net::TcpStream::connect(host).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+async fn send(
+    s: &mut Sender,
+    req: Request<Full<Bytes>>,
+) -> anyhow::Result<(u16, hyper::HeaderMap, Bytes)> {
+    s.ready().await?;
+    let resp = s.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, headers, body))
+}
+
+fn req(method: &str, host: &str, path: &str, body: Bytes) -> Request<Full<Bytes>> {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host);
+    if !body.is_empty() || method == "PUT" || method == "POST" {
+        b = b.header("content-length", body.len());
+    }
+    b.body(Full::new(body))
+        .unwrap_or_else(|_| Request::new(Full::new(Bytes::new())))
+}
+
+async fn push(s: &mut Sender, host: &str, repo: &str, data: Bytes, d: &str) -> anyhow::Result<()> {
+    let (st, h, _) = send(
+        s,
+        req(
+            "POST",
+            host,
+            &format!("/v2/{repo}/blobs/uploads/"),
+            Bytes::new(),
+        ),
+    )
+    .await?;
+    anyhow::ensure!(st == 202, "POST upload: {st}");
+    let loc = h
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| anyhow::anyhow!("no Location"))?;
+    let path = match loc.find("/v2/") {
+        Some(i) => &loc[i..],
+        None => loc,
+    };
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let (st, _, body) = send(s, req("PUT", host, &format!("{path}{sep}digest={d}"), data)).await?;
+    anyhow::ensure!(
+        st == 201,
+        "PUT upload: {st} {}",
+        String::from_utf8_lossy(&body)
+    );
+    Ok(())
+}
+
+fn blob(seed: u64, n: usize) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    Bytes::from(v)
+}
+
+fn report(label: &str, name: &str, value: f64, unit: &str) {
+    println!(
+        "{}",
+        serde_json::json!({"label": label, "name": name, "value": (value * 100.0).round() / 100.0, "unit": unit})
+    );
+}
+
+/// Runs `op(i)` for i in 0..n over `streams` connections; returns seconds taken.
+async fn parallel<F, Fut>(host: &str, n: usize, streams: usize, op: F) -> anyhow::Result<f64>
+where
+    F: Fn(Sender, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<Sender>> + Send,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..streams {
+        let mut s = connect(host).await?;
+        let next = next.clone();
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                s = op(s, i).await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let host = args
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let label = args.label.clone();
+    let want = |k: &str| args.only == "all" || args.only.split(',').any(|x| x == k);
+    let scaled = |n: usize| ((n as f64 * args.scale).ceil() as usize).max(1);
+    let run_id = blob(
+        std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64,
+        8,
+    );
+    let tag = crate::digest::hex_encode(&run_id[..4]);
+
+    if want("large") {
+        let data = blob(
+            1 ^ tag.len() as u64 ^ u64::from_le_bytes(run_id[..8].try_into()?),
+            1 << 30,
+        );
+        let d = Digest::sha256_of(&data).to_string();
+        let mut s = connect(&host).await?;
+        let t = Instant::now();
+        push(&mut s, &host, &format!("bench/large{tag}"), data, &d).await?;
+        report(
+            &label,
+            "push_1GiB_MBps",
+            1073.741824 / t.elapsed().as_secs_f64(),
+            "MB/s",
+        );
+    }
+    if want("medium") {
+        let n = scaled(64);
+        let blobs: Arc<Vec<(Bytes, String)>> = Arc::new(
+            (0..n)
+                .map(|i| {
+                    let b = blob(
+                        1000 + i as u64
+                            + u64::from_le_bytes(run_id[..8].try_into().unwrap_or_default()),
+                        16 << 20,
+                    );
+                    let d = Digest::sha256_of(&b).to_string();
+                    (b, d)
+                })
+                .collect(),
+        );
+        let repo = format!("bench/medium{tag}");
+        let h2 = host.clone();
+        let (b2, r2) = (blobs.clone(), repo.clone());
+        let secs = parallel(&host, n, 8, move |mut s, i| {
+            let (b, d) = b2[i].clone();
+            let (h, r) = (h2.clone(), r2.clone());
+            async move {
+                push(&mut s, &h, &r, b, &d).await?;
+                Ok(s)
+            }
+        })
+        .await?;
+        report(
+            &label,
+            "push_16MiB_x8_MBps",
+            (n * (16 << 20)) as f64 / 1e6 / secs,
+            "MB/s",
+        );
+        let h2 = host.clone();
+        let secs = parallel(&host, n, 8, move |mut s, i| {
+            let d = blobs[i].1.clone();
+            let (h, r) = (h2.clone(), repo.clone());
+            async move {
+                let (st, _, body) = send(
+                    &mut s,
+                    req("GET", &h, &format!("/v2/{r}/blobs/{d}"), Bytes::new()),
+                )
+                .await?;
+                anyhow::ensure!(st == 200 && body.len() == 16 << 20, "GET {st}");
+                Ok(s)
+            }
+        })
+        .await?;
+        report(
+            &label,
+            "pull_16MiB_x8_MBps",
+            (n * (16 << 20)) as f64 / 1e6 / secs,
+            "MB/s",
+        );
+    }
+    if want("small") {
+        let n = scaled(5000);
+        let blobs: Arc<Vec<(Bytes, String)>> = Arc::new(
+            (0..n)
+                .map(|i| {
+                    let b = blob(
+                        100_000
+                            + i as u64
+                            + u64::from_le_bytes(run_id[..8].try_into().unwrap_or_default()),
+                        4096,
+                    );
+                    let d = Digest::sha256_of(&b).to_string();
+                    (b, d)
+                })
+                .collect(),
+        );
+        let repo = format!("bench/small{tag}");
+        for phase in ["push", "head", "pull"] {
+            let h2 = host.clone();
+            let (b2, r2) = (blobs.clone(), repo.clone());
+            let secs = parallel(&host, n, 32, move |mut s, i| {
+                let (b, d) = b2[i].clone();
+                let (h, r) = (h2.clone(), r2.clone());
+                async move {
+                    match phase {
+                        "push" => push(&mut s, &h, &r, b, &d).await?,
+                        "head" => {
+                            let (st, _, _) = send(
+                                &mut s,
+                                req("HEAD", &h, &format!("/v2/{r}/blobs/{d}"), Bytes::new()),
+                            )
+                            .await?;
+                            anyhow::ensure!(st == 200, "HEAD {st}");
+                        }
+                        _ => {
+                            let (st, _, body) = send(
+                                &mut s,
+                                req("GET", &h, &format!("/v2/{r}/blobs/{d}"), Bytes::new()),
+                            )
+                            .await?;
+                            anyhow::ensure!(st == 200 && body.len() == 4096, "GET {st}");
+                        }
+                    }
+                    Ok(s)
+                }
+            })
+            .await?;
+            report(
+                &label,
+                &format!("{phase}_4KiB_x32_ops"),
+                n as f64 / secs,
+                "ops/s",
+            );
+        }
+    }
+    if want("manifest") {
+        let n = scaled(2000);
+        let repo = format!("bench/manifest{tag}");
+        let mut s = connect(&host).await?;
+        let cfg = Bytes::from_static(b"{}");
+        let dc = Digest::sha256_of(&cfg).to_string();
+        push(&mut s, &host, &repo, cfg, &dc).await?;
+        let h2 = host.clone();
+        let secs = parallel(&host, n, 8, move |mut s, i| {
+            let (h, r, dc) = (h2.clone(), repo.clone(), dc.clone());
+            async move {
+                let m = serde_json::json!({
+                    "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": dc, "size": 2},
+                    "layers": [], "annotations": {"i": i.to_string()}
+                })
+                .to_string();
+                let mut rq = req("PUT", &h, &format!("/v2/{r}/manifests/t{i}"), Bytes::from(m));
+                rq.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json"));
+                let (st, _, _) = send(&mut s, rq).await?;
+                anyhow::ensure!(st == 201, "manifest PUT {st}");
+                let mut rq = req("GET", &h, &format!("/v2/{r}/manifests/t{i}"), Bytes::new());
+                rq.headers_mut().insert("accept", hyper::header::HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json"));
+                let (st, _, _) = send(&mut s, rq).await?;
+                anyhow::ensure!(st == 200, "manifest GET {st}");
+                Ok(s)
+            }
+        })
+        .await?;
+        report(&label, "manifest_put_get_x8_ops", n as f64 / secs, "ops/s");
+    }
+    Ok(())
+}
+
+/// One core's sha256 throughput, the yardstick for single-stream pushes.
+pub fn sha256_speed() -> f64 {
+    let data = blob(7, 256 << 20);
+    let t = Instant::now();
+    let _ = Digest::sha256_of(&data);
+    (256 << 20) as f64 / 1e6 / t.elapsed().as_secs_f64()
+}
