@@ -425,23 +425,18 @@ fn two_clients_pushing_the_same_blob_at_once_both_succeed() {
             std::thread::spawn(move || {
                 let h2 = common::Hoard::req_at(addr);
                 let repo = if i % 2 == 0 { "same" } else { "other" };
-                h2(
-                    &format!("POST"),
-                    &format!("/v2/{repo}/blobs/uploads/"),
-                    &[],
-                    vec![],
-                )
-                .header("location")
-                .map(|l| l.to_owned())
-                .map(|loc| {
-                    h2(
-                        "PUT",
-                        &format!("{loc}?digest={}", sha256(&data)),
-                        &[],
-                        data.to_vec(),
-                    )
-                    .status
-                })
+                h2("POST", &format!("/v2/{repo}/blobs/uploads/"), &[], vec![])
+                    .header("location")
+                    .map(|l| l.to_owned())
+                    .map(|loc| {
+                        h2(
+                            "PUT",
+                            &format!("{loc}?digest={}", sha256(&data)),
+                            &[],
+                            data.to_vec(),
+                        )
+                        .status
+                    })
             })
         })
         .collect();

@@ -232,14 +232,9 @@ impl Req {
             .headers
             .iter()
             .any(|(k, _)| k.eq_ignore_ascii_case("content-length"));
-        let len = if has_len {
-            None
-        } else if self.body.is_empty() && matches!(self.method.as_str(), "GET" | "HEAD" | "DELETE")
-        {
-            None
-        } else {
-            Some(self.body.len())
-        };
+        let bodiless =
+            self.body.is_empty() && matches!(self.method.as_str(), "GET" | "HEAD" | "DELETE");
+        let len = (!has_len && !bodiless).then_some(self.body.len());
         stream.write_all(&self.head_bytes(len)).unwrap();
         // A server may answer (413, 400) before reading the whole body and close: read the answer.
         let _ = stream.write_all(&self.body);
