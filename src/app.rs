@@ -12,10 +12,11 @@ use http::header::{HeaderValue, CONTENT_TYPE};
 use http::StatusCode;
 use hyper::Response;
 
-use crate::clock::{SharedClock, SystemClock};
+use crate::clock::{CacheClock, Clock, SharedClock};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::http::{full, Body, Handler};
+use crate::lifecycle::gc::{human, Lifecycle};
 use crate::lifecycle::index::Index;
 use crate::registry::{blocking, Registry};
 use crate::store::disk::{DiskStore, Durability};
@@ -26,6 +27,10 @@ pub struct App {
     pub registry: Arc<Registry>,
     pub index: Arc<Index>,
     pub store: Arc<DiskStore>,
+    pub life: Arc<Lifecycle>,
+    pub clock: Arc<CacheClock>,
+    /// The previous run stopped without closing the index (crash, kill -9, power loss).
+    pub was_unclean: bool,
     data_dir: PathBuf,
     /// Held for the daemon's life: a second hoard on the same directory would corrupt it.
     _lock: fs::File,
@@ -35,7 +40,8 @@ impl App {
     /// Opens everything under the configured data directory. After an unclean stop, blobs that
     /// no group commit vouched for are re-hashed before anything is served; corrupt ones are
     /// removed with whatever would dangle without them.
-    pub fn open(config: Config, clock: SharedClock) -> Result<App> {
+    /// `clock_offset_ms` skews the wall clock (the `HOARD_CLOCK_OFFSET` test hook).
+    pub fn open(config: Config, clock_offset_ms: i64) -> Result<App> {
         let (root, disk) = config.disk();
         fs::create_dir_all(&root)
             .map_err(|e| Error::io(format!("creating data directory {}", root.display()), e))?;
@@ -60,19 +66,28 @@ impl App {
                 "index loaded"
             );
         }
-        if !was_clean && records > 0 {
+        let was_unclean = !was_clean && records > 0;
+        if was_unclean {
             recover(&*store, &index)?;
         }
-        let registry = Arc::new(Registry::new(
-            store.clone() as Arc<dyn BlobStore>,
+        let floor = index.read().clock_floor;
+        let clock = Arc::new(CacheClock::system(clock_offset_ms, floor));
+        let life = Arc::new(Lifecycle::new(
             index.clone(),
-            clock,
+            store.clone() as Arc<dyn BlobStore>,
+            clock.clone() as SharedClock,
+            config.policy(),
+            Some(root.clone()),
         ));
+        let registry = Arc::new(Registry::new(life.clone()));
         Ok(App {
             config,
             registry,
             index,
             store,
+            life,
+            clock,
+            was_unclean,
             data_dir: root,
             _lock: lock,
         })
@@ -82,6 +97,7 @@ impl App {
     /// skips re-verification.
     pub fn close(&self) -> Result<()> {
         let store = self.store.clone();
+        self.index.flush_touches(self.clock.now_ms())?;
         self.index.sync_point(|| store.sync())?;
         let n = self.index.compact()?;
         let marker = self.data_dir.join("index").join("clean");
@@ -90,7 +106,22 @@ impl App {
         tracing::info!(records = n, "index compacted; clean shutdown");
         Ok(())
     }
+
+    /// The group-commit tick: queued access records, then the sync point.
+    pub fn group_commit(&self) -> Result<()> {
+        self.index.flush_touches(self.clock.now_ms())?;
+        let store = self.store.clone();
+        self.index.sync_point(|| store.sync())
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
 }
+
+/// Where a running daemon writes its address, so `hoard gc --once` and `hoard verify` pointed at
+/// the same data directory can ask it instead of opening the store twice.
+pub const SERVING_FILE: &str = "serving";
 
 fn lock_dir(root: &Path) -> Result<fs::File> {
     let path = root.join("LOCK");
@@ -136,22 +167,35 @@ fn recover(store: &dyn BlobStore, index: &Index) -> Result<()> {
 }
 
 /// Runs the daemon until SIGINT/SIGTERM. `on_ready` receives the bound address.
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+pub async fn serve(config: Config, clock_offset_ms: i64) -> anyhow::Result<()> {
     let addr = config.listen.clone();
     let grace = config.shutdown_timeout.0;
     let upload_timeout = config.upload_timeout.0;
     let sync_interval = config.disk().1.sync_interval.0;
-    let clock: SharedClock = Arc::new(SystemClock);
+    let gc_interval = config.gc_interval.0;
     let app = {
         let config = config.clone();
-        let clock = clock.clone();
-        blocking(move || App::open(config, clock)).await?
+        blocking(move || App::open(config, clock_offset_ms)).await?
     };
     let app = Arc::new(app);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let local: SocketAddr = listener.local_addr()?;
+    let serving = app.data_dir.join(SERVING_FILE);
+    if let Err(e) = fs::write(&serving, format!("http://{local}\n")) {
+        tracing::warn!(error = %e, "cannot write {}", serving.display());
+    }
+    {
+        let p = &app.life.policy;
+        tracing::info!(
+            max_size = %p.max_size.map_or("unbounded".into(), human),
+            ttl_ms = p.ttl,
+            orphan_grace_ms = p.orphan_grace,
+            clock_skew_tolerance_ms = p.clock_skew_tolerance,
+            "lifecycle"
+        );
+    }
     tracing::info!("listening on http://{local}");
 
     let group_commit = {
@@ -162,13 +206,30 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             loop {
                 tick.tick().await;
                 let app = app.clone();
-                let res = blocking(move || {
-                    let store = app.store.clone();
-                    app.index.sync_point(|| store.sync())
-                })
-                .await;
-                if let Err(e) = res {
+                if let Err(e) = blocking(move || app.group_commit()).await {
                     tracing::error!(error = %e, "group commit failed; will retry");
+                }
+            }
+        })
+    };
+    let lifecycle = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            if app.was_unclean {
+                // Files renamed but never journaled (or journaled gone but not unlinked).
+                let life = app.life.clone();
+                if let Err(e) = blocking(move || life.sweep_files()).await {
+                    tracing::warn!(error = %e, "sweeping unknown blob files failed");
+                }
+            }
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(gc_interval) => {}
+                    _ = app.life.wake.notified() => {}
+                }
+                let life = app.life.clone();
+                if let Err(e) = blocking(move || life.pass(None)).await {
+                    tracing::error!(error = %e, "lifecycle pass failed; will retry");
                 }
             }
         })
@@ -197,7 +258,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     crate::http::serve(listener, handler, shutdown_signal(), grace).await;
     group_commit.abort();
+    lifecycle.abort();
     expiry.abort();
+    let _ = fs::remove_file(&serving);
     let closing = app.clone();
     blocking(move || closing.close()).await?;
     Ok(())
@@ -212,6 +275,9 @@ async fn route(app: &Arc<App>, req: hyper::Request<hyper::body::Incoming>) -> Re
             *req.uri_mut() = http::Uri::from_static("/v2/");
         }
         return crate::oci::handle(app.registry.clone(), req).await;
+    }
+    if path.starts_with("/admin/") {
+        return admin(app, req).await;
     }
     match path {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
@@ -230,18 +296,93 @@ fn text(status: StatusCode, body: String) -> Response<Body> {
     r
 }
 
+/// Operator endpoints (the same trust level as the registry's DELETE): `POST /admin/gc` runs a
+/// lifecycle pass now, `POST /admin/verify[?repair=true]` re-hashes every blob.
+async fn admin(app: &Arc<App>, req: hyper::Request<hyper::body::Incoming>) -> Response<Body> {
+    if req.method() != http::Method::POST {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n".into());
+    }
+    let repair = req.uri().query().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv == "repair=true" || kv == "repair=1")
+    });
+    let life = app.life.clone();
+    match req.uri().path() {
+        "/admin/gc" => match blocking(move || life.pass(None)).await {
+            Ok(r) => text(StatusCode::OK, render_pass(&r)),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        },
+        "/admin/verify" => {
+            match blocking(move || crate::lifecycle::verify::verify(&life, repair)).await {
+                Ok(r) => {
+                    let status = if r.is_clean() || r.repaired {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::CONFLICT
+                    };
+                    text(status, r.render())
+                }
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+/// A pass's result as text: one line per reason and repository, then the total.
+pub fn render_pass(r: &crate::lifecycle::gc::Report) -> String {
+    let mut s = String::new();
+    for ((reason, repo), t) in &r.tallies {
+        s.push_str(&format!(
+            "evicted reason={} repository={repo} tags={} manifests={} blobs={} bytes={}\n",
+            reason.as_str(),
+            t.tags,
+            t.manifests,
+            t.blobs,
+            t.bytes
+        ));
+    }
+    let t = r.total();
+    s.push_str(&format!(
+        "gc: removed {} tags, {} manifests, {} blobs, freed {} bytes\n",
+        t.tags, t.manifests, t.blobs, r.freed
+    ));
+    s
+}
+
 fn status_page(app: &App) -> String {
     let s = app.index.read();
-    let bytes: u64 = s.blobs.values().map(|b| b.size).sum();
+    let bytes = s.total;
     let manifests: usize = s.repos.values().map(|r| r.manifests.len()).sum();
     let tags: usize = s.repos.values().map(|r| r.tags.len()).sum();
-    format!(
-        "hoard {}\nrepositories: {}\nmanifests: {manifests}\ntags: {tags}\nblobs: {} ({bytes} bytes)\nuploads in progress: {}\n",
+    let unreferenced = s.unreferenced.len();
+    drop(s);
+    let p = &app.life.policy;
+    let mut out = format!(
+        "hoard {}\nrepositories: {}\nmanifests: {manifests}\ntags: {tags}\nblobs: {} ({bytes} bytes, {})\n\
+         unreferenced blobs: {unreferenced}\nuploads in progress: {} ({} bytes reserved)\n\
+         max_size: {}\nttl: {}\ncache time: {}\n",
         env!("CARGO_PKG_VERSION"),
-        s.repos.len(),
-        s.blobs.len(),
-        app.registry.uploads.len()
-    )
+        app.index.read().repos.len(),
+        app.index.read().blobs.len(),
+        human(bytes),
+        app.registry.uploads.len(),
+        app.life.reserved(),
+        p.max_size.map_or("unbounded".into(), human),
+        p.ttl.map_or("none".into(), |t| format!("{}s", t / 1000)),
+        crate::clock::rfc3339(app.clock.now_ms()),
+    );
+    for ((reason, repo), t) in app.life.totals() {
+        out.push_str(&format!(
+            "evictions reason={} repository={repo} tags={} manifests={} blobs={} bytes={}\n",
+            reason.as_str(),
+            t.tags,
+            t.manifests,
+            t.blobs,
+            t.bytes
+        ));
+    }
+    out
 }
 
 async fn shutdown_signal() {

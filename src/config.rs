@@ -22,6 +22,21 @@ pub struct Config {
     pub upload_timeout: HumanDuration,
     /// How long a stopping daemon lets in-flight requests finish.
     pub shutdown_timeout: HumanDuration,
+    /// Bound on stored bytes (blobs and uploads in progress). Unset: only the disk bounds it.
+    pub max_size: Option<HumanSize>,
+    /// Above this share of `max_size`, evict least recently used roots...
+    pub high_watermark: Fraction,
+    /// ...until usage is under this share.
+    pub low_watermark: Fraction,
+    /// Tags (and other roots) not pulled or pushed for this long expire. Unset: no expiry.
+    pub ttl: Option<HumanDuration>,
+    /// Nothing expires before it is older than `ttl` plus this.
+    pub clock_skew_tolerance: HumanDuration,
+    /// A blob or manifest no tag reaches is kept this long after its last push, mount or HEAD
+    /// (an export in progress), then collected.
+    pub orphan_grace: HumanDuration,
+    /// How often the background pass (TTL, orphans, watermarks) runs.
+    pub gc_interval: HumanDuration,
     pub store: StoreConfig,
 }
 
@@ -33,6 +48,13 @@ impl Default for Config {
             log_format: LogFormat::Text,
             upload_timeout: HumanDuration(Duration::from_secs(3600)),
             shutdown_timeout: HumanDuration(Duration::from_secs(30)),
+            max_size: None,
+            high_watermark: Fraction(0.9),
+            low_watermark: Fraction(0.8),
+            ttl: None,
+            clock_skew_tolerance: HumanDuration(Duration::from_secs(300)),
+            orphan_grace: HumanDuration(Duration::from_secs(3600)),
+            gc_interval: HumanDuration(Duration::from_secs(30)),
             store: StoreConfig::default(),
         }
     }
@@ -110,6 +132,27 @@ pub struct Overrides {
     /// How long shutdown waits for in-flight requests, e.g. 30s.
     #[arg(long, env = "HOARD_SHUTDOWN_TIMEOUT", value_parser = parse_duration)]
     pub shutdown_timeout: Option<Duration>,
+    /// Bound on stored bytes, e.g. 50GiB (default: unbounded but for the disk).
+    #[arg(long, env = "HOARD_MAX_SIZE", value_parser = parse_size)]
+    pub max_size: Option<u64>,
+    /// Share of max_size above which the least recently used roots are evicted, e.g. 90%.
+    #[arg(long, env = "HOARD_HIGH_WATERMARK", value_parser = parse_fraction)]
+    pub high_watermark: Option<f64>,
+    /// Share of max_size eviction brings usage down to, e.g. 80%.
+    #[arg(long, env = "HOARD_LOW_WATERMARK", value_parser = parse_fraction)]
+    pub low_watermark: Option<f64>,
+    /// Expire tags not pulled or pushed for this long, e.g. 14d (default: never).
+    #[arg(long, env = "HOARD_TTL", value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+    /// Extra age before anything expires, covering clocks that disagree, e.g. 5m.
+    #[arg(long, env = "HOARD_CLOCK_SKEW_TOLERANCE", value_parser = parse_duration)]
+    pub clock_skew_tolerance: Option<Duration>,
+    /// How long a pushed blob no tag reaches yet stays safe (an export in progress), e.g. 1h.
+    #[arg(long, env = "HOARD_ORPHAN_GRACE", value_parser = parse_duration)]
+    pub orphan_grace: Option<Duration>,
+    /// Period of the background lifecycle pass, e.g. 30s.
+    #[arg(long, env = "HOARD_GC_INTERVAL", value_parser = parse_duration)]
+    pub gc_interval: Option<Duration>,
 }
 
 impl Config {
@@ -134,6 +177,28 @@ impl Config {
         if let Some(v) = o.shutdown_timeout {
             c.shutdown_timeout = HumanDuration(v);
         }
+        if let Some(v) = o.max_size {
+            c.max_size = Some(HumanSize(v));
+        }
+        if let Some(v) = o.high_watermark {
+            c.high_watermark = Fraction(v);
+        }
+        if let Some(v) = o.low_watermark {
+            c.low_watermark = Fraction(v);
+        }
+        if let Some(v) = o.ttl {
+            c.ttl = Some(HumanDuration(v));
+        }
+        if let Some(v) = o.clock_skew_tolerance {
+            c.clock_skew_tolerance = HumanDuration(v);
+        }
+        if let Some(v) = o.orphan_grace {
+            c.orphan_grace = HumanDuration(v);
+        }
+        if let Some(v) = o.gc_interval {
+            c.gc_interval = HumanDuration(v);
+        }
+        c.check()?;
         let StoreConfig::Disk(disk) = &mut c.store;
         if let Some(v) = o.durability {
             disk.durability = v;
@@ -145,6 +210,41 @@ impl Config {
             return Err("sync_interval must be greater than zero".into());
         }
         Ok(c)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let (hi, lo) = (self.high_watermark.0, self.low_watermark.0);
+        if !(lo > 0.0 && lo < hi && hi <= 1.0) {
+            return Err(format!(
+                "watermarks must satisfy 0 < low_watermark < high_watermark <= 100% \
+                 (got low {:.0}%, high {:.0}%)",
+                lo * 100.0,
+                hi * 100.0
+            ));
+        }
+        if self.max_size.is_some_and(|m| m.0 == 0) {
+            return Err("max_size must be greater than zero (leave it unset for no bound)".into());
+        }
+        if self.ttl.is_some_and(|t| t.0.is_zero()) {
+            return Err("ttl must be greater than zero (leave it unset for no expiry)".into());
+        }
+        if self.gc_interval.0.is_zero() {
+            return Err("gc_interval must be greater than zero".into());
+        }
+        Ok(())
+    }
+
+    /// The lifecycle settings in the form the lifecycle code uses.
+    pub fn policy(&self) -> crate::lifecycle::gc::Policy {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        crate::lifecycle::gc::Policy {
+            max_size: self.max_size.map(|m| m.0),
+            high_watermark: self.high_watermark.0,
+            low_watermark: self.low_watermark.0,
+            ttl: self.ttl.map(|t| ms(t.0)),
+            clock_skew_tolerance: ms(self.clock_skew_tolerance.0),
+            orphan_grace: ms(self.orphan_grace.0),
+        }
     }
 
     pub fn from_file(path: &Path) -> Result<Config, String> {
@@ -233,6 +333,71 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// A byte size in the config file: "50GiB" or a plain number of bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanSize(pub u64);
+
+impl<'de> Deserialize<'de> for HumanSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<HumanSize, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(b) => Ok(HumanSize(b)),
+            Raw::Text(t) => parse_size(&t)
+                .map(HumanSize)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A share: "90%" or 0.9.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fraction(pub f64);
+
+impl<'de> Deserialize<'de> for Fraction {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Fraction, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(f64),
+            Text(String),
+        }
+        let v = match Raw::deserialize(d)? {
+            Raw::Number(n) => n,
+            Raw::Text(t) => parse_fraction(&t).map_err(serde::de::Error::custom)?,
+        };
+        Ok(Fraction(v))
+    }
+}
+
+pub fn parse_fraction(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let err = || format!("invalid share {s:?}: write e.g. 90% or 0.9");
+    let v = match t.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map_err(|_| err())? / 100.0,
+        None => t.parse::<f64>().map_err(|_| err())?,
+    };
+    if !(0.0..=1.0).contains(&v) {
+        return Err(err());
+    }
+    Ok(v)
+}
+
+/// A signed offset ("+3h", "-90m", "2h") for the clock test hook.
+pub fn parse_offset(s: &str) -> Result<i64, String> {
+    let t = s.trim();
+    let (neg, rest) = match t.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let ms = i64::try_from(parse_duration(rest)?.as_millis()).map_err(|e| e.to_string())?;
+    Ok(if neg { -ms } else { ms })
+}
+
 /// A byte size written as text ("50GiB", "512MiB", "10GB", "4096") or as a plain number.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -300,5 +465,27 @@ mod tests {
         assert_eq!(d.sync_interval.0, Duration::from_millis(200));
         assert!(toml::from_str::<Config>("lisen = \"x\"").is_err());
         assert!(toml::from_str::<Config>("[store.disk]\nfoo = 1").is_err());
+    }
+
+    #[test]
+    fn lifecycle_keys() {
+        let c: Config = toml::from_str(
+            "max_size = \"50GiB\"\nhigh_watermark = \"95%\"\nlow_watermark = 0.5\nttl = \"14d\"\n\
+             clock_skew_tolerance = \"10m\"\norphan_grace = \"2h\"\n",
+        )
+        .unwrap();
+        let p = c.policy();
+        assert_eq!(p.max_size, Some(50 << 30));
+        assert_eq!(p.high_watermark, 0.95);
+        assert_eq!(p.low_watermark, 0.5);
+        assert_eq!(p.ttl, Some(14 * 86_400_000));
+        assert_eq!(p.clock_skew_tolerance, 600_000);
+        assert_eq!(p.orphan_grace, 7_200_000);
+        assert!(c.check().is_ok());
+        let bad: Config = toml::from_str("high_watermark = 0.5\nlow_watermark = 0.8").unwrap();
+        assert!(bad.check().is_err());
+        assert_eq!(parse_offset("-3h").unwrap(), -10_800_000);
+        assert_eq!(parse_offset("+90m").unwrap(), 5_400_000);
+        assert!(parse_fraction("120%").is_err());
     }
 }

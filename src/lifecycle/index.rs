@@ -11,12 +11,14 @@ use crate::digest::Digest;
 use crate::error::Result;
 
 use super::journal::Journal;
-pub use super::journal::{ManifestMeta, Op};
+pub use super::journal::{ManifestMeta, Op, Stamp};
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct BlobMeta {
     pub size: u64,
     pub added: Millis,
+    /// Last push, mount, HEAD or read (cache time).
+    pub access: Stamp,
 }
 
 #[derive(Default, Debug)]
@@ -41,6 +43,16 @@ pub struct State {
     /// Blobs whose `BlobAdded` record (sequence number as value) no `SyncPoint` covers yet:
     /// after an unclean stop these are the ones whose bytes may not have reached the disk.
     pub unsynced: HashMap<Digest, u64>,
+    /// Reference counts: for each digest, how many stored manifests (in any repository) list it
+    /// as a child, plus one per repository holding it as a manifest. A blob at zero is reachable
+    /// from no root; it lives only through its orphan grace period.
+    pub refs: HashMap<Digest, u32>,
+    /// Stored blobs whose reference count is zero (what the orphan collector looks at).
+    pub unreferenced: HashSet<Digest>,
+    /// Sum of stored blob sizes.
+    pub total: u64,
+    /// The latest cache time any record carries: where a restarted daemon's cache clock resumes.
+    pub clock_floor: Millis,
 }
 
 impl State {
@@ -48,15 +60,40 @@ impl State {
     pub fn apply(&mut self, seq: u64, op: Op) {
         match op {
             Op::BlobAdded { digest, size, at } => {
-                self.blobs
-                    .entry(digest)
-                    .or_insert(BlobMeta { size, added: at });
+                self.clock_floor = self.clock_floor.max(at);
+                if let std::collections::hash_map::Entry::Vacant(e) = self.blobs.entry(digest) {
+                    e.insert(BlobMeta {
+                        size,
+                        added: at,
+                        access: Stamp::new(at),
+                    });
+                    self.total += size;
+                    if !self.refs.contains_key(&digest) {
+                        self.unreferenced.insert(digest);
+                    }
+                }
                 self.unsynced.insert(digest, seq);
             }
             Op::BlobRemoved { digest } => {
-                self.blobs.remove(&digest);
+                if let Some(m) = self.blobs.remove(&digest) {
+                    self.total -= m.size;
+                }
+                self.unreferenced.remove(&digest);
                 self.unsynced.remove(&digest);
             }
+            Op::BlobTouched { digest, at } => {
+                self.clock_floor = self.clock_floor.max(at);
+                if let Some(m) = self.blobs.get(&digest) {
+                    m.access.set_at_least(at);
+                }
+            }
+            Op::ManifestTouched { repo, digest, at } => {
+                self.clock_floor = self.clock_floor.max(at);
+                if let Some(m) = self.repos.get(&repo).and_then(|r| r.manifests.get(&digest)) {
+                    m.access.set_at_least(at);
+                }
+            }
+            Op::ClockMark { at } => self.clock_floor = self.clock_floor.max(at),
             Op::Link { repo, digest } => {
                 self.repos.entry(repo).or_default().blobs.insert(digest);
             }
@@ -66,22 +103,41 @@ impl State {
                 });
             }
             Op::ManifestPut { repo, digest, meta } => {
-                self.repos
+                self.clock_floor = self.clock_floor.max(meta.pushed);
+                self.add_refs(digest, &meta.children);
+                let old = self
+                    .repos
                     .entry(repo)
                     .or_default()
                     .manifests
                     .insert(digest, meta);
+                if let Some(old) = old {
+                    // Same bytes stored again: keep the later access, count the refs once.
+                    self.drop_refs(digest, &old.children);
+                }
             }
             Op::ManifestDeleted { repo, digest } => {
+                let mut gone = None;
                 self.with_repo(&repo, |r| {
-                    r.manifests.remove(&digest);
+                    gone = r.manifests.remove(&digest);
                     r.tags.retain(|_, d| *d != digest);
                 });
+                if let Some(old) = gone {
+                    self.drop_refs(digest, &old.children);
+                }
             }
             Op::TagSet {
-                repo, tag, digest, ..
+                repo,
+                tag,
+                digest,
+                at,
             } => {
-                self.repos.entry(repo).or_default().tags.insert(tag, digest);
+                self.clock_floor = self.clock_floor.max(at);
+                let r = self.repos.entry(repo).or_default();
+                if let Some(m) = r.manifests.get(&digest) {
+                    m.access.set_at_least(at);
+                }
+                r.tags.insert(tag, digest);
             }
             Op::TagDeleted { repo, tag } => {
                 self.with_repo(&repo, |r| {
@@ -89,6 +145,30 @@ impl State {
                 });
             }
             Op::SyncPoint { upto } => self.unsynced.retain(|_, seq| *seq >= upto),
+        }
+    }
+
+    fn add_refs(&mut self, manifest: Digest, children: &[Digest]) {
+        for d in std::iter::once(&manifest).chain(children) {
+            let n = self.refs.entry(*d).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                self.unreferenced.remove(d);
+            }
+        }
+    }
+
+    fn drop_refs(&mut self, manifest: Digest, children: &[Digest]) {
+        for d in std::iter::once(&manifest).chain(children) {
+            if let Some(n) = self.refs.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    self.refs.remove(d);
+                    if self.blobs.contains_key(d) {
+                        self.unreferenced.insert(*d);
+                    }
+                }
+            }
         }
     }
 
@@ -111,6 +191,14 @@ impl State {
             size: m.size,
             at: m.added,
         };
+        let touched = self
+            .blobs
+            .iter()
+            .filter(|(_, m)| m.access.get() > m.added)
+            .map(|(d, m)| Op::BlobTouched {
+                digest: *d,
+                at: m.access.get(),
+            });
         let synced = self
             .blobs
             .iter()
@@ -124,7 +212,8 @@ impl State {
             .map(added);
         let blobs = synced
             .chain(std::iter::once(Op::SyncPoint { upto }))
-            .chain(unsynced);
+            .chain(unsynced)
+            .chain(touched);
         let repos = self.repos.iter().flat_map(|(name, r)| {
             let links = r.blobs.iter().map(move |d| Op::Link {
                 repo: name.clone(),
@@ -141,9 +230,20 @@ impl State {
                 digest: *d,
                 at: 0,
             });
-            links.chain(manifests).chain(tags)
+            let touched = r
+                .manifests
+                .iter()
+                .filter(|(_, m)| m.access.get() > m.pushed)
+                .map(move |(d, m)| Op::ManifestTouched {
+                    repo: name.clone(),
+                    digest: *d,
+                    at: m.access.get(),
+                });
+            links.chain(manifests).chain(tags).chain(touched)
         });
-        blobs.chain(repos)
+        blobs.chain(repos).chain(std::iter::once(Op::ClockMark {
+            at: self.clock_floor,
+        }))
     }
 }
 
@@ -152,7 +252,16 @@ impl State {
 pub struct Index {
     state: RwLock<State>,
     journal: Mutex<Journal>,
+    /// Access records waiting for the next flush (reads queue them; the group commit writes them).
+    touches: Mutex<Vec<Op>>,
+    /// Minimum gap between two journaled accesses of one entry (ms).
+    debounce: std::sync::atomic::AtomicI64,
 }
+
+/// Default for [`Index::set_debounce`]: last access is exact in memory, and journaled at most
+/// once a minute per entry, so a hot HEAD path costs no write and a restart loses at most a minute
+/// of recency.
+pub const ACCESS_DEBOUNCE: Millis = 60_000;
 
 /// Journal size at which a running daemon compacts it.
 const COMPACT_AT: u64 = 256 << 20;
@@ -166,6 +275,8 @@ impl Index {
             Index {
                 state: RwLock::new(state),
                 journal: Mutex::new(journal),
+                touches: Mutex::new(Vec::new()),
+                debounce: ACCESS_DEBOUNCE.into(),
             },
             n,
         ))
@@ -247,13 +358,69 @@ impl Index {
         Ok(n)
     }
 
+    /// Makes every journaled record durable now.
+    pub fn sync_journal(&self) -> Result<()> {
+        self.journal().sync()
+    }
+
     /// Blobs no `SyncPoint` vouches for (re-verified after an unclean stop).
     pub fn unsynced(&self) -> Vec<Digest> {
         self.read().unsynced.keys().copied().collect()
     }
 
-    pub fn has_blob(&self, d: &Digest) -> Option<BlobMeta> {
-        self.read().blobs.get(d).copied()
+    /// Size of a stored blob.
+    pub fn blob_size(&self, d: &Digest) -> Option<u64> {
+        self.read().blobs.get(d).map(|m| m.size)
+    }
+
+    pub fn set_debounce(&self, ms: Millis) {
+        self.debounce
+            .store(ms.max(0), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<Op>> {
+        self.touches.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a read of blob `d` at `now` (the caller holds `state` for reading).
+    pub fn touch_blob(&self, state: &State, d: &Digest, now: Millis) {
+        let debounce = self.debounce.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(m) = state.blobs.get(d) {
+            if m.access.touch(now, debounce) {
+                self.pending().push(Op::BlobTouched {
+                    digest: *d,
+                    at: now,
+                });
+            }
+        }
+    }
+
+    /// Records a read of manifest `d` in `repo` at `now`: this is what keeps a tag young.
+    pub fn touch_manifest(&self, state: &State, repo: &str, d: &Digest, now: Millis) {
+        let debounce = self.debounce.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(m) = state.repos.get(repo).and_then(|r| r.manifests.get(d)) {
+            if m.access.touch(now, debounce) {
+                self.pending().push(Op::ManifestTouched {
+                    repo: repo.to_owned(),
+                    digest: *d,
+                    at: now,
+                });
+            }
+        }
+        self.touch_blob(state, d, now);
+    }
+
+    /// Journals the queued access records, and a `ClockMark` when cache time moved on.
+    pub fn flush_touches(&self, now: Millis) -> Result<()> {
+        let mut ops = std::mem::take(&mut *self.pending());
+        let floor = self.read().clock_floor;
+        if now.saturating_sub(floor) >= 10_000 {
+            ops.push(Op::ClockMark { at: now });
+        }
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.commit(ops)
     }
 }
 

@@ -73,6 +73,21 @@ pub enum Op {
     SyncPoint {
         upto: u64,
     },
+    /// The blob was read or its existence checked at `at` (debounced: not every access).
+    BlobTouched {
+        digest: Digest,
+        at: Millis,
+    },
+    /// The manifest (and so its tags) was read at `at` (debounced).
+    ManifestTouched {
+        repo: String,
+        digest: Digest,
+        at: Millis,
+    },
+    /// The daemon's cache time reached `at`: where a restarted daemon's cache clock resumes.
+    ClockMark {
+        at: Millis,
+    },
 }
 
 /// What the index keeps of a manifest: enough to answer HEAD, tag lists and referrers without
@@ -88,6 +103,72 @@ pub struct ManifestMeta {
     pub annotations: Option<String>,
     /// Digests this manifest references that are stored here (config, layers, child manifests).
     pub children: Vec<Digest>,
+    /// Last access, kept in memory exactly and journaled debounced (`ManifestTouched`).
+    pub access: Stamp,
+}
+
+/// A last-access time that readers update under the index's read lock (an atomic maximum, so a
+/// hot path takes no write lock), and the last value journaled, which debounces the journal.
+#[derive(Default)]
+pub struct Stamp {
+    access: std::sync::atomic::AtomicI64,
+    noted: std::sync::atomic::AtomicI64,
+}
+
+impl Stamp {
+    pub fn new(at: Millis) -> Stamp {
+        Stamp {
+            access: at.into(),
+            noted: at.into(),
+        }
+    }
+
+    pub fn get(&self) -> Millis {
+        self.access.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records an access at `now`; true when the journal should hear of it (the last journaled
+    /// access is older than `debounce`). Only one caller wins that, so one record is queued.
+    pub fn touch(&self, now: Millis, debounce: Millis) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.access.fetch_max(now, Relaxed);
+        let noted = self.noted.load(Relaxed);
+        now.saturating_sub(noted) >= debounce
+            && self
+                .noted
+                .compare_exchange(noted, now, Relaxed, Relaxed)
+                .is_ok()
+    }
+
+    /// Applies a journaled access (replay, or the record a touch queued).
+    pub fn set_at_least(&self, at: Millis) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.access.fetch_max(at, Relaxed);
+        self.noted.fetch_max(at, Relaxed);
+    }
+}
+
+impl Clone for Stamp {
+    fn clone(&self) -> Stamp {
+        use std::sync::atomic::Ordering::Relaxed;
+        Stamp {
+            access: self.access.load(Relaxed).into(),
+            noted: self.noted.load(Relaxed).into(),
+        }
+    }
+}
+
+/// Access times are bookkeeping, not content: two metas with the same content are equal.
+impl PartialEq for Stamp {
+    fn eq(&self, _: &Stamp) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Stamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.get())
+    }
 }
 
 pub struct Journal {
@@ -96,6 +177,8 @@ pub struct Journal {
     durable_each: bool,
     /// Records in the file; the next record's sequence number.
     records: u64,
+    /// Bytes of whole records (plus magic) in the file.
+    len: u64,
 }
 
 impl Journal {
@@ -180,6 +263,7 @@ impl Journal {
                 file,
                 durable_each,
                 records: count,
+                len: good_len,
             },
             count,
         ))
@@ -191,14 +275,27 @@ impl Journal {
         for op in ops {
             encode_record(op, &mut buf);
         }
-        self.file
-            .write_all(&buf)
-            .map_err(|e| Error::io("appending to the index journal", e))?;
+        if let Err(e) = self.file.write_all(&buf) {
+            // A short write (disk full) must not leave half a record for the next append to
+            // follow: cut the file back to the last whole record.
+            self.undo_partial();
+            return Err(Error::io("appending to the index journal", e));
+        }
+        self.len += buf.len() as u64;
         self.records += ops.len() as u64;
         if self.durable_each {
             self.sync()?;
         }
         Ok(())
+    }
+
+    fn undo_partial(&mut self) {
+        use std::io::Seek;
+        let cut = self.file.set_len(self.len);
+        let seek = self.file.seek(io::SeekFrom::Start(self.len));
+        if cut.is_err() || seek.is_err() {
+            tracing::error!("cannot cut a partial journal record; replay will drop it");
+        }
     }
 
     /// The sequence number the next appended record will get.
@@ -215,26 +312,19 @@ impl Journal {
     /// Replaces the journal with `ops` (the compacted state): written to `journal.new`, fsynced,
     /// renamed over `journal` (the commit point), directory fsynced.
     pub fn rewrite(&mut self, ops: impl Iterator<Item = Op>) -> Result<u64> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let dir = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let tmp = dir.join("journal.new");
-        let mut w = io::BufWriter::with_capacity(
-            1 << 20,
-            File::create(&tmp).map_err(|e| Error::io("creating journal.new", e))?,
-        );
-        let io_err = |e| Error::io("writing journal.new", e);
-        w.write_all(MAGIC).map_err(io_err)?;
-        let mut buf = Vec::with_capacity(4096);
-        let mut n = 0;
-        for op in ops {
-            buf.clear();
-            encode_record(&op, &mut buf);
-            w.write_all(&buf).map_err(io_err)?;
-            n += 1;
-        }
-        let file = w.into_inner().map_err(|e| io_err(e.into_error()))?;
-        file.sync_all().map_err(io_err)?;
+        let written = self.write_compacted(&tmp, ops);
+        let (n, len) = match written {
+            Ok(v) => v,
+            Err(e) => {
+                // E.g. disk full: the old journal is intact and stays in use.
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
         fs::rename(&tmp, &self.path).map_err(|e| Error::io("replacing journal", e))?;
-        sync_dir(dir)?;
+        sync_dir(&dir)?;
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -245,11 +335,34 @@ impl Journal {
             .map_err(|e| Error::io("seeking journal", e))?;
         self.file = file;
         self.records = n;
+        self.len = len;
         Ok(n)
     }
 
+    fn write_compacted(&self, tmp: &Path, ops: impl Iterator<Item = Op>) -> Result<(u64, u64)> {
+        let mut w = io::BufWriter::with_capacity(
+            1 << 20,
+            File::create(tmp).map_err(|e| Error::io("creating journal.new", e))?,
+        );
+        let io_err = |e| Error::io("writing journal.new", e);
+        w.write_all(MAGIC).map_err(io_err)?;
+        let mut buf = Vec::with_capacity(4096);
+        let mut n = 0;
+        let mut len = MAGIC.len() as u64;
+        for op in ops {
+            buf.clear();
+            encode_record(&op, &mut buf);
+            w.write_all(&buf).map_err(io_err)?;
+            n += 1;
+            len += buf.len() as u64;
+        }
+        let file = w.into_inner().map_err(|e| io_err(e.into_error()))?;
+        file.sync_all().map_err(io_err)?;
+        Ok((n, len))
+    }
+
     pub fn file_len(&self) -> u64 {
-        self.file.metadata().map(|m| m.len()).unwrap_or(0)
+        self.len
     }
 }
 
@@ -270,6 +383,9 @@ const T_MANIFEST_DELETED: u8 = 6;
 const T_TAG_SET: u8 = 7;
 const T_TAG_DELETED: u8 = 8;
 const T_SYNC_POINT: u8 = 9;
+const T_BLOB_TOUCHED: u8 = 10;
+const T_MANIFEST_TOUCHED: u8 = 11;
+const T_CLOCK_MARK: u8 = 12;
 
 fn encode_record(op: &Op, out: &mut Vec<u8>) {
     let start = out.len();
@@ -343,6 +459,21 @@ fn encode_op(op: &Op, o: &mut Vec<u8>) {
         Op::SyncPoint { upto } => {
             o.push(T_SYNC_POINT);
             o.extend_from_slice(&upto.to_le_bytes());
+        }
+        Op::BlobTouched { digest, at } => {
+            o.push(T_BLOB_TOUCHED);
+            put_digest(o, digest);
+            o.extend_from_slice(&at.to_le_bytes());
+        }
+        Op::ManifestTouched { repo, digest, at } => {
+            o.push(T_MANIFEST_TOUCHED);
+            put_str(o, repo);
+            put_digest(o, digest);
+            o.extend_from_slice(&at.to_le_bytes());
+        }
+        Op::ClockMark { at } => {
+            o.push(T_CLOCK_MARK);
+            o.extend_from_slice(&at.to_le_bytes());
         }
     }
 }
@@ -512,6 +643,7 @@ fn decode_op(p: &[u8]) -> Option<Op> {
                     artifact_type,
                     annotations,
                     children,
+                    access: Stamp::new(pushed),
                 },
             }
         }
@@ -530,6 +662,16 @@ fn decode_op(p: &[u8]) -> Option<Op> {
             tag: c.string()?,
         },
         T_SYNC_POINT => Op::SyncPoint { upto: c.u64()? },
+        T_BLOB_TOUCHED => Op::BlobTouched {
+            digest: c.digest()?,
+            at: c.i64()?,
+        },
+        T_MANIFEST_TOUCHED => Op::ManifestTouched {
+            repo: c.string()?,
+            digest: c.digest()?,
+            at: c.i64()?,
+        },
+        T_CLOCK_MARK => Op::ClockMark { at: c.i64()? },
         _ => return None,
     };
     if !c.0.is_empty() {
@@ -566,6 +708,7 @@ mod tests {
                     artifact_type: Some("a/b".into()),
                     annotations: Some("{}".into()),
                     children: vec![d, e],
+                    access: Stamp::new(7),
                 },
             },
             Op::TagSet {
@@ -588,6 +731,13 @@ mod tests {
             },
             Op::BlobRemoved { digest: d },
             Op::SyncPoint { upto: 3 },
+            Op::BlobTouched { digest: d, at: 9 },
+            Op::ManifestTouched {
+                repo: "x/y".into(),
+                digest: e,
+                at: -4,
+            },
+            Op::ClockMark { at: 11 },
         ]
     }
 

@@ -79,10 +79,12 @@ pub async fn get(
     req: &Request<Incoming>,
 ) -> HandlerResult {
     let digest = parse_digest(d)?;
-    let size = reg
-        .stat_blob(name, &digest)
-        .map_err(|e| OciError::from_error(e, Code::BlobUnknown))?;
     let is_head = req.method() == Method::HEAD;
+    // A HEAD is how clients ask "may I reference this?" before pushing a manifest: it claims
+    // the blob for the orphan grace period. A GET is a pull and claims nothing.
+    let size = reg
+        .stat_blob(name, &digest, is_head)
+        .map_err(|e| OciError::from_error(e, Code::BlobUnknown))?;
     let (status, start, len) = match parse_range(header(req, RANGE), size) {
         RangeReq::Whole => (StatusCode::OK, 0, size),
         RangeReq::Part(a, b) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),

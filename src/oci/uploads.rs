@@ -13,7 +13,7 @@ use crate::digest::{Algorithm, Digest};
 use crate::error::{Error, ErrorKind};
 use crate::names::RepoName;
 use crate::registry::{pump, Registry};
-use crate::store::Expect;
+use crate::store::{BlobWriter, Expect};
 
 const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
 
@@ -49,6 +49,15 @@ fn parse_digest_param(v: &str) -> Result<Digest, OciError> {
         .map_err(|e: Error| OciError::from_error(e, Code::DigestInvalid))
 }
 
+/// Reserves the space a body announces with `Content-Length` before it streams, so a write that
+/// cannot fit is refused up front (bodies without a length reserve as they arrive).
+fn reserve_body(w: &mut dyn BlobWriter, req: &Request<Incoming>) -> Result<(), Error> {
+    match header(req, CONTENT_LENGTH).map(str::parse::<u64>) {
+        Some(Ok(n)) if n > 0 => w.reserve(w.written() + n),
+        _ => Ok(()),
+    }
+}
+
 /// True when the request carries (or may carry) a body.
 fn has_body(req: &Request<Incoming>) -> bool {
     match header(req, CONTENT_LENGTH).map(str::parse::<u64>) {
@@ -79,7 +88,8 @@ pub async fn start(reg: &Registry, name: &RepoName, req: Request<Incoming>) -> H
         // A digest with no body is a hint some clients send; only an actual body (or the empty
         // blob's own digest) makes this a one-request upload.
         if has_body(&req) || digest == Digest::of(digest.algorithm(), b"") {
-            let writer = reg.new_writer(digest.algorithm()).map_err(upload_error)?;
+            let mut writer = reg.new_writer(digest.algorithm()).map_err(upload_error)?;
+            reserve_body(&mut *writer, &req).map_err(upload_error)?;
             let (writer, res) = pump(writer, req.into_body()).await;
             res.map_err(upload_error)?;
             reg.commit_upload(name, writer, Expect { digest, size: None })
@@ -140,10 +150,15 @@ async fn append(
     if !has_body(&req) {
         return Ok(());
     }
-    let writer = match session.writer.take() {
+    let mut writer = match session.writer.take() {
         Some(w) => w,
         None => reg.new_writer(Algorithm::Sha256).map_err(upload_error)?,
     };
+    if let Err(e) = reserve_body(&mut *writer, &req) {
+        // Refused before a byte streamed; the session keeps what it had.
+        session.writer = Some(writer);
+        return Err(upload_error(e));
+    }
     let (writer, res) = pump(writer, req.into_body()).await;
     let appended = writer.written() - offset;
     if let Err(e) = res {

@@ -244,6 +244,7 @@ impl Registry {
                 artifact_type: artifact_type.clone(),
                 annotations: annotations.clone(),
                 children: kept,
+                access: crate::lifecycle::index::Stamp::new(now),
             };
             let mut ops = vec![Op::ManifestPut {
                 repo: repo.clone(),
@@ -305,6 +306,9 @@ impl Registry {
             Reference::Tag(t) => *r.tags.get(t.as_str()).ok_or_else(unknown)?,
         };
         let meta = r.manifests.get(&digest).ok_or_else(unknown)?;
+        // A pull by tag or digest keeps the manifest, and so its tags, young.
+        self.index
+            .touch_manifest(&state, repo.as_str(), &digest, self.clock.now_ms());
         Ok((digest, meta.clone()))
     }
 

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use crate::clock::SharedClock;
 use crate::digest::{Algorithm, Digest};
 use crate::error::{Error, ErrorKind, Result};
+use crate::lifecycle::gc::Lifecycle;
 use crate::lifecycle::index::{Index, Op};
 use crate::names::RepoName;
 use crate::store::{BlobRead, BlobStore, BlobWriter, Expect};
@@ -21,8 +22,10 @@ pub use uploads::{blocking, pump, Uploads};
 pub struct Registry {
     pub store: Arc<dyn BlobStore>,
     pub index: Arc<Index>,
+    /// Cache time (the lifecycle's clock): every stamp the index keeps comes from it.
     pub clock: SharedClock,
     pub uploads: Uploads,
+    pub life: Arc<Lifecycle>,
 }
 
 /// Where a blob read starts and how much it returns.
@@ -33,24 +36,31 @@ pub struct Span {
 }
 
 impl Registry {
-    pub fn new(store: Arc<dyn BlobStore>, index: Arc<Index>, clock: SharedClock) -> Registry {
+    pub fn new(life: Arc<Lifecycle>) -> Registry {
         Registry {
-            store,
-            index,
-            uploads: Uploads::new(clock.clone()),
-            clock,
+            store: life.store.clone(),
+            index: life.index.clone(),
+            uploads: Uploads::new(life.clock.clone()),
+            clock: life.clock.clone(),
+            life,
         }
     }
 
-    /// Size of `d` as `repo` sees it: pushed or mounted there, or one of its manifests.
-    pub fn stat_blob(&self, repo: &RepoName, d: &Digest) -> Result<u64> {
+    /// Size of `d` as `repo` sees it: pushed or mounted there, or one of its manifests. With
+    /// `claim`, stamps the blob as about to be referenced (orphan grace restarts).
+    pub fn stat_blob(&self, repo: &RepoName, d: &Digest, claim: bool) -> Result<u64> {
         let state = self.index.read();
         let visible = state
             .repos
             .get(repo.as_str())
             .is_some_and(|r| r.blobs.contains(d) || r.manifests.contains_key(d));
         match state.blobs.get(d) {
-            Some(meta) if visible => Ok(meta.size),
+            Some(meta) if visible => {
+                if claim {
+                    self.index.touch_blob(&state, d, self.clock.now_ms());
+                }
+                Ok(meta.size)
+            }
             _ => Err(Error::not_found(format!(
                 "blob {d} is not in repository {repo}"
             ))),
@@ -64,7 +74,7 @@ impl Registry {
         d: &Digest,
         start: u64,
     ) -> Result<Box<dyn BlobRead>> {
-        self.stat_blob(repo, d)?;
+        self.stat_blob(repo, d, false)?;
         let store = self.store.clone();
         let d = *d;
         blocking(move || {
@@ -116,6 +126,7 @@ impl Registry {
     /// repository has it). `Ok(false)` means the client must upload it.
     pub fn mount(&self, repo: &RepoName, d: &Digest, from: Option<&RepoName>) -> Result<bool> {
         let mut mounted = false;
+        let now = self.clock.now_ms();
         self.index.commit_if(|state| {
             if !state.blobs.contains_key(d) {
                 return Ok(vec![]);
@@ -131,6 +142,7 @@ impl Registry {
                 return Ok(vec![]);
             }
             mounted = true;
+            self.index.touch_blob(state, d, now);
             Ok(link_ops(state, repo, *d))
         })?;
         Ok(mounted)
@@ -143,6 +155,9 @@ impl Registry {
         writer: Box<dyn BlobWriter>,
         expect: Expect,
     ) -> Result<u64> {
+        // Pinned from before the rename until the record: a concurrent pass must not unlink
+        // the new file as the remains of an evicted one.
+        let _pin = self.life.pins.pin(expect.digest);
         let size = blocking(move || writer.commit(expect)).await?;
         self.record_blob(repo, expect.digest, size)?;
         Ok(size)
@@ -153,7 +168,10 @@ impl Registry {
         let at = self.clock.now_ms();
         self.index.commit_if(|state| {
             let mut ops = Vec::with_capacity(2);
-            if !state.blobs.contains_key(&d) {
+            if state.blobs.contains_key(&d) {
+                // Pushed again: claimed anew (an export in progress).
+                self.index.touch_blob(state, &d, at);
+            } else {
                 ops.push(Op::BlobAdded {
                     digest: d,
                     size,
@@ -167,13 +185,14 @@ impl Registry {
 
     /// Stores bytes held in memory as a blob (manifests), skipping the write if already stored.
     pub async fn put_bytes(&self, repo: &RepoName, d: Digest, data: Bytes) -> Result<()> {
-        if self.index.has_blob(&d).is_some() {
+        let _pin = self.life.pins.pin(d);
+        if self.index.blob_size(&d).is_some() {
             return self.record_blob(repo, d, data.len() as u64);
         }
-        let store = self.store.clone();
         let size = Some(data.len() as u64);
+        let life = self.life.clone();
         let writer_result = blocking(move || {
-            let mut w = store.begin(d.algorithm())?;
+            let mut w = life.reserved_writer(life.store.begin(d.algorithm())?);
             w.write(&data)?;
             w.commit(Expect { digest: d, size })
         })
@@ -181,8 +200,9 @@ impl Registry {
         self.record_blob(repo, d, writer_result)
     }
 
+    /// A new upload, its bytes reserved against the size bound as they arrive.
     pub fn new_writer(&self, alg: Algorithm) -> Result<Box<dyn BlobWriter>> {
-        self.store.begin(alg)
+        Ok(self.life.reserved_writer(self.store.begin(alg)?))
     }
 
     pub fn catalog(&self, n: Option<usize>, last: Option<&str>) -> (Vec<String>, bool) {

@@ -272,7 +272,11 @@ impl BlobStore for DiskStore {
 
     fn open(&self, d: &Digest) -> Result<Box<dyn BlobRead>> {
         let path = self.inner.blob_path(d);
-        let file = File::open(&path).map_err(|e| Error::io(format!("opening {d}"), e))?;
+        let file = File::open(&path).map_err(|e| match e.kind() {
+            // Removed since the index said it was here (evicted): a miss, not a failure.
+            io::ErrorKind::NotFound => Error::not_found(format!("blob {d} is not stored")),
+            _ => Error::io(format!("opening {d}"), e),
+        })?;
         let len = file
             .metadata()
             .map_err(|e| Error::io(format!("reading size of {d}"), e))?
@@ -285,6 +289,17 @@ impl BlobStore for DiskStore {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io(format!("removing {d}"), e)),
+        }
+    }
+
+    fn quarantine(&self, d: &Digest) -> Result<()> {
+        let dir = self.inner.root.join("quarantine");
+        fs::create_dir_all(&dir).map_err(|e| Error::io("creating quarantine/", e))?;
+        let dest = dir.join(format!("{}-{}", d.algorithm().name(), d.hex()));
+        match fs::rename(self.inner.blob_path(d), dest) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("quarantining {d}"), e)),
         }
     }
 

@@ -20,6 +20,11 @@ pub trait BlobWriter: Send {
     fn write(&mut self, buf: &[u8]) -> Result<()>;
     /// Bytes written so far.
     fn written(&self) -> u64;
+    /// Announces that the upload will reach `total` bytes, so space can be reserved (and the
+    /// upload refused) before its bytes stream. Writers without a budget accept anything.
+    fn reserve(&mut self, _total: u64) -> Result<()> {
+        Ok(())
+    }
     /// Verifies digest and size, then makes the blob visible in one atomic step. Returns the
     /// size. A mismatch discards the upload and stores nothing.
     fn commit(self: Box<Self>, expect: Expect) -> Result<u64>;
@@ -42,6 +47,8 @@ pub trait BlobStore: Send + Sync + 'static {
     fn walk(&self, f: &mut dyn FnMut(Digest, u64)) -> Result<()>;
     /// Makes every blob committed so far durable (the group-commit point).
     fn sync(&self) -> Result<()>;
+    /// Moves a blob found corrupt out of the way, kept for inspection but never served.
+    fn quarantine(&self, d: &Digest) -> Result<()>;
 }
 
 /// Re-hashes a stored blob; `Ok(true)` when its bytes still match its name.
