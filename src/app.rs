@@ -79,6 +79,10 @@ impl App {
             config.policy(),
             Some(root.clone()),
         ));
+        if was_unclean {
+            // Files renamed but never journaled, or journaled gone but not yet unlinked.
+            life.sweep_files()?;
+        }
         let registry = Arc::new(Registry::new(life.clone()));
         Ok(App {
             config,
@@ -215,13 +219,6 @@ pub async fn serve(config: Config, clock_offset_ms: i64) -> anyhow::Result<()> {
     let lifecycle = {
         let app = app.clone();
         tokio::spawn(async move {
-            if app.was_unclean {
-                // Files renamed but never journaled (or journaled gone but not unlinked).
-                let life = app.life.clone();
-                if let Err(e) = blocking(move || life.sweep_files()).await {
-                    tracing::warn!(error = %e, "sweeping unknown blob files failed");
-                }
-            }
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(gc_interval) => {}

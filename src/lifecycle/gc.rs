@@ -467,7 +467,7 @@ pub struct Lifecycle {
 /// Uploads reserve space in steps of this much when they do not announce their size.
 const RESERVE_STEP: u64 = 64 << 20;
 
-/// Space a full filesystem keeps free for the journal and small writes.
+/// Space kept free on the filesystem for the journal and small writes (at most 2% of it).
 const DISK_HEADROOM: u64 = 64 << 20;
 
 impl Lifecycle {
@@ -595,6 +595,18 @@ impl Lifecycle {
         if n == 0 {
             return Ok(());
         }
+        // Larger than the bound itself: evicting everything would not help, so evict nothing.
+        if let Some(m) = self.policy.max_size {
+            if n.saturating_add(self.reserved()) > m {
+                return Err(Error::exhausted(format!(
+                    "no room for {} more bytes: max_size is {} ({} already promised to uploads \
+                     in progress); raise max_size",
+                    n,
+                    human(m),
+                    human(self.reserved())
+                )));
+            }
+        }
         for attempt in 0..2 {
             let used = self.index.read().total + self.reserved();
             let over_max = self.policy.max_size.is_some_and(|m| used + n > m);
@@ -613,13 +625,25 @@ impl Lifecycle {
                     ceiling = low.min(m.saturating_sub(n));
                 }
                 if disk_short > 0 {
+                    if disk_short > self.index.read().total {
+                        // Even an empty cache would not make room: keep what is here.
+                        break;
+                    }
                     ceiling = ceiling.min(used.saturating_sub(disk_short));
                 }
                 self.pass(Some(ceiling))?;
                 continue;
             }
+            return Err(self.refusal(n, over_max, disk_short));
+        }
+        let short = self.disk_shortfall(n);
+        Err(self.refusal(n, false, short))
+    }
+
+    fn refusal(&self, n: u64, over_max: bool, disk_short: u64) -> Error {
+        {
             let used_s = human(self.index.read().total);
-            return Err(match self.policy.max_size {
+            match self.policy.max_size {
                 Some(m) if over_max => Error::exhausted(format!(
                     "no room for {} more bytes: max_size is {} and {used_s} is held by blobs \
                      that tags still reach or that are within orphan_grace, plus {} by uploads \
@@ -634,9 +658,8 @@ impl Lifecycle {
                     n,
                     human(disk_short)
                 )),
-            });
+            }
         }
-        Err(Error::internal("reservation loop ended"))
     }
 
     pub fn release(&self, n: u64) {
@@ -654,7 +677,9 @@ impl Lifecycle {
         match rustix::fs::statvfs(dir) {
             Ok(s) => {
                 let avail = s.f_bavail.saturating_mul(s.f_frsize);
-                (n + DISK_HEADROOM).saturating_sub(avail)
+                let size = s.f_blocks.saturating_mul(s.f_frsize);
+                let headroom = DISK_HEADROOM.min(size / 50);
+                (n + headroom).saturating_sub(avail)
             }
             Err(_) => 0,
         }
@@ -703,11 +728,23 @@ struct ReservedWriter {
 }
 
 impl ReservedWriter {
-    fn ensure(&mut self, upto: u64) -> Result<()> {
+    /// Makes sure `upto` bytes are reserved; `exact` when the size was announced, otherwise
+    /// reserves ahead (growing with the upload, capped) so a stream does not reserve per frame.
+    fn ensure(&mut self, upto: u64, exact: bool) -> Result<()> {
         if upto <= self.held {
             return Ok(());
         }
-        let step = (upto - self.held).max(RESERVE_STEP.min(upto.saturating_mul(2)));
+        let need = upto - self.held;
+        let step = if exact {
+            need
+        } else {
+            let cap = self
+                .life
+                .policy
+                .max_size
+                .map_or(RESERVE_STEP, |m| (m / 16).clamp(1, RESERVE_STEP));
+            need.max(self.held.clamp(1 << 20, RESERVE_STEP).min(cap))
+        };
         self.life.reserve(step)?;
         self.held += step;
         Ok(())
@@ -721,7 +758,7 @@ impl BlobWriter for ReservedWriter {
             .as_mut()
             .ok_or_else(|| Error::internal("write after commit"))?;
         let upto = inner.written() + buf.len() as u64;
-        self.ensure(upto)?;
+        self.ensure(upto, false)?;
         let inner = self
             .inner
             .as_mut()
@@ -734,7 +771,7 @@ impl BlobWriter for ReservedWriter {
     }
 
     fn reserve(&mut self, total: u64) -> Result<()> {
-        self.ensure(total)
+        self.ensure(total, true)
     }
 
     fn commit(mut self: Box<Self>, expect: Expect) -> Result<u64> {
@@ -764,5 +801,352 @@ pub fn human(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{CacheClock, Clock, ManualClock};
+    use crate::digest::Algorithm;
+    use crate::lifecycle::index::{ManifestMeta, Stamp};
+    use crate::store::disk::{DiskStore, Durability};
+
+    const MIN: i64 = 60_000;
+    const H: i64 = 60 * MIN;
+
+    struct World {
+        _tmp: tempfile::TempDir,
+        wall: Arc<ManualClock>,
+        mono: Arc<ManualClock>,
+        clock: Arc<CacheClock>,
+        life: Lifecycle,
+    }
+
+    fn world(policy: Policy) -> World {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(DiskStore::open(tmp.path(), Durability::Group).unwrap());
+        let (index, _) = Index::open(&tmp.path().join("index"), false).unwrap();
+        let wall = ManualClock::new(100 * H);
+        let mono = ManualClock::new(0);
+        let clock = Arc::new(CacheClock::new(wall.clone(), mono.clone(), 0));
+        let life = Lifecycle::new(Arc::new(index), store, clock.clone(), policy, None);
+        World {
+            _tmp: tmp,
+            wall,
+            mono,
+            clock,
+            life,
+        }
+    }
+
+    fn d(s: &str) -> Digest {
+        Digest::of(Algorithm::Sha256, s.as_bytes())
+    }
+
+    impl World {
+        fn now(&self) -> Millis {
+            self.clock.now_ms()
+        }
+        /// Real time passes: both clocks move.
+        fn wait(&self, ms: i64) {
+            self.wall.advance(ms);
+            self.mono.advance(ms);
+            self.clock.now_ms();
+        }
+        fn blob(&self, repo: &str, name: &str, size: u64) -> Digest {
+            let at = self.now();
+            let digest = d(name);
+            self.life
+                .index
+                .commit(vec![
+                    Op::BlobAdded { digest, size, at },
+                    Op::Link {
+                        repo: repo.into(),
+                        digest,
+                    },
+                ])
+                .unwrap();
+            digest
+        }
+        fn image(&self, repo: &str, tag: &str, layers: &[Digest]) -> Digest {
+            let at = self.now();
+            let md = self.blob(repo, &format!("manifest {repo}:{tag}"), 10);
+            self.life
+                .index
+                .commit(vec![
+                    Op::ManifestPut {
+                        repo: repo.into(),
+                        digest: md,
+                        meta: ManifestMeta {
+                            size: 10,
+                            pushed: at,
+                            children: layers.to_vec(),
+                            access: Stamp::new(at),
+                            ..ManifestMeta::default()
+                        },
+                    },
+                    Op::TagSet {
+                        repo: repo.into(),
+                        tag: tag.into(),
+                        digest: md,
+                        at,
+                    },
+                ])
+                .unwrap();
+            md
+        }
+        fn pull(&self, repo: &str, tag: &str) {
+            let s = self.life.index.read();
+            let md = s.repos[repo].tags[tag];
+            self.life.index.touch_manifest(&s, repo, &md, self.now());
+        }
+        fn has_tag(&self, repo: &str, tag: &str) -> bool {
+            let s = self.life.index.read();
+            s.repos.get(repo).is_some_and(|r| r.tags.contains_key(tag))
+        }
+        fn has_blob(&self, x: &Digest) -> bool {
+            self.life.index.read().blobs.contains_key(x)
+        }
+        /// Invariant 1: every tag reaches a manifest whose bytes and children are all stored.
+        fn check_invariant(&self) {
+            let s = self.life.index.read();
+            for (name, r) in &s.repos {
+                for (t, md) in &r.tags {
+                    assert!(r.manifests.contains_key(md), "{name}:{t} dangles");
+                }
+                for (md, m) in &r.manifests {
+                    assert!(s.blobs.contains_key(md), "{name}@{md} bytes gone");
+                    for c in &m.children {
+                        assert!(s.blobs.contains_key(c), "{name}@{md} child {c} gone");
+                    }
+                }
+            }
+            let total: u64 = s.blobs.values().map(|b| b.size).sum();
+            assert_eq!(total, s.total);
+        }
+    }
+
+    #[test]
+    fn size_pressure_evicts_least_recently_pulled_roots_whole_and_keeps_shared_layers() {
+        let w = world(Policy {
+            max_size: Some(850),
+            orphan_grace: H,
+            ..Policy::default()
+        });
+        let base = w.blob("app", "base", 200);
+        let mut uniq = Vec::new();
+        for i in 0..4 {
+            let l = w.blob("app", &format!("layer {i}"), 100);
+            w.image("app", &format!("v{i}"), &[base, l]);
+            uniq.push(l);
+            w.wait(1000);
+        }
+        // Pull order makes v1 the least recently used, then v3.
+        for t in ["v1", "v3", "v0", "v2"] {
+            w.wait(1000);
+            w.pull("app", t);
+        }
+        assert_eq!(w.life.index.read().total, 200 + 4 * 110);
+        // Nothing to do under the high watermark (765).
+        let r = w.life.pass(None).unwrap();
+        assert!(r.tallies.is_empty());
+        for i in 4..6 {
+            let l = w.blob("app", &format!("layer {i}"), 100);
+            w.image("app", &format!("v{i}"), &[base, l]);
+            uniq.push(l);
+        }
+        // 860 > 765: evict down to 680.
+        let r = w.life.pass(None).unwrap();
+        w.check_invariant();
+        assert!(!w.has_tag("app", "v1") && !w.has_tag("app", "v3"));
+        assert!(w.has_tag("app", "v0") && w.has_tag("app", "v2") && w.has_tag("app", "v5"));
+        assert!(!w.has_blob(&uniq[1]) && !w.has_blob(&uniq[3]));
+        assert!(w.has_blob(&base), "a layer other tags use stays");
+        assert!(w.life.index.read().total <= 680);
+        let t = r.tallies[&(Reason::Size, "app".to_string())];
+        assert_eq!((t.tags, t.manifests, t.blobs), (2, 2, 4));
+    }
+
+    #[test]
+    fn ttl_expires_only_past_ttl_plus_tolerance() {
+        let w = world(Policy {
+            ttl: Some(H),
+            clock_skew_tolerance: 5 * MIN,
+            ..Policy::default()
+        });
+        let l = w.blob("app", "l", 10);
+        w.image("app", "old", &[l]);
+        w.wait(H + 4 * MIN);
+        w.life.pass(None).unwrap();
+        assert!(w.has_tag("app", "old"), "within ttl + tolerance");
+        w.wait(2 * MIN);
+        let r = w.life.pass(None).unwrap();
+        assert!(!w.has_tag("app", "old"));
+        assert!(!w.has_blob(&l));
+        assert_eq!(r.tallies[&(Reason::Ttl, "app".to_string())].tags, 1);
+        w.check_invariant();
+    }
+
+    #[test]
+    fn wall_clock_steps_cause_no_mass_eviction() {
+        let w = world(Policy {
+            ttl: Some(2 * H),
+            clock_skew_tolerance: 5 * MIN,
+            ..Policy::default()
+        });
+        for i in 0..50 {
+            let l = w.blob("app", &format!("l{i}"), 10);
+            w.image("app", &format!("t{i}"), &[l]);
+            w.wait(MIN);
+        }
+        // The wall clock jumps 5 hours ahead: more than ttl + tolerance for every tag.
+        w.wall.advance(5 * H);
+        for _ in 0..10 {
+            w.mono.advance(1000);
+            w.wall.advance(1000);
+            let r = w.life.pass(None).unwrap();
+            assert!(r.tallies.is_empty(), "mass eviction after a forward step");
+        }
+        // And back by 8 hours: no panic, nothing expires, new stamps never precede old ones.
+        w.wall.advance(-8 * H);
+        let before = w.now();
+        w.wait(1000);
+        assert!(w.now() >= before);
+        let r = w.life.pass(None).unwrap();
+        assert!(r.tallies.is_empty());
+        assert_eq!(w.life.index.read().repos["app"].tags.len(), 50);
+        w.check_invariant();
+    }
+
+    #[test]
+    fn future_stamps_are_clamped() {
+        let w = world(Policy {
+            ttl: Some(H),
+            clock_skew_tolerance: 0,
+            ..Policy::default()
+        });
+        let l = w.blob("app", "l", 10);
+        let md = w.image("app", "t", &[l]);
+        // A stamp far in the future (e.g. a journal from a machine whose clock ran ahead).
+        let far = w.now() + 1000 * H;
+        w.life
+            .index
+            .commit(vec![Op::ManifestTouched {
+                repo: "app".into(),
+                digest: md,
+                at: far,
+            }])
+            .unwrap();
+        w.life.pass(None).unwrap();
+        assert!(w.has_tag("app", "t"), "clamped to now: age 0, not negative");
+    }
+
+    #[test]
+    fn orphans_wait_for_their_grace_and_claims_protect_an_export_in_progress() {
+        let w = world(Policy {
+            orphan_grace: H,
+            ..Policy::default()
+        });
+        // An export in progress: blobs pushed, manifest not yet.
+        let a = w.blob("app", "a", 10);
+        w.wait(59 * MIN);
+        w.life.pass(None).unwrap();
+        assert!(w.has_blob(&a));
+        w.wait(2 * MIN);
+        let r = w.life.pass(None).unwrap();
+        assert!(
+            !w.has_blob(&a),
+            "abandoned upload collected after the grace"
+        );
+        assert_eq!(r.tallies[&(Reason::Orphan, "app".to_string())].blobs, 1);
+
+        // The old cache manifest loses its tag while a new export HEADs its layer.
+        let l = w.blob("app", "l", 10);
+        w.image("app", "cache", &[l]);
+        w.wait(2 * H);
+        {
+            let s = w.life.index.read();
+            w.life.index.touch_blob(&s, &l, w.now());
+        }
+        w.life
+            .index
+            .commit(vec![Op::TagDeleted {
+                repo: "app".into(),
+                tag: "cache".into(),
+            }])
+            .unwrap();
+        w.life.pass(None).unwrap();
+        assert!(
+            w.has_blob(&l),
+            "claimed after the old manifest: the new export needs it"
+        );
+        assert!(w.life.index.read().repos["app"].manifests.is_empty());
+        w.check_invariant();
+    }
+
+    #[test]
+    fn index_children_and_referrers_go_with_their_root() {
+        let w = world(Policy {
+            ttl: Some(H),
+            clock_skew_tolerance: 0,
+            orphan_grace: MIN,
+            ..Policy::default()
+        });
+        let l = w.blob("app", "l", 10);
+        let child = w.image("app", "child-tag", &[l]);
+        // Untag the child: only the index reaches it now.
+        w.life
+            .index
+            .commit(vec![Op::TagDeleted {
+                repo: "app".into(),
+                tag: "child-tag".into(),
+            }])
+            .unwrap();
+        let idx = w.image("app", "multi", &[child]);
+        let sig = w.blob("app", "sig", 5);
+        let at = w.now();
+        w.life
+            .index
+            .commit(vec![Op::ManifestPut {
+                repo: "app".into(),
+                digest: sig,
+                meta: ManifestMeta {
+                    size: 5,
+                    pushed: at,
+                    subject: Some(idx),
+                    access: Stamp::new(at),
+                    ..ManifestMeta::default()
+                },
+            }])
+            .unwrap();
+        w.wait(30 * MIN);
+        w.life.pass(None).unwrap();
+        assert_eq!(w.life.index.read().repos["app"].manifests.len(), 3);
+        w.wait(31 * MIN);
+        w.life.pass(None).unwrap();
+        assert!(!w.life.index.read().repos.contains_key("app"));
+        assert_eq!(w.life.index.read().total, 0);
+    }
+
+    #[test]
+    fn reservations_evict_or_refuse_with_the_limit_named() {
+        let w = world(Policy {
+            max_size: Some(1000),
+            orphan_grace: 0,
+            ..Policy::default()
+        });
+        let l = w.blob("app", "l", 500);
+        w.image("app", "t", &[l]);
+        w.wait(1000);
+        // Fits after evicting the tag.
+        w.life.reserve(700).unwrap();
+        assert!(!w.has_tag("app", "t"));
+        assert_eq!(w.life.reserved(), 700);
+        let e = w.life.reserve(400).unwrap_err();
+        assert_eq!(e.kind, crate::error::ErrorKind::Exhausted);
+        assert!(e.message.contains("max_size"), "{}", e.message);
+        w.life.release(700);
+        assert_eq!(w.life.reserved(), 0);
     }
 }

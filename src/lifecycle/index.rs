@@ -407,7 +407,6 @@ impl Index {
                 });
             }
         }
-        self.touch_blob(state, d, now);
     }
 
     /// Journals the queued access records, and a `ClockMark` when cache time moved on.

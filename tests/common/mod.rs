@@ -112,6 +112,15 @@ impl Hoard {
 
     /// A request helper usable from other threads (only the address is needed).
     pub fn req_at(addr: SocketAddr) -> impl Fn(&str, &str, &[(&str, &str)], Vec<u8>) -> Resp {
+        let f = Hoard::try_req_at(addr);
+        move |method, path, headers, body| f(method, path, headers, body).expect("request failed")
+    }
+
+    /// Like `req_at`, returning an error when the daemon is gone.
+    #[allow(clippy::type_complexity)]
+    pub fn try_req_at(
+        addr: SocketAddr,
+    ) -> impl Fn(&str, &str, &[(&str, &str)], Vec<u8>) -> std::io::Result<Resp> {
         move |method, path, headers, body| {
             let mut r = Req {
                 addr,
@@ -123,7 +132,7 @@ impl Hoard {
             for (k, v) in headers {
                 r = r.header(k, v);
             }
-            r.send()
+            r.try_send()
         }
     }
 
@@ -224,10 +233,14 @@ impl Req {
     }
 
     pub fn send(self) -> Resp {
-        let mut stream = TcpStream::connect(self.addr).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
+        self.try_send().expect("request failed")
+    }
+
+    /// Like `send`, but a refused connection or one cut before a response (a killed daemon)
+    /// is an error instead of a panic.
+    pub fn try_send(self) -> std::io::Result<Resp> {
+        let mut stream = TcpStream::connect(self.addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
         let has_len = self
             .headers
             .iter()
@@ -235,10 +248,18 @@ impl Req {
         let bodiless =
             self.body.is_empty() && matches!(self.method.as_str(), "GET" | "HEAD" | "DELETE");
         let len = (!has_len && !bodiless).then_some(self.body.len());
-        stream.write_all(&self.head_bytes(len)).unwrap();
-        // A server may answer (413, 400) before reading the whole body and close: read the answer.
-        let _ = stream.write_all(&self.body);
-        read_response(&mut stream, self.method == "HEAD")
+        stream.write_all(&self.head_bytes(len))?;
+        // A server may answer (413, 507) before reading the whole body and close: write the
+        // body from another thread while this one reads the answer, as real clients do.
+        let mut w = stream.try_clone()?;
+        let body = self.body;
+        let writer = std::thread::spawn(move || {
+            let _ = w.write_all(&body);
+        });
+        let resp = try_read_response(&mut stream, self.method == "HEAD");
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        let _ = writer.join();
+        resp
     }
 
     /// Announces `announced` bytes, sends only the body given, then closes the connection.
@@ -253,23 +274,30 @@ impl Req {
 }
 
 pub fn read_response(stream: &mut impl Read, is_head: bool) -> Resp {
+    try_read_response(stream, is_head).expect("reading the response")
+}
+
+pub fn try_read_response(stream: &mut impl Read, is_head: bool) -> std::io::Result<Resp> {
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
     let mut r = BufReader::new(stream);
     let mut line = String::new();
-    r.read_line(&mut line).expect("status line");
+    r.read_line(&mut line)?;
     let status: u16 = line
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {line:?}"));
+        .ok_or_else(|| bad(format!("bad status line {line:?}")))?;
     let mut headers = Vec::new();
     loop {
         let mut h = String::new();
-        r.read_line(&mut h).expect("header line");
+        r.read_line(&mut h)?;
         let h = h.trim_end();
         if h.is_empty() {
             break;
         }
-        let (k, v) = h.split_once(':').expect("header");
+        let (k, v) = h
+            .split_once(':')
+            .ok_or_else(|| bad(format!("bad header {h:?}")))?;
         headers.push((k.trim().to_owned(), v.trim().to_owned()));
     }
     let mut resp = Resp {
@@ -278,19 +306,19 @@ pub fn read_response(stream: &mut impl Read, is_head: bool) -> Resp {
         body: Vec::new(),
     };
     if is_head {
-        return resp;
+        return Ok(resp);
     }
     if let Some(n) = resp
         .header("content-length")
-        .map(|v| v.parse::<usize>().unwrap())
+        .and_then(|v| v.parse::<usize>().ok())
     {
         let mut body = vec![0u8; n];
-        r.read_exact(&mut body).expect("body");
+        r.read_exact(&mut body)?;
         resp.body = body;
     } else {
-        r.read_to_end(&mut resp.body).unwrap();
+        r.read_to_end(&mut resp.body)?;
     }
-    resp
+    Ok(resp)
 }
 
 pub fn sha256(data: &[u8]) -> String {
