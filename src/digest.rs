@@ -40,11 +40,91 @@ impl Algorithm {
 
 /// A validated digest. The raw bytes are kept, so equality and hashing never depend on the
 /// spelling the client used.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Digest {
     Sha256([u8; 32]),
     Sha512([u8; 64]),
 }
+
+/// A digest is already a uniform hash: its first 8 bytes are all a hash table needs.
+impl std::hash::Hash for Digest {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let b = self.bytes();
+        state.write_u64(u64::from_le_bytes([
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+        ]));
+    }
+}
+
+/// The hasher for digest-keyed tables (the index holds millions). Digests are chosen by clients,
+/// who could grind contents until many digests share low bits, so the bits are mixed with a
+/// per-process random key they cannot know; still one multiply instead of SipHash's rounds.
+#[derive(Clone, Copy)]
+pub struct BuildDigestHasher {
+    k0: u64,
+    k1: u64,
+}
+
+impl Default for BuildDigestHasher {
+    fn default() -> BuildDigestHasher {
+        static KEYS: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+        let (k0, k1) = *KEYS.get_or_init(|| {
+            let mut raw = [0u8; 16];
+            if getrandom::getrandom(&mut raw).is_err() {
+                // No entropy source: fall back to the process id and the time.
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0);
+                raw[..8].copy_from_slice(&t.to_le_bytes());
+                raw[8..].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
+            }
+            let mut a = [0u8; 8];
+            let mut b = [0u8; 8];
+            a.copy_from_slice(&raw[..8]);
+            b.copy_from_slice(&raw[8..]);
+            (u64::from_le_bytes(a), u64::from_le_bytes(b) | 1)
+        });
+        BuildDigestHasher { k0, k1 }
+    }
+}
+
+impl std::hash::BuildHasher for BuildDigestHasher {
+    type Hasher = DigestHasher;
+    fn build_hasher(&self) -> DigestHasher {
+        DigestHasher {
+            state: self.k0,
+            k1: self.k1,
+        }
+    }
+}
+
+pub struct DigestHasher {
+    state: u64,
+    k1: u64,
+}
+
+impl std::hash::Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        let x = (self.state ^ (self.state >> 29)).wrapping_mul(self.k1);
+        x ^ (x >> 32)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.state = (self.state ^ v)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(23);
+    }
+}
+
+pub type DigestMap<V> = std::collections::HashMap<Digest, V, BuildDigestHasher>;
+pub type DigestSet = std::collections::HashSet<Digest, BuildDigestHasher>;
 
 impl Digest {
     pub fn algorithm(&self) -> Algorithm {

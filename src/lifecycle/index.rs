@@ -2,12 +2,12 @@
 //! with the children they pin, and tags. Held in memory, changed only through journaled `Op`s,
 //! so a restart replays the journal instead of scanning the blob tree.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::clock::Millis;
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestMap, DigestSet};
 use crate::error::Result;
 
 use super::journal::Journal;
@@ -24,8 +24,8 @@ pub struct BlobMeta {
 #[derive(Default, Debug)]
 pub struct Repo {
     /// Blobs pushed or mounted here: what `GET /v2/<repo>/blobs/<digest>` may serve.
-    pub blobs: HashSet<Digest>,
-    pub manifests: HashMap<Digest, ManifestMeta>,
+    pub blobs: DigestSet,
+    pub manifests: DigestMap<ManifestMeta>,
     /// Sorted, as tag listing wants them.
     pub tags: BTreeMap<String, Digest>,
 }
@@ -38,17 +38,20 @@ impl Repo {
 
 #[derive(Default, Debug)]
 pub struct State {
-    pub blobs: HashMap<Digest, BlobMeta>,
+    pub blobs: DigestMap<BlobMeta>,
     pub repos: BTreeMap<String, Repo>,
-    /// Blobs whose `BlobAdded` record (sequence number as value) no `SyncPoint` covers yet:
-    /// after an unclean stop these are the ones whose bytes may not have reached the disk.
-    pub unsynced: HashMap<Digest, u64>,
+    /// `BlobAdded` records (sequence number, digest), in order, that no `SyncPoint` covers yet:
+    /// after an unclean stop these name the blobs whose bytes may not have reached the disk.
+    /// (Removed blobs are skipped when read, not searched for when removed.)
+    pub unsynced: VecDeque<(u64, Digest)>,
     /// Reference counts: for each digest, how many stored manifests (in any repository) list it
     /// as a child, plus one per repository holding it as a manifest. A blob at zero is reachable
     /// from no root; it lives only through its orphan grace period.
-    pub refs: HashMap<Digest, u32>,
-    /// Stored blobs whose reference count is zero (what the orphan collector looks at).
-    pub unreferenced: HashSet<Digest>,
+    pub refs: DigestMap<u32>,
+    /// Stored blobs whose reference count is zero (what the orphan collector looks at). Not
+    /// kept during replay (most blobs pass through it there); rebuilt once at the end.
+    pub unreferenced: DigestSet,
+    replaying: bool,
     /// Sum of stored blob sizes.
     pub total: u64,
     /// The latest cache time any record carries: where a restarted daemon's cache clock resumes.
@@ -68,18 +71,17 @@ impl State {
                         access: Stamp::new(at),
                     });
                     self.total += size;
-                    if !self.refs.contains_key(&digest) {
+                    if !self.replaying && !self.refs.contains_key(&digest) {
                         self.unreferenced.insert(digest);
                     }
                 }
-                self.unsynced.insert(digest, seq);
+                self.unsynced.push_back((seq, digest));
             }
             Op::BlobRemoved { digest } => {
                 if let Some(m) = self.blobs.remove(&digest) {
                     self.total -= m.size;
                 }
                 self.unreferenced.remove(&digest);
-                self.unsynced.remove(&digest);
             }
             Op::BlobTouched { digest, at } => {
                 self.clock_floor = self.clock_floor.max(at);
@@ -96,6 +98,11 @@ impl State {
             Op::ClockMark { at } => self.clock_floor = self.clock_floor.max(at),
             Op::Link { repo, digest } => {
                 self.repos.entry(repo).or_default().blobs.insert(digest);
+            }
+            Op::Links { repo, digests } => {
+                let r = self.repos.entry(repo).or_default();
+                r.blobs.reserve(digests.len());
+                r.blobs.extend(digests);
             }
             Op::Unlink { repo, digest } => {
                 self.with_repo(&repo, |r| {
@@ -144,7 +151,11 @@ impl State {
                     r.tags.remove(&tag);
                 });
             }
-            Op::SyncPoint { upto } => self.unsynced.retain(|_, seq| *seq >= upto),
+            Op::SyncPoint { upto } => {
+                while self.unsynced.front().is_some_and(|(seq, _)| *seq < upto) {
+                    self.unsynced.pop_front();
+                }
+            }
         }
     }
 
@@ -152,7 +163,7 @@ impl State {
         for d in std::iter::once(&manifest).chain(children) {
             let n = self.refs.entry(*d).or_insert(0);
             *n += 1;
-            if *n == 1 {
+            if *n == 1 && !self.replaying {
                 self.unreferenced.remove(d);
             }
         }
@@ -164,12 +175,33 @@ impl State {
                 *n -= 1;
                 if *n == 0 {
                     self.refs.remove(d);
-                    if self.blobs.contains_key(d) {
+                    if !self.replaying && self.blobs.contains_key(d) {
                         self.unreferenced.insert(*d);
                     }
                 }
             }
         }
+    }
+
+    /// Blobs still stored whose `BlobAdded` no `SyncPoint` covers.
+    pub fn unsynced_set(&self) -> DigestSet {
+        self.unsynced
+            .iter()
+            .map(|(_, d)| *d)
+            .filter(|d| self.blobs.contains_key(d))
+            .collect()
+    }
+
+    /// Ends replay: derives what replay skipped.
+    fn finish_replay(&mut self) {
+        self.replaying = false;
+        let unreferenced: DigestSet = self
+            .blobs
+            .keys()
+            .filter(|d| !self.refs.contains_key(*d))
+            .copied()
+            .collect();
+        self.unreferenced = unreferenced;
     }
 
     /// Applies `f` to a repository and forgets the repository once nothing is left in it, so the
@@ -199,26 +231,34 @@ impl State {
                 digest: *d,
                 at: m.access.get(),
             });
+        // Usually small (what the last group commit did not cover): one copy per filter.
+        let unsynced_set = self.unsynced_set();
+        let upto = (self.blobs.len() - unsynced_set.len()) as u64;
+        let other = unsynced_set.clone();
         let synced = self
             .blobs
             .iter()
-            .filter(|(d, _)| !self.unsynced.contains_key(*d))
+            .filter(move |(d, _)| !other.contains(*d))
             .map(added);
-        let upto = (self.blobs.len() - self.unsynced.len()) as u64;
         let unsynced = self
             .blobs
             .iter()
-            .filter(|(d, _)| self.unsynced.contains_key(*d))
+            .filter(move |(d, _)| unsynced_set.contains(*d))
             .map(added);
         let blobs = synced
             .chain(std::iter::once(Op::SyncPoint { upto }))
             .chain(unsynced)
             .chain(touched);
         let repos = self.repos.iter().flat_map(|(name, r)| {
-            let links = r.blobs.iter().map(move |d| Op::Link {
-                repo: name.clone(),
-                digest: *d,
-            });
+            // Links in batches: one record (and one repository lookup at replay) per 8192.
+            let all: Vec<Digest> = r.blobs.iter().copied().collect();
+            let links = all
+                .chunks(8192)
+                .map(|c| Op::Links {
+                    repo: name.clone(),
+                    digests: c.to_vec(),
+                })
+                .collect::<Vec<_>>();
             let manifests = r.manifests.iter().map(move |(d, m)| Op::ManifestPut {
                 repo: name.clone(),
                 digest: *d,
@@ -239,7 +279,11 @@ impl State {
                     digest: *d,
                     at: m.access.get(),
                 });
-            links.chain(manifests).chain(tags).chain(touched)
+            links
+                .into_iter()
+                .chain(manifests)
+                .chain(tags)
+                .chain(touched)
         });
         blobs.chain(repos).chain(std::iter::once(Op::ClockMark {
             at: self.clock_floor,
@@ -269,8 +313,18 @@ const COMPACT_AT: u64 = 256 << 20;
 impl Index {
     /// Replays the journal in `dir`. `sync_each` makes every commit fsync the journal.
     pub fn open(dir: &Path, sync_each: bool) -> Result<(Index, u64)> {
-        let mut state = State::default();
+        let mut state = State {
+            replaying: true,
+            ..State::default()
+        };
+        // Size the big tables once from the journal's size (a compacted journal spends about
+        // 100 bytes per blob) instead of rehashing them a dozen times while replaying.
+        let estimate = std::fs::metadata(dir.join("journal")).map_or(0, |m| m.len()) / 100;
+        let estimate = usize::try_from(estimate).unwrap_or(0).min(1 << 26);
+        state.blobs.reserve(estimate);
+        state.refs.reserve(estimate);
         let (journal, n) = Journal::open(dir, sync_each, |seq, op| state.apply(seq, op))?;
+        state.finish_replay();
         Ok((
             Index {
                 state: RwLock::new(state),
@@ -365,7 +419,7 @@ impl Index {
 
     /// Blobs no `SyncPoint` vouches for (re-verified after an unclean stop).
     pub fn unsynced(&self) -> Vec<Digest> {
-        self.read().unsynced.keys().copied().collect()
+        self.read().unsynced_set().into_iter().collect()
     }
 
     /// Size of a stored blob.
@@ -423,16 +477,17 @@ impl Index {
     }
 }
 
-/// After a rewrite the unsynced blobs follow the synced ones and the `SyncPoint`, in iteration
-/// order; their new sequence numbers are past the point.
-fn renumber_unsynced(state: &State) -> HashMap<Digest, u64> {
-    let upto = (state.blobs.len() - state.unsynced.len()) as u64;
+/// After a rewrite the unsynced blobs follow the synced ones and the `SyncPoint`, in the same
+/// iteration order `snapshot_ops` used; their new sequence numbers are past the point.
+fn renumber_unsynced(state: &State) -> VecDeque<(u64, Digest)> {
+    let set = state.unsynced_set();
+    let upto = (state.blobs.len() - set.len()) as u64;
     state
         .blobs
         .keys()
-        .filter(|d| state.unsynced.contains_key(*d))
+        .filter(|d| set.contains(*d))
         .enumerate()
-        .map(|(i, d)| (*d, upto + 1 + i as u64))
+        .map(|(i, d)| (upto + 1 + i as u64, *d))
         .collect()
 }
 

@@ -48,6 +48,11 @@ pub enum Op {
         repo: String,
         digest: Digest,
     },
+    /// Many `Link`s into one repository in one record (compacted journals).
+    Links {
+        repo: String,
+        digests: Vec<Digest>,
+    },
     /// A manifest was stored in `repo`.
     ManifestPut {
         repo: String,
@@ -210,8 +215,9 @@ impl Journal {
                         )));
                     }
                 } else {
+                    let mut payload = Vec::with_capacity(4096);
                     loop {
-                        match read_record(&mut r) {
+                        match read_record(&mut r, &mut payload) {
                             Ok(Some((op, len))) => {
                                 apply(count, op);
                                 count += 1;
@@ -386,6 +392,7 @@ const T_SYNC_POINT: u8 = 9;
 const T_BLOB_TOUCHED: u8 = 10;
 const T_MANIFEST_TOUCHED: u8 = 11;
 const T_CLOCK_MARK: u8 = 12;
+const T_LINKS: u8 = 13;
 
 fn encode_record(op: &Op, out: &mut Vec<u8>) {
     let start = out.len();
@@ -475,6 +482,14 @@ fn encode_op(op: &Op, o: &mut Vec<u8>) {
             o.push(T_CLOCK_MARK);
             o.extend_from_slice(&at.to_le_bytes());
         }
+        Op::Links { repo, digests } => {
+            o.push(T_LINKS);
+            put_str(o, repo);
+            o.extend_from_slice(&(digests.len() as u32).to_le_bytes());
+            for d in digests {
+                put_digest(o, d);
+            }
+        }
     }
 }
 
@@ -509,7 +524,10 @@ fn put_opt_str(o: &mut Vec<u8>, s: Option<&str>) {
 }
 
 /// Reads one record; `Ok(None)` at a clean end of file, `Err` for a torn or corrupt record.
-fn read_record(r: &mut impl Read) -> std::result::Result<Option<(Op, u64)>, String> {
+fn read_record(
+    r: &mut impl Read,
+    payload: &mut Vec<u8>,
+) -> std::result::Result<Option<(Op, u64)>, String> {
     let mut head = [0u8; 8];
     match read_full(r, &mut head) {
         Ok(0) => return Ok(None),
@@ -522,14 +540,15 @@ fn read_record(r: &mut impl Read) -> std::result::Result<Option<(Op, u64)>, Stri
     if len == 0 || len > MAX_RECORD {
         return Err(format!("record length {len}"));
     }
-    let mut payload = vec![0u8; len as usize];
-    if read_full(r, &mut payload).map_err(|e| e.to_string())? != len as usize {
+    // One buffer for the whole replay: no allocation per record.
+    payload.resize(len as usize, 0);
+    if read_full(r, payload).map_err(|e| e.to_string())? != len as usize {
         return Err("short record".into());
     }
-    if crc32fast::hash(&payload) != crc {
+    if crc32fast::hash(payload) != crc {
         return Err("checksum mismatch".into());
     }
-    let op = decode_op(&payload).ok_or("undecodable record")?;
+    let op = decode_op(payload).ok_or("undecodable record")?;
     Ok(Some((op, 8 + len as u64)))
 }
 
@@ -672,6 +691,15 @@ fn decode_op(p: &[u8]) -> Option<Op> {
             at: c.i64()?,
         },
         T_CLOCK_MARK => Op::ClockMark { at: c.i64()? },
+        T_LINKS => {
+            let repo = c.string()?;
+            let n = c.u32()? as usize;
+            let mut digests = Vec::with_capacity(n.min(1 << 16));
+            for _ in 0..n {
+                digests.push(c.digest()?);
+            }
+            Op::Links { repo, digests }
+        }
         _ => return None,
     };
     if !c.0.is_empty() {
@@ -738,6 +766,10 @@ mod tests {
                 at: -4,
             },
             Op::ClockMark { at: 11 },
+            Op::Links {
+                repo: "x/y".into(),
+                digests: vec![d, e],
+            },
         ]
     }
 
