@@ -353,6 +353,7 @@ fn status_page(app: &App) -> String {
     let manifests: usize = s.repos.values().map(|r| r.manifests.len()).sum();
     let tags: usize = s.repos.values().map(|r| r.tags.len()).sum();
     let unreferenced = s.unreferenced.len();
+    let (repos, blobs) = (s.repos.len(), s.blobs.len());
     drop(s);
     let p = &app.life.policy;
     let mut out = format!(
@@ -360,8 +361,8 @@ fn status_page(app: &App) -> String {
          unreferenced blobs: {unreferenced}\nuploads in progress: {} ({} bytes reserved)\n\
          max_size: {}\nttl: {}\ncache time: {}\n",
         env!("CARGO_PKG_VERSION"),
-        app.index.read().repos.len(),
-        app.index.read().blobs.len(),
+        repos,
+        blobs,
         human(bytes),
         app.registry.uploads.len(),
         app.life.reserved(),
