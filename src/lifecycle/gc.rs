@@ -694,23 +694,48 @@ impl Lifecycle {
         })
     }
 
+    /// Blob files the index does not know, walked while no pass runs (a pass journals a blob
+    /// gone before it unlinks the file; a walk between the two would see a stray that is not).
+    /// Digests of uploads between their rename and their record are not strays either.
+    fn with_strays<T>(&self, f: impl FnOnce(&[Digest]) -> Result<T>) -> Result<T> {
+        let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut files = Vec::new();
+        self.store.walk(&mut |d, _| files.push(d))?;
+        let strays: Vec<Digest> = {
+            let state = self.index.read();
+            let pins = self.pins.map();
+            files
+                .into_iter()
+                .filter(|d| !state.blobs.contains_key(d) && !pins.contains_key(d))
+                .collect()
+        };
+        f(&strays)
+    }
+
+    /// How many blob files the index does not know.
+    pub fn count_strays(&self) -> Result<u64> {
+        self.with_strays(|s| Ok(s.len() as u64))
+    }
+
     /// Removes files in the store that the index does not know (left by a crash between a
     /// rename and its record, or between a record and an unlink). Blocking; walks the store.
     pub fn sweep_files(&self) -> Result<u64> {
-        let mut strays = Vec::new();
-        self.store.walk(&mut |d, _| strays.push(d))?;
-        let mut removed = 0;
-        for chunk in strays.chunks(1024) {
-            let state = self.index.read();
-            let pins = self.pins.map();
-            for d in chunk {
-                if state.blobs.contains_key(d) || pins.contains_key(d) {
-                    continue;
+        let removed = self.with_strays(|strays| {
+            let mut removed = 0;
+            for chunk in strays.chunks(1024) {
+                let state = self.index.read();
+                let pins = self.pins.map();
+                for d in chunk {
+                    // Re-checked under the locks: pushed again since the walk.
+                    if state.blobs.contains_key(d) || pins.contains_key(d) {
+                        continue;
+                    }
+                    self.store.delete(d)?;
+                    removed += 1;
                 }
-                self.store.delete(d)?;
-                removed += 1;
             }
-        }
+            Ok(removed)
+        })?;
         if removed > 0 {
             tracing::info!(files = removed, "removed blob files the index did not know");
         }

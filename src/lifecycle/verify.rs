@@ -91,17 +91,7 @@ pub fn verify(life: &Lifecycle, repair: bool) -> Result<VerifyReport> {
             Err(e) => return Err(e),
         }
     }
-    let mut strays = 0u64;
-    {
-        let mut files = Vec::new();
-        life.store.walk(&mut |d, _| files.push(d))?;
-        let state = life.index.read();
-        for d in files {
-            if !state.blobs.contains_key(&d) {
-                strays += 1;
-            }
-        }
-    }
+    let strays = life.count_strays()?;
     report.strays = strays;
     if repair && !report.is_clean() {
         for d in &report.corrupt {
