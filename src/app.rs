@@ -49,7 +49,11 @@ impl App {
         let index_dir = root.join("index");
         let clean_marker = index_dir.join("clean");
         let was_clean = clean_marker.exists();
-        let store = Arc::new(DiskStore::open(&root, disk.durability)?);
+        let store = Arc::new(DiskStore::open(
+            &root,
+            disk.durability,
+            disk.direct_io_above.0,
+        )?);
         let started = std::time::Instant::now();
         let (index, records) = Index::open(&index_dir, disk.durability == Durability::Sync)?;
         let index = Arc::new(index);

@@ -73,6 +73,7 @@ pub enum LogFormat {
 /// [store.disk]
 /// durability = "group"     # or "sync": fsync every blob before answering
 /// sync_interval = "1s"     # group commit period
+/// direct_io_above = "32MiB" # bytes of an upload past this offset bypass the page cache
 /// ```
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
@@ -93,6 +94,8 @@ pub struct DiskConfig {
     pub path: Option<PathBuf>,
     pub durability: Durability,
     pub sync_interval: HumanDuration,
+    /// Upload bytes past this offset are written with O_DIRECT (see store/direct.rs).
+    pub direct_io_above: HumanSize,
 }
 
 impl Default for DiskConfig {
@@ -101,6 +104,7 @@ impl Default for DiskConfig {
             path: None,
             durability: Durability::Group,
             sync_interval: HumanDuration(Duration::from_secs(1)),
+            direct_io_above: HumanSize(crate::store::disk::DEFAULT_DIRECT_IO_ABOVE),
         }
     }
 }
@@ -126,6 +130,10 @@ pub struct Overrides {
     /// Group commit period, e.g. 1s or 200ms.
     #[arg(long, env = "HOARD_SYNC_INTERVAL", value_parser = parse_duration)]
     pub sync_interval: Option<Duration>,
+    /// Upload bytes past this offset bypass the page cache (O_DIRECT), e.g. 32MiB; set it above
+    /// the largest blob to keep every write buffered.
+    #[arg(long, env = "HOARD_DIRECT_IO_ABOVE", value_parser = parse_size)]
+    pub direct_io_above: Option<u64>,
     /// Idle upload sessions are dropped after this long, e.g. 1h.
     #[arg(long, env = "HOARD_UPLOAD_TIMEOUT", value_parser = parse_duration)]
     pub upload_timeout: Option<Duration>,
@@ -205,6 +213,9 @@ impl Config {
         }
         if let Some(v) = o.sync_interval {
             disk.sync_interval = HumanDuration(v);
+        }
+        if let Some(v) = o.direct_io_above {
+            disk.direct_io_above = HumanSize(v);
         }
         if disk.sync_interval.0.is_zero() {
             return Err("sync_interval must be greater than zero".into());

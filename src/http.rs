@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io::{self, Read};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -68,7 +68,44 @@ impl http_body::Body for ChannelBody {
 
 /// Bodies this small are read in one blocking call and sent whole.
 const SMALL_READ: u64 = 256 << 10;
-const CHUNK: usize = 1 << 20;
+/// Larger bodies stream in chunks of this size, at most `QUEUED_READS` read ahead: a pull
+/// holds well under 2 MiB however large the blob.
+const READ_CHUNK: usize = 256 << 10;
+const QUEUED_READS: usize = 4;
+/// Read buffers kept for reuse once hyper has sent them (8 MiB at most).
+const POOLED_READS: usize = 32;
+
+static READ_POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// A read buffer that returns to `READ_POOL` when the last `Bytes` pointing into it is gone,
+/// so steady streaming neither allocates nor zero-fills a buffer per chunk.
+struct Pooled(Vec<u8>);
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        if v.capacity() == READ_CHUNK {
+            let mut pool = READ_POOL.lock().unwrap_or_else(|e| e.into_inner());
+            if pool.len() < POOLED_READS {
+                pool.push(v);
+            }
+        }
+    }
+}
+
+fn read_buffer(len: usize) -> Vec<u8> {
+    let reused = READ_POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    let mut v = reused.unwrap_or_else(|| Vec::with_capacity(READ_CHUNK));
+    // Only bytes never used before are zeroed.
+    v.resize(len, 0);
+    v
+}
 
 /// Streams `len` bytes from `r` (already positioned) as a response body.
 pub async fn stream_blob(mut r: Box<dyn BlobRead>, len: u64) -> io::Result<Body> {
@@ -87,13 +124,15 @@ pub async fn stream_blob(mut r: Box<dyn BlobRead>, len: u64) -> io::Result<Body>
         }
         return Ok(full(buf));
     }
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let (tx, rx) = tokio::sync::mpsc::channel(QUEUED_READS);
     tokio::task::spawn_blocking(move || {
         let mut left = len;
         while left > 0 {
-            let want = left.min(CHUNK as u64) as usize;
-            let mut buf = vec![0u8; want];
-            let res = r.read_exact(&mut buf).map(|()| Bytes::from(buf));
+            let want = left.min(READ_CHUNK as u64) as usize;
+            let mut buf = read_buffer(want);
+            let res = r
+                .read_exact(&mut buf)
+                .map(|()| Bytes::from_owner(Pooled(buf)));
             let failed = res.is_err();
             if tx.blocking_send(res).is_err() || failed {
                 // The client went away, or the read failed and the error was passed on.

@@ -267,38 +267,7 @@ fn a_full_disk_evicts_then_refuses_cleanly() {
     // disk fills behind hoard's back while its body streams.
     let blob = bytes(401, 16 << 20);
     let filler = fs.0.join("filler");
-    {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(h.addr).unwrap();
-        write!(
-            s,
-            "POST /v2/app/blobs/uploads/?digest={} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
-            sha256(&blob),
-            blob.len()
-        )
-        .unwrap();
-        s.write_all(&blob[..1 << 20]).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        let _ = Command::new("dd")
-            .args(["if=/dev/zero", "bs=1M", "count=100"])
-            .arg(format!("of={}", filler.display()))
-            .stderr(std::process::Stdio::null())
-            .status();
-        // The rest from another thread: hoard answers as soon as the write fails.
-        let mut w = s.try_clone().unwrap();
-        let rest = blob[1 << 20..].to_vec();
-        let writer = std::thread::spawn(move || {
-            let _ = w.write_all(&rest);
-        });
-        let r = read_response(&mut s, false);
-        assert_eq!(r.status, 507, "{}", r.text());
-        assert_eq!(r.code(), "DENIED");
-        assert!(r.text().contains("storage is full"), "{}", r.text());
-        let _ = s.shutdown(std::net::Shutdown::Both);
-        let _ = writer.join();
-        let mut tail = Vec::new();
-        let _ = s.read_to_end(&mut tail);
-    }
+    refused_when_disk_fills_mid_upload(&h, &blob, &filler);
     assert_eq!(count_files(&data.join("tmp")), 0, "no partial upload left");
     assert_eq!(
         h.req("HEAD", &format!("/v2/app/blobs/{}", sha256(&blob)))
@@ -318,6 +287,70 @@ fn a_full_disk_evicts_then_refuses_cleanly() {
     for i in 9..12 {
         assert!(pull(&h, "app", &format!("v{i}")));
     }
+}
+
+/// Starts a monolithic upload of `blob`, fills the filesystem with `filler` after its first MiB,
+/// and expects 507 `DENIED` "storage is full" as soon as the write fails.
+fn refused_when_disk_fills_mid_upload(h: &Hoard, blob: &[u8], filler: &std::path::Path) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(h.addr).unwrap();
+    write!(
+        s,
+        "POST /v2/app/blobs/uploads/?digest={} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        sha256(blob),
+        blob.len()
+    )
+    .unwrap();
+    s.write_all(&blob[..1 << 20]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=100"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    // The rest from another thread: hoard answers as soon as the write fails.
+    let mut w = s.try_clone().unwrap();
+    let rest = blob[1 << 20..].to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&rest);
+    });
+    let r = read_response(&mut s, false);
+    assert_eq!(r.status, 507, "{}", r.text());
+    assert_eq!(r.code(), "DENIED");
+    assert!(r.text().contains("storage is full"), "{}", r.text());
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    let _ = writer.join();
+    let mut tail = Vec::new();
+    let _ = s.read_to_end(&mut tail);
+}
+
+/// The same with the upload past `--direct-io-above`: the ENOSPC comes from the I/O thread's
+/// O_DIRECT write and reaches the client the same way, leaving nothing behind.
+#[test]
+fn a_disk_filling_during_a_direct_write_is_refused_cleanly() {
+    let fs = Tmpfs::new("40m");
+    let data = fs.0.join("data");
+    let h = Hoard::start_on(&data, &["--direct-io-above", "1MiB"]);
+    let kept = bytes(403, 3 << 20);
+    let dk = push_blob(&h, "app", &kept);
+    let blob = bytes(402, 24 << 20);
+    let filler = fs.0.join("filler");
+    refused_when_disk_fills_mid_upload(&h, &blob, &filler);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count_files(&data.join("tmp")) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(count_files(&data.join("tmp")), 0, "no partial upload left");
+    let head = |d: &str| h.req("HEAD", &format!("/v2/app/blobs/{d}")).send().status;
+    assert_eq!(head(&sha256(&blob)), 404);
+    assert_eq!(
+        h.req("GET", &format!("/v2/app/blobs/{dk}")).send().body,
+        kept
+    );
+    // Room again: the same upload goes through whole.
+    std::fs::remove_file(&filler).unwrap();
+    let d = push_blob(&h, "app", &blob);
+    assert!(h.req("GET", &format!("/v2/app/blobs/{d}")).send().body == blob);
 }
 
 #[test]

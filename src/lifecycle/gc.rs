@@ -21,6 +21,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+
 use crate::clock::{Millis, SharedClock};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -776,19 +778,24 @@ impl ReservedWriter {
     }
 }
 
+impl ReservedWriter {
+    /// The inner writer, once room for `n` more bytes is reserved.
+    fn room_for(&mut self, n: usize) -> Result<&mut Box<dyn BlobWriter>> {
+        let upto = self.written() + n as u64;
+        self.ensure(upto, false)?;
+        self.inner
+            .as_mut()
+            .ok_or_else(|| Error::internal("write after commit"))
+    }
+}
+
 impl BlobWriter for ReservedWriter {
     fn write(&mut self, buf: &[u8]) -> Result<()> {
-        let inner = self
-            .inner
-            .as_mut()
-            .ok_or_else(|| Error::internal("write after commit"))?;
-        let upto = inner.written() + buf.len() as u64;
-        self.ensure(upto, false)?;
-        let inner = self
-            .inner
-            .as_mut()
-            .ok_or_else(|| Error::internal("write after commit"))?;
-        inner.write(buf)
+        self.room_for(buf.len())?.write(buf)
+    }
+
+    fn write_owned(&mut self, buf: Bytes) -> Result<()> {
+        self.room_for(buf.len())?.write_owned(buf)
     }
 
     fn written(&self) -> u64 {
@@ -850,7 +857,14 @@ mod tests {
 
     fn world(policy: Policy) -> World {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Arc::new(DiskStore::open(tmp.path(), Durability::Group).unwrap());
+        let store = Arc::new(
+            DiskStore::open(
+                tmp.path(),
+                Durability::Group,
+                crate::store::disk::DEFAULT_DIRECT_IO_ABOVE,
+            )
+            .unwrap(),
+        );
         let (index, _) = Index::open(&tmp.path().join("index"), false).unwrap();
         let wall = ManualClock::new(100 * H);
         let mono = ManualClock::new(0);

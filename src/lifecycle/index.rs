@@ -386,11 +386,17 @@ impl Index {
     /// journal is fsynced and a `SyncPoint { upto }` vouches for exactly those records (blobs
     /// committed meanwhile stay unsynced until the next round). Compacts a grown journal.
     pub fn sync_point(&self, sync_blobs: impl FnOnce() -> Result<()>) -> Result<()> {
-        let upto = self.journal().next_seq();
+        let (upto, handle) = {
+            let journal = self.journal();
+            (journal.next_seq(), journal.sync_handle()?)
+        };
         sync_blobs()?;
+        // Outside the locks: behind a large write-back the device can take a second to flush,
+        // and requests must not wait for it. The SyncPoint record itself becomes durable with
+        // the next sync; until then a crash merely re-verifies a little more.
+        handle.sync()?;
         let mut state = self.write();
         let mut journal = self.journal();
-        journal.sync()?;
         let seq = journal.next_seq();
         journal.append(&[Op::SyncPoint { upto }])?;
         state.apply(seq, Op::SyncPoint { upto });
@@ -414,7 +420,8 @@ impl Index {
 
     /// Makes every journaled record durable now.
     pub fn sync_journal(&self) -> Result<()> {
-        self.journal().sync()
+        let handle = self.journal().sync_handle()?;
+        handle.sync()
     }
 
     /// Blobs no `SyncPoint` vouches for (re-verified after an unclean stop).

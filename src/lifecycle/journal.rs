@@ -186,6 +186,18 @@ pub struct Journal {
     len: u64,
 }
 
+/// See [`Journal::sync_handle`].
+pub struct SyncHandle(File);
+
+impl SyncHandle {
+    /// Makes every record appended before the handle was taken durable.
+    pub fn sync(&self) -> Result<()> {
+        self.0
+            .sync_data()
+            .map_err(|e| Error::io("syncing the index journal", e))
+    }
+}
+
 impl Journal {
     /// Opens (creating if needed) the journal in `dir`, replaying every intact record through
     /// `apply(sequence, op)`. Returns the journal positioned for appends and the number of records.
@@ -313,6 +325,16 @@ impl Journal {
         self.file
             .sync_data()
             .map_err(|e| Error::io("syncing the index journal", e))
+    }
+
+    /// A second handle on the journal file, to fsync what has been appended so far without
+    /// holding the journal (and so without stalling appends while the device catches up).
+    pub fn sync_handle(&self) -> Result<SyncHandle> {
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|e| Error::io("opening the index journal for sync", e))?;
+        Ok(SyncHandle(file))
     }
 
     /// Replaces the journal with `ops` (the compacted state): written to `journal.new`, fsynced,

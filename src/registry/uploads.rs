@@ -163,8 +163,8 @@ where
     if ended {
         return blocking(move || {
             let mut res = Ok(());
-            for chunk in &head {
-                res = writer.write(chunk);
+            for chunk in head {
+                res = writer.write_owned(chunk);
                 if res.is_err() {
                     break;
                 }
@@ -175,12 +175,12 @@ where
     }
     // Large bodies: a bounded channel to one blocking writer, so the network and the disk (and
     // the hash) overlap while memory stays bounded.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     let task = tokio::task::spawn_blocking(move || {
         let mut res = Ok(());
         while let Some(chunk) = rx.blocking_recv() {
             if res.is_ok() {
-                res = writer.write(&chunk);
+                res = writer.write_owned(chunk);
             }
         }
         (writer, res)

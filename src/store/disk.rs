@@ -15,9 +15,17 @@ use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+
 use crate::digest::{Algorithm, Digest, Hasher};
 use crate::error::{Error, ErrorKind, Result};
 
+use super::direct::{DirectWriter, ALIGN};
+
+/// Default for `direct_io_above`.
+pub const DEFAULT_DIRECT_IO_ABOVE: u64 = 32 << 20;
+/// Below this, starting the I/O threads would cost more than the page cache does.
+const MIN_DIRECT_IO_ABOVE: u64 = 1 << 20;
 use super::{BlobRead, BlobStore, BlobWriter, Expect};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -38,13 +46,15 @@ struct Inner {
     root: PathBuf,
     tmp: PathBuf,
     durability: Durability,
+    /// Upload offset (a multiple of 4 KiB) from which bytes are written with O_DIRECT.
+    direct_after: u64,
     /// Files renamed into place since the last group sync.
     dirty: Mutex<Vec<PathBuf>>,
 }
 
 impl DiskStore {
     /// Opens the store under `root`, creating it, and removes uploads a previous run left in tmp/.
-    pub fn open(root: &Path, durability: Durability) -> Result<DiskStore> {
+    pub fn open(root: &Path, durability: Durability, direct_io_above: u64) -> Result<DiskStore> {
         let tmp = root.join("tmp");
         match fs::remove_dir_all(&tmp) {
             Ok(()) => {}
@@ -60,6 +70,10 @@ impl DiskStore {
                 root: root.to_path_buf(),
                 tmp,
                 durability,
+                direct_after: direct_io_above
+                    .max(MIN_DIRECT_IO_ABOVE)
+                    .div_ceil(ALIGN)
+                    .saturating_mul(ALIGN),
                 dirty: Mutex::new(Vec::new()),
             }),
         })
@@ -93,21 +107,87 @@ impl Inner {
 /// cancelled request or a dropped session cannot leave partial data behind.
 pub struct DiskWriter {
     store: Arc<Inner>,
-    file: Option<File>,
+    sink: Sink,
     path: PathBuf,
     hasher: Hasher,
     written: u64,
 }
 
+/// Where an upload's bytes go: the page cache first, then (past `direct_after`) straight to the
+/// device from the I/O thread, see `direct.rs`.
+enum Sink {
+    Buffered { file: File, may_go_direct: bool },
+    Direct(DirectWriter),
+    Closed,
+}
+
+impl DiskWriter {
+    /// Writes `buf`; `owned` is the same bytes when the caller owns them, so direct mode can
+    /// hand them to its I/O thread without a copy.
+    fn write_bytes(&mut self, buf: &[u8], owned: Option<&Bytes>) -> io::Result<()> {
+        let mut skip = 0;
+        loop {
+            let rest = &buf[skip..];
+            match &mut self.sink {
+                Sink::Buffered {
+                    file,
+                    may_go_direct,
+                } => {
+                    let end = self.written + buf.len() as u64;
+                    let switch = self.store.direct_after;
+                    if !*may_go_direct || end <= switch {
+                        return file.write_all(rest);
+                    }
+                    // Up to the switch point through the page cache, the rest directly.
+                    skip = switch.saturating_sub(self.written) as usize;
+                    file.write_all(&buf[..skip])?;
+                    self.sink = match std::mem::replace(&mut self.sink, Sink::Closed) {
+                        Sink::Buffered { file, .. } => match DirectWriter::start(file) {
+                            Ok(d) => Sink::Direct(d),
+                            Err(file) => Sink::Buffered {
+                                file,
+                                may_go_direct: false,
+                            },
+                        },
+                        other => other,
+                    };
+                }
+                Sink::Direct(d) => {
+                    return d.write(match owned {
+                        Some(b) => b.slice(skip..),
+                        None => Bytes::copy_from_slice(rest),
+                    })
+                }
+                Sink::Closed => return Err(io::Error::other("write after close")),
+            }
+        }
+    }
+
+    /// Takes the file back from whichever sink holds it, with every byte written.
+    fn close(&mut self) -> io::Result<File> {
+        match std::mem::replace(&mut self.sink, Sink::Closed) {
+            Sink::Buffered { file, .. } => Ok(file),
+            Sink::Direct(d) => d.finish(),
+            Sink::Closed => Err(io::Error::other("commit after close")),
+        }
+    }
+}
+
 impl BlobWriter for DiskWriter {
     fn write(&mut self, buf: &[u8]) -> Result<()> {
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| Error::internal("write after close"))?;
-        file.write_all(buf)
-            .map_err(|e| Error::io("writing upload data", e))?;
         self.hasher.update(buf);
+        // `written` counts bytes before this call while they are written: the sink switches
+        // mode at a fixed offset.
+        self.write_bytes(buf, None)
+            .map_err(|e| Error::io("writing upload data", e))?;
+        self.written += buf.len() as u64;
+        Ok(())
+    }
+
+    fn write_owned(&mut self, buf: Bytes) -> Result<()> {
+        self.hasher.update(&buf);
+        self.write_bytes(&buf, Some(&buf))
+            .map_err(|e| Error::io("writing upload data", e))?;
         self.written += buf.len() as u64;
         Ok(())
     }
@@ -117,12 +197,15 @@ impl BlobWriter for DiskWriter {
     }
 
     fn commit(mut self: Box<Self>, expect: Expect) -> Result<u64> {
-        let file = self
-            .file
-            .take()
-            .ok_or_else(|| Error::internal("commit after close"))?;
         // From here on the tmp file is ours to remove on every error path.
         let tmp = std::mem::take(&mut self.path);
+        let file = match self.close() {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(Error::io("writing upload data", e));
+            }
+        };
         let result = commit_file(
             &self.store,
             file,
@@ -212,7 +295,11 @@ fn rehash(path: &Path, alg: Algorithm) -> Result<Digest> {
 
 impl Drop for DiskWriter {
     fn drop(&mut self) {
-        if self.file.take().is_some() && !self.path.as_os_str().is_empty() {
+        let open = !matches!(
+            std::mem::replace(&mut self.sink, Sink::Closed),
+            Sink::Closed
+        );
+        if open && !self.path.as_os_str().is_empty() {
             let _ = fs::remove_file(&self.path);
         }
     }
@@ -263,7 +350,10 @@ impl BlobStore for DiskStore {
             .map_err(|e| Error::io("creating upload file", e))?;
         Ok(Box::new(DiskWriter {
             store: self.inner.clone(),
-            file: Some(file),
+            sink: Sink::Buffered {
+                file,
+                may_go_direct: true,
+            },
             path,
             hasher: alg.hasher(),
             written: 0,
@@ -375,7 +465,8 @@ mod tests {
     #[test]
     fn commits_verified_bytes_only() {
         let dir = tempfile::tempdir().unwrap();
-        let store = DiskStore::open(dir.path(), Durability::Group).unwrap();
+        let store =
+            DiskStore::open(dir.path(), Durability::Group, DEFAULT_DIRECT_IO_ABOVE).unwrap();
         let d = Digest::sha256_of(b"hello");
         assert_eq!(
             put(
@@ -424,7 +515,7 @@ mod tests {
     #[test]
     fn dropped_writer_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = DiskStore::open(dir.path(), Durability::Sync).unwrap();
+        let store = DiskStore::open(dir.path(), Durability::Sync, DEFAULT_DIRECT_IO_ABOVE).unwrap();
         let mut w = store.begin(Algorithm::Sha512).unwrap();
         w.write(b"partial").unwrap();
         assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 1);
@@ -435,7 +526,8 @@ mod tests {
     #[test]
     fn reopening_clears_tmp_and_walks_blobs() {
         let dir = tempfile::tempdir().unwrap();
-        let store = DiskStore::open(dir.path(), Durability::Group).unwrap();
+        let store =
+            DiskStore::open(dir.path(), Durability::Group, DEFAULT_DIRECT_IO_ABOVE).unwrap();
         let d = Digest::of(Algorithm::Sha512, b"x");
         put(
             &store,
@@ -448,7 +540,8 @@ mod tests {
         .unwrap();
         std::mem::forget(store.begin(Algorithm::Sha256).unwrap());
         drop(store);
-        let store = DiskStore::open(dir.path(), Durability::Group).unwrap();
+        let store =
+            DiskStore::open(dir.path(), Durability::Group, DEFAULT_DIRECT_IO_ABOVE).unwrap();
         assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
         let mut seen = Vec::new();
         store.walk(&mut |d, n| seen.push((d, n))).unwrap();

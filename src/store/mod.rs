@@ -2,9 +2,12 @@
 //! store come later and wrap or replace it). Stores know nothing of HTTP or repositories: they
 //! keep verified bytes under their digest.
 
+mod direct;
 pub mod disk;
 
 use std::io::{Read, Seek};
+
+use bytes::Bytes;
 
 use crate::digest::{Algorithm, Digest};
 use crate::error::Result;
@@ -18,6 +21,11 @@ pub trait BlobRead: Read + Seek + Send {
 /// compares digests without re-reading anything. Dropping a writer discards the upload.
 pub trait BlobWriter: Send {
     fn write(&mut self, buf: &[u8]) -> Result<()>;
+    /// Like `write`, for bytes the caller already owns: a writer may keep them (for an I/O
+    /// thread) instead of copying.
+    fn write_owned(&mut self, buf: Bytes) -> Result<()> {
+        self.write(&buf)
+    }
     /// Bytes written so far.
     fn written(&self) -> u64;
     /// Announces that the upload will reach `total` bytes, so space can be reserved (and the
