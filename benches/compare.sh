@@ -69,14 +69,15 @@ for r in rows:
     by.setdefault((r["label"], r["name"]), []).append(r["value"])
 med = {k: statistics.median(v) for k, v in by.items()}
 names = sorted({n for (l, n) in med if l == "hoard"})
-print(f"{'measurement':28} {'hoard':>12} {'peer':>12} {'ratio':>8}")
+print(f"{'measurement':28} {'hoard':>12} {'peer':>12} {'ratio':>8}   per round (hoard / peer)")
 for n in names:
     h, p = med.get(("hoard", n)), med.get(("peer", n))
     if p:
         ratio = h / p
         if n == "peak_rss_kB":
             ratio = p / h  # higher is better: how many times smaller hoard's peak RSS is
-        print(f"{n:28} {h:12.1f} {p:12.1f} {ratio:7.2f}x")
+        rounds = " ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(by[("hoard", n)], by[("peer", n)]))
+        print(f"{n:28} {h:12.1f} {p:12.1f} {ratio:7.2f}x   {rounds if len(by[('hoard', n)]) > 1 else ''}")
 sha = med[("machine", "sha256_one_core_MBps")]
 dd = med[("machine", "dd_fsync_MBps")]
 big = med[("hoard", "push_1GiB_MBps")]

@@ -467,13 +467,17 @@ mod tests {
     #[test]
     fn file_rejects_unknown_keys_and_reads_the_store_tree() {
         let c: Config = toml::from_str(
-            "listen = \"0.0.0.0:5001\"\n[store.disk]\ndurability = \"sync\"\nsync_interval = \"200ms\"\n",
+            "listen = \"0.0.0.0:5001\"\n[store.disk]\ndurability = \"sync\"\nsync_interval = \"200ms\"\n\
+             direct_io_above = \"64MiB\"\n",
         )
         .unwrap();
         assert_eq!(c.listen, "0.0.0.0:5001");
         let (_, d) = c.disk();
         assert_eq!(d.durability, Durability::Sync);
         assert_eq!(d.sync_interval.0, Duration::from_millis(200));
+        assert_eq!(d.direct_io_above.0, 64 << 20);
+        let defaults = Config::default();
+        assert_eq!(defaults.disk().1.direct_io_above.0, 32 << 20);
         assert!(toml::from_str::<Config>("lisen = \"x\"").is_err());
         assert!(toml::from_str::<Config>("[store.disk]\nfoo = 1").is_err());
     }
