@@ -21,12 +21,12 @@ use crate::digest::{Algorithm, Digest, Hasher};
 use crate::error::{Error, ErrorKind, Result};
 
 use super::direct::{DirectWriter, ALIGN};
+use super::{BlobRead, BlobStore, BlobWriter, Expect};
 
 /// Default for `direct_io_above`.
 pub const DEFAULT_DIRECT_IO_ABOVE: u64 = 32 << 20;
 /// Below this, starting the I/O threads would cost more than the page cache does.
 const MIN_DIRECT_IO_ABOVE: u64 = 1 << 20;
-use super::{BlobRead, BlobStore, BlobWriter, Expect};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
