@@ -239,8 +239,8 @@ fn spawn_pipeline(file: File) -> io::Result<Pipeline> {
     Ok((tx, stager))
 }
 
-/// The request side of a direct upload: hands received chunks (shared, not copied) to the I/O
-/// thread, which stages and writes them while the caller hashes the next ones.
+/// The request side of a direct upload: hands received chunks (shared, not copied) to the
+/// stager and device threads, which copy and write them while the caller hashes the next ones.
 pub struct DirectWriter {
     tx: Option<SyncSender<Bytes>>,
     io: Option<JoinHandle<io::Result<File>>>,
@@ -248,7 +248,7 @@ pub struct DirectWriter {
 
 impl DirectWriter {
     /// Switches `file` (positioned at an `ALIGN` multiple) to direct I/O and starts its I/O
-    /// thread. When the filesystem refuses, the file comes back unchanged for buffered writes.
+    /// threads. When the filesystem refuses, the file comes back unchanged for buffered writes.
     pub fn start(file: File) -> Result<DirectWriter, File> {
         if let Err(e) = set_direct(&file, true) {
             tracing::debug!(error = %e, "O_DIRECT unavailable; writing through the page cache");
