@@ -12,6 +12,7 @@ use http_body_util::BodyExt;
 use crate::clock::{Millis, SharedClock};
 use crate::error::{Error, Result};
 use crate::names::RepoName;
+use crate::store::chunk::ChunkBuf;
 use crate::store::BlobWriter;
 
 pub struct Session {
@@ -173,9 +174,10 @@ where
         })
         .await;
     }
-    // Large bodies: a bounded channel to one blocking writer, so the network and the disk (and
-    // the hash) overlap while memory stays bounded.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    // Large bodies: each frame is copied into a pooled buffer as it arrives and let go (see
+    // `store::chunk`), and full buffers go through a bounded channel to one blocking writer, so
+    // the network and the disk (and the hash) overlap while memory stays bounded.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUED_CHUNKS);
     let task = tokio::task::spawn_blocking(move || {
         let mut res = Ok(());
         while let Some(chunk) = rx.blocking_recv() {
@@ -186,26 +188,29 @@ where
         (writer, res)
     });
     let mut recv: Result<()> = Ok(());
+    let mut buf = ChunkBuf::new();
+    let mut open = true;
     for chunk in head {
-        if tx.send(chunk).await.is_err() {
-            break;
-        }
+        open = open && feed(&tx, &mut buf, &chunk).await;
     }
-    loop {
+    while open {
         match body.frame().await {
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     // The writer stopped early (write error): stop sending, report its error.
-                    if tx.send(data).await.is_err() {
-                        break;
-                    }
+                    open = feed(&tx, &mut buf, &data).await;
                 }
             }
             Some(Err(e)) => {
                 recv = Err(cut_off(&e));
                 break;
             }
-            None => break,
+            None => {
+                if !buf.is_empty() {
+                    let _ = tx.send(buf.into_bytes()).await;
+                }
+                break;
+            }
         }
     }
     drop(tx);
@@ -213,6 +218,22 @@ where
         Ok((w, res)) => (w, res.and(recv)),
         Err(e) => panic_to_writer(e),
     }
+}
+
+/// Full upload buffers queued for the writer (1 MiB each).
+const QUEUED_CHUNKS: usize = 2;
+
+/// Copies `data` into `buf`, sending each buffer that fills to the writer; false once the
+/// writer has stopped.
+async fn feed(tx: &tokio::sync::mpsc::Sender<Bytes>, buf: &mut ChunkBuf, mut data: &[u8]) -> bool {
+    while !data.is_empty() {
+        let n = buf.fill(data);
+        data = &data[n..];
+        if buf.is_full() && tx.send(std::mem::take(buf).into_bytes()).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// A panicked writer task leaves no writer to hand back; there is nothing sane to continue with.

@@ -1,15 +1,16 @@
-//! Writing the bulk of a large upload with `O_DIRECT`, on its own I/O threads.
+//! Writing the bulk of a large upload with `O_DIRECT`, on its own I/O thread.
 //!
 //! Buffered writes copy every byte into the page cache and leave it dirty for the kernel to
 //! write back; for a multi-gigabyte layer that evicts the hot blobs other builders are pulling,
 //! and on a machine whose spare memory is cold (a freshly started VM) growing the page cache is
 //! slower than the disk itself. Past `direct_io_above` (32 MiB by default) an upload's chunks go
-//! to a stager thread, which copies them into block-aligned buffers, and a device thread, which
-//! writes each full buffer straight to the device, while the request thread goes on hashing the
-//! next chunks: hashing, copying and disk I/O overlap instead of taking turns. The first
-//! bytes of every upload, and all of a small one, still go through the page cache, so the
-//! common case of a layer pulled soon after it was pushed is served from memory (the same
-//! trade as a web server's "direct I/O above this size" setting).
+//! to an I/O thread that writes them straight to the device while the request thread goes on
+//! hashing the next ones, so hashing and disk I/O overlap instead of taking turns. The chunks
+//! arrive in block-aligned buffers (`chunk.rs`), which the device takes as they are; only a
+//! chunk that does not start on a block boundary (after an odd-sized PATCH) is copied into a
+//! staging buffer first. The first bytes of every upload, and all of a small one, still go
+//! through the page cache, so the common case of a layer pulled soon after it was pushed is
+//! served from memory (the same trade as a web server's "direct I/O above this size" setting).
 //!
 //! Filesystems or devices that refuse `O_DIRECT` (or its alignment) are detected on the first
 //! write and the upload continues buffered: the mode changes how bytes travel, never which
@@ -17,68 +18,16 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
 
-/// Alignment of buffer addresses, lengths and file offsets for `O_DIRECT`: a page, which
-/// covers 512-byte and 4 KiB logical blocks alike.
-pub const ALIGN: u64 = 4096;
-const ALIGN_USIZE: usize = ALIGN as usize;
-/// Size of one staged write. Large enough for the device to stream, small enough that an
-/// upload's staging memory stays a few MiB.
-const CHUNK: usize = 2 << 20;
-/// Staging buffers per large upload: one filling, one queued, one being written.
-const BUFFERS: usize = 3;
-/// Received chunks queued for the I/O thread (each at most the HTTP layer's read buffer).
-const QUEUED: usize = 8;
+use super::chunk::{is_aligned, ChunkBuf, ALIGN};
 
-/// A heap buffer whose usable part starts on an `ALIGN` boundary.
-struct AlignedBuf {
-    raw: Vec<u8>,
-    off: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn empty() -> AlignedBuf {
-        AlignedBuf {
-            raw: Vec::new(),
-            off: 0,
-            len: 0,
-        }
-    }
-
-    fn new() -> AlignedBuf {
-        let raw = vec![0u8; CHUNK + ALIGN_USIZE];
-        // `align_offset` may in principle decline to answer; an unaligned buffer only makes the
-        // first direct write fail with EINVAL, after which the upload continues buffered.
-        let off = match raw.as_ptr().align_offset(ALIGN_USIZE) {
-            n if n < ALIGN_USIZE => n,
-            _ => 0,
-        };
-        AlignedBuf { raw, off, len: 0 }
-    }
-
-    /// Copies as much of `data` as fits; returns how much.
-    fn fill(&mut self, data: &[u8]) -> usize {
-        let n = data.len().min(CHUNK - self.len);
-        let start = self.off + self.len;
-        self.raw[start..start + n].copy_from_slice(&data[..n]);
-        self.len += n;
-        n
-    }
-
-    fn is_full(&self) -> bool {
-        self.len == CHUNK
-    }
-
-    fn filled(&self) -> &[u8] {
-        &self.raw[self.off..self.off + self.len]
-    }
-}
+/// Received chunks queued for the I/O thread (each at most a `ChunkBuf`, 1 MiB).
+const QUEUED: usize = 4;
 
 fn set_direct(file: &File, on: bool) -> io::Result<()> {
     let flags = fcntl_getfl(file)?;
@@ -95,18 +44,17 @@ fn is_einval(e: &io::Error) -> bool {
     e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())
 }
 
-/// The device side: owns the file while the upload streams and writes each full buffer, in
-/// order, while the stager fills the next one.
-struct Device {
+/// The file and the mode it is in.
+struct Out {
     file: File,
     direct: bool,
 }
 
-impl Device {
+impl Out {
     /// Writes all of `data` at the file's offset. The aligned prefix goes in the current mode;
-    /// an unaligned tail (only the last buffer has one) is written after leaving direct mode.
+    /// an unaligned tail (only the last write has one) is written after leaving direct mode.
     fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        let aligned = data.len() & !(ALIGN_USIZE - 1);
+        let aligned = data.len() & !(ALIGN - 1);
         self.write_all(&data[..aligned])?;
         if aligned < data.len() {
             self.leave_direct()?;
@@ -137,110 +85,59 @@ impl Device {
         }
         Ok(())
     }
+}
 
-    fn run(
-        mut self,
-        full: Receiver<AlignedBuf>,
-        empty: SyncSender<AlignedBuf>,
-    ) -> io::Result<File> {
-        while let Ok(mut buf) = full.recv() {
-            self.write(buf.filled())?;
-            buf.len = 0;
-            // The stager may be gone (upload dropped); the buffer is simply freed then.
-            let _ = empty.try_send(buf);
+/// The I/O thread: owns the file while the upload streams and writes each chunk, in order,
+/// while the request thread hashes the next one.
+struct Device {
+    out: Out,
+    /// Bytes not yet written because they do not fill a block-aligned run: only after a chunk
+    /// that did not start on a block boundary in memory (a client sending odd-sized PATCHes).
+    stage: Option<ChunkBuf>,
+}
+
+impl Device {
+    fn take(&mut self, chunk: &[u8]) -> io::Result<()> {
+        let mut data = chunk;
+        let staged = self.stage.as_ref().is_some_and(|s| !s.is_empty());
+        // The common case: a full buffer from the network side, aligned in memory and, since
+        // nothing is staged, at an aligned file offset. It goes to the device as it is.
+        if !staged && (is_aligned(data) || !self.out.direct) {
+            let n = if self.out.direct {
+                data.len() & !(ALIGN - 1)
+            } else {
+                data.len()
+            };
+            self.out.write_all(&data[..n])?;
+            data = &data[n..];
         }
-        // The stager closed: the upload is complete.
-        self.leave_direct()?;
-        Ok(self.file)
-    }
-}
-
-/// The staging side: copies received chunks into aligned buffers and queues each full one for
-/// the device thread, so copying overlaps the device's write of the previous buffer.
-struct Stager {
-    cur: AlignedBuf,
-    full: SyncSender<AlignedBuf>,
-    empty: Receiver<AlignedBuf>,
-    allocated: usize,
-}
-
-impl Stager {
-    /// Queues the current buffer; false when the device thread has stopped (its error is
-    /// collected by joining it).
-    fn hand_over(&mut self) -> bool {
-        let next = match self.empty.try_recv() {
-            Ok(b) => b,
-            Err(TryRecvError::Empty) if self.allocated < BUFFERS => {
-                self.allocated += 1;
-                AlignedBuf::new()
-            }
-            Err(_) => match self.empty.recv() {
-                Ok(b) => b,
-                Err(_) => return false,
-            },
-        };
-        let buf = std::mem::replace(&mut self.cur, next);
-        self.full.send(buf).is_ok()
-    }
-
-    fn run(
-        mut self,
-        chunks: Receiver<Bytes>,
-        device: JoinHandle<io::Result<File>>,
-    ) -> io::Result<File> {
-        let mut ok = true;
-        'recv: while let Ok(chunk) = chunks.recv() {
-            let mut data = &chunk[..];
-            while !data.is_empty() {
-                let n = self.cur.fill(data);
-                data = &data[n..];
-                if self.cur.is_full() && !self.hand_over() {
-                    ok = false;
-                    break 'recv;
-                }
+        while !data.is_empty() {
+            let stage = self.stage.get_or_insert_with(ChunkBuf::new);
+            let n = stage.fill(data);
+            data = &data[n..];
+            if stage.is_full() {
+                self.out.write_all(stage.filled())?;
+                stage.clear();
             }
         }
-        // The sender closed (the upload is complete) or the device failed.
-        if ok && self.cur.len > 0 {
-            let _ = self
-                .full
-                .send(std::mem::replace(&mut self.cur, AlignedBuf::empty()));
+        Ok(())
+    }
+
+    fn run(mut self, chunks: Receiver<Bytes>) -> io::Result<File> {
+        while let Ok(chunk) = chunks.recv() {
+            self.take(&chunk)?;
         }
-        drop(self.full);
-        match device.join() {
-            Ok(r) => r,
-            Err(_) => Err(io::Error::other("upload device thread panicked")),
+        // The sender closed: the upload is complete.
+        if let Some(stage) = self.stage.take() {
+            self.out.write(stage.filled())?;
         }
+        self.out.leave_direct()?;
+        Ok(self.out.file)
     }
 }
 
-type Pipeline = (SyncSender<Bytes>, JoinHandle<io::Result<File>>);
-
-/// Starts the device and stager threads for `file`; the sender feeds the stager, whose handle
-/// yields the file at the end.
-fn spawn_pipeline(file: File) -> io::Result<Pipeline> {
-    let (full_tx, full_rx) = mpsc::sync_channel::<AlignedBuf>(BUFFERS);
-    let (empty_tx, empty_rx) = mpsc::sync_channel::<AlignedBuf>(BUFFERS);
-    let device = Device { file, direct: true };
-    let device = std::thread::Builder::new()
-        .name("hoard-upload-dev".into())
-        .spawn(move || device.run(full_rx, empty_tx))?;
-    let stager = Stager {
-        cur: AlignedBuf::new(),
-        full: full_tx,
-        empty: empty_rx,
-        allocated: 1,
-    };
-    let (tx, rx) = mpsc::sync_channel::<Bytes>(QUEUED);
-    // If this spawn fails the device thread sees its channel close and ends on its own.
-    let stager = std::thread::Builder::new()
-        .name("hoard-upload-stage".into())
-        .spawn(move || stager.run(rx, device))?;
-    Ok((tx, stager))
-}
-
-/// The request side of a direct upload: hands received chunks (shared, not copied) to the
-/// stager and device threads, which copy and write them while the caller hashes the next ones.
+/// The request side of a direct upload: hands received chunks (shared, not copied) to the I/O
+/// thread, which writes them while the caller hashes the next ones.
 pub struct DirectWriter {
     tx: Option<SyncSender<Bytes>>,
     io: Option<JoinHandle<io::Result<File>>>,
@@ -248,7 +145,7 @@ pub struct DirectWriter {
 
 impl DirectWriter {
     /// Switches `file` (positioned at an `ALIGN` multiple) to direct I/O and starts its I/O
-    /// threads. When the filesystem refuses, the file comes back unchanged for buffered writes.
+    /// thread. When the filesystem refuses, the file comes back unchanged for buffered writes.
     pub fn start(file: File) -> Result<DirectWriter, File> {
         if let Err(e) = set_direct(&file, true) {
             tracing::debug!(error = %e, "O_DIRECT unavailable; writing through the page cache");
@@ -262,13 +159,21 @@ impl DirectWriter {
                 return Err(file);
             }
         };
-        match spawn_pipeline(file) {
-            Ok((tx, handle)) => Ok(DirectWriter {
+        let device = Device {
+            out: Out { file, direct: true },
+            stage: None,
+        };
+        let (tx, rx) = mpsc::sync_channel::<Bytes>(QUEUED);
+        match std::thread::Builder::new()
+            .name("hoard-upload-io".into())
+            .spawn(move || device.run(rx))
+        {
+            Ok(handle) => Ok(DirectWriter {
                 tx: Some(tx),
                 io: Some(handle),
             }),
             Err(e) => {
-                tracing::debug!(error = %e, "no upload I/O threads; writing through the page cache");
+                tracing::debug!(error = %e, "no upload I/O thread; writing through the page cache");
                 let _ = set_direct(&undo, false);
                 Err(undo)
             }
@@ -307,6 +212,7 @@ impl DirectWriter {
 
 #[cfg(test)]
 mod tests {
+    use super::super::chunk::CHUNK;
     use super::*;
     use std::io::{Read, Seek, SeekFrom};
 
@@ -314,36 +220,67 @@ mod tests {
         (0..n).map(|i| (i * 7 + i / 4096) as u8).collect()
     }
 
+    /// Splits `data` as the network side would: into pooled, aligned buffers of `sizes` (cycled).
+    fn pooled(data: &[u8], sizes: &[usize]) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        let mut rest = data;
+        for &n in sizes.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let mut b = ChunkBuf::new();
+            let k = b.fill(&rest[..n.min(rest.len())]);
+            rest = &rest[k..];
+            out.push(b.into_bytes());
+        }
+        out
+    }
+
     #[test]
     fn writes_every_byte_in_order_at_any_chunking() {
-        for total in [0, 1, 4095, 4096, CHUNK - 1, CHUNK, 3 * CHUNK + 12345] {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("f");
-            let mut file = File::create(&path).unwrap();
-            // Start at an aligned offset past some buffered bytes, as an upload does.
-            let head = pattern(8192);
-            file.write_all(&head).unwrap();
-            let data = pattern(total);
-            let mut w = match DirectWriter::start(file) {
-                Ok(w) => w,
-                Err(_) => panic!("O_DIRECT refused on the test filesystem and no fallback ran"),
-            };
-            for piece in data.chunks(100_003) {
-                w.write(Bytes::copy_from_slice(piece)).unwrap();
+        type Split = fn(&[u8]) -> Vec<Bytes>;
+        let splits: [(&str, Split); 3] = [
+            // Unaligned heap pieces: every byte goes through the staging buffer.
+            ("copied", |d| {
+                d.chunks(100_003).map(Bytes::copy_from_slice).collect()
+            }),
+            // Full aligned buffers: written as they are, without a copy.
+            ("aligned", |d| pooled(d, &[CHUNK])),
+            // An odd-sized piece between aligned buffers forces staging mid-stream.
+            ("mixed", |d| {
+                pooled(d, &[CHUNK, 4096, 777, CHUNK, CHUNK - 777])
+            }),
+        ];
+        for (name, split) in splits {
+            for total in [0, 1, 4095, 4096, CHUNK - 1, CHUNK, 3 * CHUNK + 12345] {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("f");
+                let mut file = File::create(&path).unwrap();
+                // Start at an aligned offset past some buffered bytes, as an upload does.
+                let head = pattern(8192);
+                file.write_all(&head).unwrap();
+                let data = pattern(total);
+                let mut w = match DirectWriter::start(file) {
+                    Ok(w) => w,
+                    Err(_) => panic!("O_DIRECT refused on the test filesystem and no fallback ran"),
+                };
+                for piece in split(&data) {
+                    w.write(piece).unwrap();
+                }
+                let mut file = w.finish().unwrap();
+                // Back in buffered mode and at the end: a further write appends.
+                file.write_all(b"tail").unwrap();
+                let flags = fcntl_getfl(&file).unwrap();
+                assert!(!flags.contains(OFlags::DIRECT));
+                let mut got = Vec::new();
+                file.seek(SeekFrom::Start(0)).unwrap();
+                File::open(&path).unwrap().read_to_end(&mut got).unwrap();
+                let mut want = head.clone();
+                want.extend_from_slice(&data);
+                want.extend_from_slice(b"tail");
+                assert_eq!(got.len(), want.len(), "{name}: total {total}");
+                assert!(got == want, "{name}: content differs at total {total}");
             }
-            let mut file = w.finish().unwrap();
-            // Back in buffered mode and at the end: a further write appends.
-            file.write_all(b"tail").unwrap();
-            let flags = fcntl_getfl(&file).unwrap();
-            assert!(!flags.contains(OFlags::DIRECT));
-            let mut got = Vec::new();
-            file.seek(SeekFrom::Start(0)).unwrap();
-            File::open(&path).unwrap().read_to_end(&mut got).unwrap();
-            let mut want = head.clone();
-            want.extend_from_slice(&data);
-            want.extend_from_slice(b"tail");
-            assert_eq!(got.len(), want.len(), "total {total}");
-            assert!(got == want, "content differs at total {total}");
         }
     }
 

@@ -20,7 +20,8 @@ use bytes::Bytes;
 use crate::digest::{Algorithm, Digest, Hasher};
 use crate::error::{Error, ErrorKind, Result};
 
-use super::direct::{DirectWriter, ALIGN};
+use super::chunk::ALIGN;
+use super::direct::DirectWriter;
 use super::{BlobRead, BlobStore, BlobWriter, Expect};
 
 /// Default for `direct_io_above`.
@@ -72,8 +73,8 @@ impl DiskStore {
                 durability,
                 direct_after: direct_io_above
                     .max(MIN_DIRECT_IO_ABOVE)
-                    .div_ceil(ALIGN)
-                    .saturating_mul(ALIGN),
+                    .div_ceil(ALIGN as u64)
+                    .saturating_mul(ALIGN as u64),
                 dirty: Mutex::new(Vec::new()),
             }),
         })

@@ -2,6 +2,7 @@
 //! store come later and wrap or replace it). Stores know nothing of HTTP or repositories: they
 //! keep verified bytes under their digest.
 
+pub mod chunk;
 mod direct;
 pub mod disk;
 
