@@ -87,4 +87,20 @@ print(f"{'1 GiB push / sha256 core':28} {big / sha:12.2f}")
 print(f"{'dd conv=fsync (MB/s)':28} {dd:12.1f}")
 print(f"{'sync 1 GiB push (MB/s)':28} {sync_big:12.1f}  ({sync_big / dd:.2f} of dd)")
 print("(peak_rss_kB ratio = peer / hoard)")
+# CPU the hypervisor gave to other guests during each measurement: on a shared VM a round with
+# seconds of steal measured the neighbours, not the registry.
+steal = {}
+for r in rows:
+    if "steal_s" in r:
+        steal.setdefault((r["label"], r["name"]), []).append(r["steal_s"])
+worst = max((v for vs in steal.values() for v in vs), default=0)
+print(f"CPU steal during measurements: at most {worst:.2f} s", end="")
+if worst >= 0.5:
+    print("; per round (hoard / peer):")
+    for n in names:
+        h, p = steal.get(("hoard", n), []), steal.get(("peer", n), [])
+        if h and p:
+            print(f"  {n:26} " + " ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(h, p)))
+else:
+    print()
 PY

@@ -125,22 +125,61 @@ fn blob(seed: u64, n: usize) -> Bytes {
     Bytes::from(v)
 }
 
-fn report(label: &str, name: &str, value: f64, unit: &str) {
+/// Prints one measurement. `steal_s` is the CPU time the hypervisor gave to other guests while
+/// it ran (see `Span`), so a reader can tell a slow registry from a busy host.
+fn report(label: &str, name: &str, value: f64, unit: &str, steal_s: f64) {
     println!(
         "{}",
-        serde_json::json!({"label": label, "name": name, "value": (value * 100.0).round() / 100.0, "unit": unit})
+        serde_json::json!({"label": label, "name": name, "value": (value * 100.0).round() / 100.0,
+            "unit": unit, "steal_s": (steal_s * 100.0).round() / 100.0})
     );
 }
 
-/// Runs `op(i)` for i in 0..n over `streams` connections; returns seconds taken.
-async fn parallel<F, Fut>(host: &str, n: usize, streams: usize, op: F) -> anyhow::Result<f64>
+/// The wall time of one measurement and the CPU steal meanwhile: the `steal` column of
+/// /proc/stat, summed over all CPUs. On a shared virtual machine a neighbour's load shows up
+/// there rather than as idle time, and it slows whichever registry is being measured.
+struct Span {
+    start: Instant,
+    steal: Option<u64>,
+}
+
+impl Span {
+    fn start() -> Span {
+        Span {
+            start: Instant::now(),
+            steal: steal_ticks(),
+        }
+    }
+
+    /// Seconds elapsed and seconds stolen since `start` (0 where /proc/stat is unavailable).
+    fn end(&self) -> (f64, f64) {
+        let secs = self.start.elapsed().as_secs_f64();
+        let stolen = match (self.steal, steal_ticks()) {
+            (Some(a), Some(b)) => b.saturating_sub(a) as f64 / USER_HZ,
+            _ => 0.0,
+        };
+        (secs, stolen)
+    }
+}
+
+/// The unit of /proc/stat's CPU times, fixed at 100 per second by the kernel's user ABI.
+const USER_HZ: f64 = 100.0;
+
+fn steal_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    // "cpu  user nice system idle iowait irq softirq steal ..."
+    stat.lines().next()?.split_whitespace().nth(8)?.parse().ok()
+}
+
+/// Runs `op(i)` for i in 0..n over `streams` connections; returns seconds taken and stolen.
+async fn parallel<F, Fut>(host: &str, n: usize, streams: usize, op: F) -> anyhow::Result<(f64, f64)>
 where
     F: Fn(Sender, usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = anyhow::Result<Sender>> + Send,
 {
     let next = Arc::new(AtomicUsize::new(0));
     let op = Arc::new(op);
-    let start = Instant::now();
+    let span = Span::start();
     let mut tasks = Vec::new();
     for _ in 0..streams {
         let mut s = connect(host).await?;
@@ -159,7 +198,7 @@ where
     for t in tasks {
         t.await??;
     }
-    Ok(start.elapsed().as_secs_f64())
+    Ok(span.end())
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -184,14 +223,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
         let d = Digest::sha256_of(&data).to_string();
         let mut s = connect(&host).await?;
-        let t = Instant::now();
+        let span = Span::start();
         push(&mut s, &host, &format!("bench/large{tag}"), data, &d).await?;
-        report(
-            &label,
-            "push_1GiB_MBps",
-            1073.741824 / t.elapsed().as_secs_f64(),
-            "MB/s",
-        );
+        let (secs, stolen) = span.end();
+        report(&label, "push_1GiB_MBps", 1073.741824 / secs, "MB/s", stolen);
     }
     if want("medium") {
         let n = scaled(64);
@@ -211,7 +246,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let repo = format!("bench/medium{tag}");
         let h2 = host.clone();
         let (b2, r2) = (blobs.clone(), repo.clone());
-        let secs = parallel(&host, n, 8, move |mut s, i| {
+        let (secs, stolen) = parallel(&host, n, 8, move |mut s, i| {
             let (b, d) = b2[i].clone();
             let (h, r) = (h2.clone(), r2.clone());
             async move {
@@ -225,9 +260,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "push_16MiB_x8_MBps",
             (n * (16 << 20)) as f64 / 1e6 / secs,
             "MB/s",
+            stolen,
         );
         let h2 = host.clone();
-        let secs = parallel(&host, n, 8, move |mut s, i| {
+        let (secs, stolen) = parallel(&host, n, 8, move |mut s, i| {
             let d = blobs[i].1.clone();
             let (h, r) = (h2.clone(), repo.clone());
             async move {
@@ -246,6 +282,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "pull_16MiB_x8_MBps",
             (n * (16 << 20)) as f64 / 1e6 / secs,
             "MB/s",
+            stolen,
         );
     }
     if want("small") {
@@ -268,7 +305,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         for phase in ["push", "head", "pull"] {
             let h2 = host.clone();
             let (b2, r2) = (blobs.clone(), repo.clone());
-            let secs = parallel(&host, n, 32, move |mut s, i| {
+            let (secs, stolen) = parallel(&host, n, 32, move |mut s, i| {
                 let (b, d) = b2[i].clone();
                 let (h, r) = (h2.clone(), r2.clone());
                 async move {
@@ -300,6 +337,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 &format!("{phase}_4KiB_x32_ops"),
                 n as f64 / secs,
                 "ops/s",
+                stolen,
             );
         }
     }
@@ -311,7 +349,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let dc = Digest::sha256_of(&cfg).to_string();
         push(&mut s, &host, &repo, cfg, &dc).await?;
         let h2 = host.clone();
-        let secs = parallel(&host, n, 8, move |mut s, i| {
+        let (secs, stolen) = parallel(&host, n, 8, move |mut s, i| {
             let (h, r, dc) = (h2.clone(), repo.clone(), dc.clone());
             async move {
                 let m = serde_json::json!({
@@ -332,12 +370,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         })
         .await?;
-        report(&label, "manifest_put_get_x8_ops", n as f64 / secs, "ops/s");
+        report(
+            &label,
+            "manifest_put_get_x8_ops",
+            n as f64 / secs,
+            "ops/s",
+            stolen,
+        );
     }
     Ok(())
 }
 
-/// One core's sha256 throughput, the yardstick for single-stream pushes.
 /// One core's sha256 throughput with hoard's hasher: the best of five passes over 128 MiB, so
 /// a busy moment on the machine does not lower the bar the push is compared with.
 pub fn sha256_speed() -> f64 {
