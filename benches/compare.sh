@@ -56,9 +56,13 @@ SPORT=$(free_port)
 pids+=("$!")
 wait_http "http://127.0.0.1:$SPORT/v2/"
 "$HOARD" bench --url "http://127.0.0.1:$SPORT" --label hoard-sync --only large >> "$OUT"
-dd_out=$(dd if=/dev/zero of="$WORK/dd.bin" bs=1M count=1024 conv=fsync 2>&1 | tail -1)
-rm -f "$WORK/dd.bin"
-dd_mbps=$(python3 -c 'import re,sys; m=re.search(r"([0-9.]+) bytes.*copied, ([0-9.]+) s", sys.argv[1]); print(round(float(m.group(1))/float(m.group(2))/1e6))' "$dd_out")
+# The best of three, like the pushes it is compared with.
+dd_mbps=0
+for _ in 1 2 3; do
+  dd_out=$(dd if=/dev/zero of="$WORK/dd.bin" bs=1M count=1024 conv=fsync 2>&1 | tail -1)
+  rm -f "$WORK/dd.bin"
+  dd_mbps=$(python3 -c 'import re,sys; m=re.search(r"([0-9.]+) bytes.*copied, ([0-9.]+) s", sys.argv[1]); print(max(int(sys.argv[2]), round(float(m.group(1))/float(m.group(2))/1e6)))' "$dd_out" "$dd_mbps")
+done
 echo "{\"label\":\"machine\",\"name\":\"dd_fsync_MBps\",\"value\":$dd_mbps,\"unit\":\"MB/s\"}" >> "$OUT"
 
 python3 - "$OUT" <<'PY'

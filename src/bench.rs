@@ -125,6 +125,9 @@ fn blob(seed: u64, n: usize) -> Bytes {
     Bytes::from(v)
 }
 
+/// Single-stream 1 GiB pushes per bench run; the best one is reported.
+const LARGE_RUNS: u64 = 3;
+
 /// Prints one measurement. `steal_s` is the CPU time the hypervisor gave to other guests while
 /// it ran (see `Span`), so a reader can tell a slow registry from a busy host.
 fn report(label: &str, name: &str, value: f64, unit: &str, steal_s: f64) {
@@ -217,16 +220,31 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let tag = crate::digest::hex_encode(&run_id[..4]);
 
     if want("large") {
-        let data = blob(
-            1 ^ tag.len() as u64 ^ u64::from_le_bytes(run_id[..8].try_into()?),
-            1 << 30,
+        // The best of a few single-stream pushes, each of a new blob, the way the sha256
+        // yardstick is the best of five passes: a run slowed by a busy neighbour on a shared
+        // host does not decide the figure. Every run is printed too.
+        let seed = 1 ^ tag.len() as u64 ^ u64::from_le_bytes(run_id[..8].try_into()?);
+        let mut runs: Vec<(f64, f64)> = Vec::new();
+        for k in 0..LARGE_RUNS {
+            let data = blob(seed.wrapping_add(k), 1 << 30);
+            let d = Digest::sha256_of(&data).to_string();
+            let mut s = connect(&host).await?;
+            let span = Span::start();
+            push(&mut s, &host, &format!("bench/large{tag}"), data, &d).await?;
+            let (secs, stolen) = span.end();
+            runs.push((1073.741824 / secs, stolen));
+        }
+        let (best, stolen) = runs
+            .iter()
+            .copied()
+            .fold((0.0, 0.0), |a, r| if r.0 > a.0 { r } else { a });
+        println!(
+            "{}",
+            serde_json::json!({"label": label, "name": "push_1GiB_MBps",
+                "value": (best * 100.0).round() / 100.0, "unit": "MB/s",
+                "steal_s": (stolen * 100.0).round() / 100.0,
+                "runs": runs.iter().map(|r| (r.0 * 100.0).round() / 100.0).collect::<Vec<_>>()})
         );
-        let d = Digest::sha256_of(&data).to_string();
-        let mut s = connect(&host).await?;
-        let span = Span::start();
-        push(&mut s, &host, &format!("bench/large{tag}"), data, &d).await?;
-        let (secs, stolen) = span.end();
-        report(&label, "push_1GiB_MBps", 1073.741824 / secs, "MB/s", stolen);
     }
     if want("medium") {
         let n = scaled(64);

@@ -220,8 +220,8 @@ where
     }
 }
 
-/// Full upload buffers queued for the writer (1 MiB each).
-const QUEUED_CHUNKS: usize = 2;
+/// Full upload buffers queued for the writer (512 KiB each).
+const QUEUED_CHUNKS: usize = 1;
 
 /// Copies `data` into `buf`, sending each buffer that fills to the writer; false once the
 /// writer has stopped.

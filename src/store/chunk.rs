@@ -17,8 +17,8 @@ use bytes::Bytes;
 pub const ALIGN: usize = 4096;
 /// Capacity of one buffer: large enough for the device to stream and to make hand-overs
 /// between threads rare, small enough that an upload in flight holds a few MiB.
-pub const CHUNK: usize = 1 << 20;
-/// Buffers kept for reuse once their bytes are written (at most this many MiB stay allocated).
+pub const CHUNK: usize = 512 << 10;
+/// Buffers kept for reuse once their bytes are written (16 MiB at most stay allocated).
 const POOLED: usize = 32;
 
 static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());

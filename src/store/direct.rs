@@ -26,7 +26,7 @@ use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
 
 use super::chunk::{is_aligned, ChunkBuf, ALIGN};
 
-/// Received chunks queued for the I/O thread (each at most a `ChunkBuf`, 1 MiB).
+/// Received chunks queued for the I/O thread (each at most a `ChunkBuf`, 512 KiB).
 const QUEUED: usize = 4;
 
 fn set_direct(file: &File, on: bool) -> io::Result<()> {
