@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks hoard against a peer registry (Debian's docker-registry, distribution 2.8) in the
-# same run: each round runs `hoard bench` against both, alternating which goes first, then
-# prints per-measurement ratios (hoard / peer), peak RSS, one core's sha256 speed, and hoard
-# with durability = "sync" against the disk's own `dd conv=fsync` speed.
+# same run: each round runs each part of `hoard bench` against both, alternating which goes
+# first, then prints per-measurement ratios (hoard / peer), peak RSS, one core's sha256 speed,
+# and hoard with durability = "sync" against the disk's own `dd conv=fsync` speed.
 #   usage: benches/compare.sh [ROUNDS] [SCALE]      (defaults: 2 rounds, full scale)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,12 +37,18 @@ PPID_=$!; pids+=("$PPID_")
 wait_http "http://127.0.0.1:$HPORT/v2/"
 wait_http "http://127.0.0.1:$PPORT/v2/"
 
+# Each kind of measurement runs against both servers back to back, so both meet the machine in
+# the same state (a shared host's load changes within a minute); who goes first alternates.
+n=0
 for r in $(seq "$ROUNDS"); do
-  if [ $((r % 2)) -eq 1 ]; then order="hoard peer"; else order="peer hoard"; fi
-  for who in $order; do
-    port=$HPORT; [ "$who" = peer ] && port=$PPORT
-    echo "round $r: $who" >&2
-    "$HOARD" bench --url "http://127.0.0.1:$port" --label "$who" --scale "$SCALE" >> "$OUT"
+  for part in large medium small manifest; do
+    n=$((n + 1))
+    if [ $((n % 2)) -eq 1 ]; then order="hoard peer"; else order="peer hoard"; fi
+    for who in $order; do
+      port=$HPORT; [ "$who" = peer ] && port=$PPORT
+      echo "round $r: $part: $who" >&2
+      "$HOARD" bench --url "http://127.0.0.1:$port" --label "$who" --scale "$SCALE" --only "$part" >> "$OUT"
+    done
   done
 done
 rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
