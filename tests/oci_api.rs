@@ -843,6 +843,39 @@ fn unsupported_methods_get_405() {
 
 /// Past `--direct-io-above` an upload's bytes bypass the page cache through aligned buffers on
 /// I/O threads; whatever the chunking, the stored bytes are exactly the client's.
+#[cfg(target_arch = "x86_64")]
+const O_DIRECT: u32 = 0o40000;
+#[cfg(not(target_arch = "x86_64"))]
+const O_DIRECT: u32 = 0o200000;
+
+/// The open-file flags of every upload file the daemon holds open (from /proc).
+fn upload_file_flags(h: &Hoard) -> Vec<u32> {
+    let pid = h.child.id();
+    let tmp = std::fs::canonicalize(h.data.join("tmp")).unwrap();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let e = e.unwrap();
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        if !target.starts_with(&tmp) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            e.file_name().to_string_lossy()
+        ))
+        .unwrap();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|v| u32::from_str_radix(v.trim(), 8).unwrap())
+            .unwrap();
+        out.push(flags);
+    }
+    out
+}
+
 #[test]
 fn uploads_past_direct_io_above_store_exact_bytes() {
     let tmp = tempfile::tempdir().unwrap();
@@ -877,9 +910,19 @@ fn uploads_past_direct_io_above_store_exact_bytes() {
         off += chunk.len();
         loc = r.header("location").unwrap().to_owned();
     }
+    // Idle between requests, the upload's file is held by its I/O thread, past the switch
+    // point and so in O_DIRECT mode.
+    let flags = upload_file_flags(&h);
+    assert_eq!(flags.len(), 1, "one open upload file expected: {flags:?}");
+    assert!(
+        flags[0] & O_DIRECT != 0,
+        "upload past direct_io_above is not written with O_DIRECT: flags {:o}",
+        flags[0]
+    );
     let r = h.req("PUT", &format!("{loc}?digest={dc}")).send();
     assert_eq!(r.status, 201, "{}", r.text());
     stored.push((dc, c));
+    assert!(upload_file_flags(&h).is_empty(), "upload file left open");
 
     // sha512 named up front, and sha512 named only at the end of a chunked upload (hashed
     // again from the file the I/O threads wrote).

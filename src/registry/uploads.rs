@@ -221,7 +221,7 @@ where
 }
 
 /// Full upload buffers queued for the writer (512 KiB each).
-const QUEUED_CHUNKS: usize = 1;
+const QUEUED_CHUNKS: usize = 2;
 
 /// Copies `data` into `buf`, sending each buffer that fills to the writer; false once the
 /// writer has stopped.

@@ -21,7 +21,7 @@ use crate::digest::{Algorithm, Digest, Hasher};
 use crate::error::{Error, ErrorKind, Result};
 
 use super::chunk::ALIGN;
-use super::direct::DirectWriter;
+use super::io_thread::IoThread;
 use super::{BlobRead, BlobStore, BlobWriter, Expect};
 
 /// Default for `direct_io_above`.
@@ -114,61 +114,58 @@ pub struct DiskWriter {
     written: u64,
 }
 
-/// Where an upload's bytes go: the page cache first, then (past `direct_after`) straight to the
-/// device from the I/O thread, see `direct.rs`.
+/// Where an upload's bytes go: written on the caller's thread for its first `INLINE_BYTES`,
+/// then by the upload's I/O thread (`io_thread.rs`), which also switches to `O_DIRECT` past
+/// `direct_after`.
 enum Sink {
-    Buffered { file: File, may_go_direct: bool },
-    Direct(DirectWriter),
+    Inline { file: File, may_start_thread: bool },
+    Thread(IoThread),
     Closed,
 }
 
+/// Uploads up to this size never start an I/O thread.
+const INLINE_BYTES: u64 = 1 << 20;
+
 impl DiskWriter {
-    /// Writes `buf`; `owned` is the same bytes when the caller owns them, so direct mode can
-    /// hand them to its I/O thread without a copy.
+    /// Writes `buf`; `owned` is the same bytes when the caller owns them, so the I/O thread can
+    /// take them without a copy.
     fn write_bytes(&mut self, buf: &[u8], owned: Option<&Bytes>) -> io::Result<()> {
-        let mut skip = 0;
-        loop {
-            let rest = &buf[skip..];
-            match &mut self.sink {
-                Sink::Buffered {
-                    file,
-                    may_go_direct,
-                } => {
-                    let end = self.written + buf.len() as u64;
-                    let switch = self.store.direct_after;
-                    if !*may_go_direct || end <= switch {
-                        return file.write_all(rest);
-                    }
-                    // Up to the switch point through the page cache, the rest directly.
-                    skip = switch.saturating_sub(self.written) as usize;
-                    file.write_all(&buf[..skip])?;
-                    self.sink = match std::mem::replace(&mut self.sink, Sink::Closed) {
-                        Sink::Buffered { file, .. } => match DirectWriter::start(file) {
-                            Ok(d) => Sink::Direct(d),
-                            Err(file) => Sink::Buffered {
-                                file,
-                                may_go_direct: false,
-                            },
-                        },
-                        other => other,
-                    };
-                }
-                Sink::Direct(d) => {
-                    return d.write(match owned {
-                        Some(b) => b.slice(skip..),
-                        None => Bytes::copy_from_slice(rest),
-                    })
-                }
-                Sink::Closed => return Err(io::Error::other("write after close")),
+        if let Sink::Inline {
+            file,
+            may_start_thread,
+        } = &mut self.sink
+        {
+            if !*may_start_thread || self.written + buf.len() as u64 <= INLINE_BYTES {
+                return file.write_all(buf);
             }
+            self.sink = match std::mem::replace(&mut self.sink, Sink::Closed) {
+                Sink::Inline { file, .. } => {
+                    match IoThread::start(file, self.written, self.store.direct_after) {
+                        Ok(t) => Sink::Thread(t),
+                        Err(file) => Sink::Inline {
+                            file,
+                            may_start_thread: false,
+                        },
+                    }
+                }
+                other => other,
+            };
+        }
+        match &mut self.sink {
+            Sink::Inline { file, .. } => file.write_all(buf),
+            Sink::Thread(t) => t.write(match owned {
+                Some(b) => b.clone(),
+                None => Bytes::copy_from_slice(buf),
+            }),
+            Sink::Closed => Err(io::Error::other("write after close")),
         }
     }
 
     /// Takes the file back from whichever sink holds it, with every byte written.
     fn close(&mut self) -> io::Result<File> {
         match std::mem::replace(&mut self.sink, Sink::Closed) {
-            Sink::Buffered { file, .. } => Ok(file),
-            Sink::Direct(d) => d.finish(),
+            Sink::Inline { file, .. } => Ok(file),
+            Sink::Thread(t) => t.finish(),
             Sink::Closed => Err(io::Error::other("commit after close")),
         }
     }
@@ -177,8 +174,8 @@ impl DiskWriter {
 impl BlobWriter for DiskWriter {
     fn write(&mut self, buf: &[u8]) -> Result<()> {
         self.hasher.update(buf);
-        // `written` counts bytes before this call while they are written: the sink switches
-        // mode at a fixed offset.
+        // `written` counts bytes before this call while they are written: the sink hands over
+        // to the I/O thread at a fixed offset.
         self.write_bytes(buf, None)
             .map_err(|e| Error::io("writing upload data", e))?;
         self.written += buf.len() as u64;
@@ -351,9 +348,9 @@ impl BlobStore for DiskStore {
             .map_err(|e| Error::io("creating upload file", e))?;
         Ok(Box::new(DiskWriter {
             store: self.inner.clone(),
-            sink: Sink::Buffered {
+            sink: Sink::Inline {
                 file,
-                may_go_direct: true,
+                may_start_thread: true,
             },
             path,
             hasher: alg.hasher(),

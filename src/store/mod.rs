@@ -3,8 +3,8 @@
 //! keep verified bytes under their digest.
 
 pub mod chunk;
-mod direct;
 pub mod disk;
+mod io_thread;
 
 use std::io::{Read, Seek};
 

@@ -1,16 +1,17 @@
-//! Writing the bulk of a large upload with `O_DIRECT`, on its own I/O thread.
+//! An upload's own I/O thread: the request thread hashes each chunk and hands it on, and this
+//! thread writes it, so hashing (the bottleneck of a single-stream push) and writing overlap
+//! instead of taking turns. Only uploads past their first MiB start one; smaller ones are written
+//! where they are hashed.
 //!
-//! Buffered writes copy every byte into the page cache and leave it dirty for the kernel to
-//! write back; for a multi-gigabyte layer that evicts the hot blobs other builders are pulling,
-//! and on a machine whose spare memory is cold (a freshly started VM) growing the page cache is
-//! slower than the disk itself. Past `direct_io_above` (32 MiB by default) an upload's chunks go
-//! to an I/O thread that writes them straight to the device while the request thread goes on
-//! hashing the next ones, so hashing and disk I/O overlap instead of taking turns. The chunks
-//! arrive in block-aligned buffers (`chunk.rs`), which the device takes as they are; only a
-//! chunk that does not start on a block boundary (after an odd-sized PATCH) is copied into a
-//! staging buffer first. The first bytes of every upload, and all of a small one, still go
-//! through the page cache, so the common case of a layer pulled soon after it was pushed is
-//! served from memory (the same trade as a web server's "direct I/O above this size" setting).
+//! Up to `direct_io_above` (32 MiB by default) the thread writes through the page cache, so the
+//! common case of a layer pulled soon after it was pushed is served from memory. Past it, the
+//! thread switches the file to `O_DIRECT`: buffered writes copy every byte into the page cache
+//! and leave it dirty for the kernel to write back; for a multi-gigabyte layer that evicts the
+//! hot blobs other builders are pulling, and on a machine whose spare memory is cold (a freshly
+//! started VM) growing the page cache is slower than the disk itself (the same trade as a web
+//! server's "direct I/O above this size" setting). The chunks arrive in block-aligned buffers
+//! (`chunk.rs`), which the device takes as they are; only a chunk that does not start on a block
+//! boundary (after an odd-sized PATCH) is copied into a staging buffer first.
 //!
 //! Filesystems or devices that refuse `O_DIRECT` (or its alignment) are detected on the first
 //! write and the upload continues buffered: the mode changes how bytes travel, never which
@@ -91,6 +92,10 @@ impl Out {
 /// while the request thread hashes the next one.
 struct Device {
     out: Out,
+    /// The file offset where writing switches to `O_DIRECT`, until it is reached.
+    direct_at: Option<u64>,
+    /// The file offset, counted until the switch.
+    offset: u64,
     /// Bytes not yet written because they do not fill a block-aligned run: only after a chunk
     /// that did not start on a block boundary in memory (a client sending odd-sized PATCHes).
     stage: Option<ChunkBuf>,
@@ -99,6 +104,24 @@ struct Device {
 impl Device {
     fn take(&mut self, chunk: &[u8]) -> io::Result<()> {
         let mut data = chunk;
+        if let Some(at) = self.direct_at {
+            let end = self.offset + data.len() as u64;
+            if end <= at {
+                self.offset = end;
+                return self.out.write_all(data);
+            }
+            // Up to the switch through the page cache, the rest directly.
+            let k = at.saturating_sub(self.offset) as usize;
+            self.out.write_all(&data[..k])?;
+            data = &data[k..];
+            self.direct_at = None;
+            match set_direct(&self.out.file, true) {
+                Ok(()) => self.out.direct = true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "O_DIRECT unavailable; writing through the page cache")
+                }
+            }
+        }
         let staged = self.stage.as_ref().is_some_and(|s| !s.is_empty());
         // The common case: a full buffer from the network side, aligned in memory and, since
         // nothing is staged, at an aligned file offset. It goes to the device as it is.
@@ -136,31 +159,30 @@ impl Device {
     }
 }
 
-/// The request side of a direct upload: hands received chunks (shared, not copied) to the I/O
-/// thread, which writes them while the caller hashes the next ones.
-pub struct DirectWriter {
+/// The request side: hands chunks (shared, not copied) to the I/O thread, which writes them
+/// while the caller hashes the next ones.
+pub struct IoThread {
     tx: Option<SyncSender<Bytes>>,
     io: Option<JoinHandle<io::Result<File>>>,
 }
 
-impl DirectWriter {
-    /// Switches `file` (positioned at an `ALIGN` multiple) to direct I/O and starts its I/O
-    /// thread. When the filesystem refuses, the file comes back unchanged for buffered writes.
-    pub fn start(file: File) -> Result<DirectWriter, File> {
-        if let Err(e) = set_direct(&file, true) {
-            tracing::debug!(error = %e, "O_DIRECT unavailable; writing through the page cache");
-            return Err(file);
-        }
-        // The file moves into the thread only if the thread starts: keep a handle to undo.
+impl IoThread {
+    /// Starts the I/O thread for `file`, positioned at `offset`; bytes from file offset
+    /// `direct_at` (a multiple of `ALIGN`) on are written with `O_DIRECT`. When no thread can
+    /// start, the file comes back for the caller to write itself.
+    pub fn start(file: File, offset: u64, direct_at: u64) -> Result<IoThread, File> {
+        // The file moves into the thread only if the thread starts: keep a handle to return.
         let undo = match file.try_clone() {
             Ok(f) => f,
-            Err(_) => {
-                let _ = set_direct(&file, false);
-                return Err(file);
-            }
+            Err(_) => return Err(file),
         };
         let device = Device {
-            out: Out { file, direct: true },
+            out: Out {
+                file,
+                direct: false,
+            },
+            direct_at: Some(direct_at),
+            offset,
             stage: None,
         };
         let (tx, rx) = mpsc::sync_channel::<Bytes>(QUEUED);
@@ -168,13 +190,12 @@ impl DirectWriter {
             .name("hoard-upload-io".into())
             .spawn(move || device.run(rx))
         {
-            Ok(handle) => Ok(DirectWriter {
+            Ok(handle) => Ok(IoThread {
                 tx: Some(tx),
                 io: Some(handle),
             }),
             Err(e) => {
-                tracing::debug!(error = %e, "no upload I/O thread; writing through the page cache");
-                let _ = set_direct(&undo, false);
+                tracing::debug!(error = %e, "no upload I/O thread; writing on the request thread");
                 Err(undo)
             }
         }
@@ -252,17 +273,29 @@ mod tests {
             }),
         ];
         for (name, split) in splits {
-            for total in [0, 1, 4095, 4096, CHUNK - 1, CHUNK, 3 * CHUNK + 12345] {
+            // The switch to O_DIRECT: where the thread starts, within the first chunk, later.
+            for (total, direct_at) in [
+                (0, 8192),
+                (1, 8192),
+                (4095, 8192),
+                (4096, 8192),
+                (CHUNK - 1, 8192),
+                (CHUNK, 8192),
+                (3 * CHUNK + 12345, 8192),
+                (3 * CHUNK + 12345, 8192 + 4096),
+                (3 * CHUNK + 12345, 8192 + 2 * CHUNK as u64),
+                (CHUNK, 8192 + 8 * CHUNK as u64),
+            ] {
                 let dir = tempfile::tempdir().unwrap();
                 let path = dir.path().join("f");
                 let mut file = File::create(&path).unwrap();
-                // Start at an aligned offset past some buffered bytes, as an upload does.
+                // Start past some bytes written by the caller, as an upload does.
                 let head = pattern(8192);
                 file.write_all(&head).unwrap();
                 let data = pattern(total);
-                let mut w = match DirectWriter::start(file) {
+                let mut w = match IoThread::start(file, 8192, direct_at) {
                     Ok(w) => w,
-                    Err(_) => panic!("O_DIRECT refused on the test filesystem and no fallback ran"),
+                    Err(_) => panic!("no I/O thread"),
                 };
                 for piece in split(&data) {
                     w.write(piece).unwrap();
@@ -278,8 +311,15 @@ mod tests {
                 let mut want = head.clone();
                 want.extend_from_slice(&data);
                 want.extend_from_slice(b"tail");
-                assert_eq!(got.len(), want.len(), "{name}: total {total}");
-                assert!(got == want, "{name}: content differs at total {total}");
+                assert_eq!(
+                    got.len(),
+                    want.len(),
+                    "{name}: total {total} at {direct_at}"
+                );
+                assert!(
+                    got == want,
+                    "{name}: content differs at total {total} at {direct_at}"
+                );
             }
         }
     }
@@ -291,7 +331,7 @@ mod tests {
         let mut file = File::create(&path).unwrap();
         file.write_all(b"abc").unwrap(); // offset 3: direct writes there fail with EINVAL
         let data = pattern(CHUNK + 5000);
-        let mut w = DirectWriter::start(file).unwrap_or_else(|_| panic!("start"));
+        let mut w = IoThread::start(file, 3, 3).unwrap_or_else(|_| panic!("start"));
         w.write(Bytes::from(data.clone())).unwrap();
         w.finish().unwrap();
         let got = std::fs::read(&path).unwrap();
