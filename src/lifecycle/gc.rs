@@ -802,6 +802,10 @@ impl BlobWriter for ReservedWriter {
         self.inner.as_ref().map_or(0, |w| w.written())
     }
 
+    fn aligned_from(&self) -> Option<u64> {
+        self.inner.as_ref().and_then(|w| w.aligned_from())
+    }
+
     fn reserve(&mut self, total: u64) -> Result<()> {
         self.ensure(total, true)
     }

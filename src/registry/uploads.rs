@@ -174,10 +174,17 @@ where
         })
         .await;
     }
-    // Large bodies: each frame is copied into a pooled buffer as it arrives and let go (see
-    // `store::chunk`), and full buffers go through a bounded channel to one blocking writer, so
-    // the network and the disk (and the hash) overlap while memory stays bounded.
+    // Large bodies: a bounded channel to one blocking writer, so the network and the disk (and
+    // the hash) overlap while memory stays bounded. Frames go on as they come until the writer's
+    // direct-I/O switch; past it each is copied into a pooled, block-aligned buffer and let go
+    // (see `store::chunk`), and full buffers go on.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUED_CHUNKS);
+    let mut fwd = Forward {
+        aligned_from: writer.aligned_from(),
+        offset: writer.written(),
+        buf: None,
+        tx,
+    };
     let task = tokio::task::spawn_blocking(move || {
         let mut res = Ok(());
         while let Some(chunk) = rx.blocking_recv() {
@@ -188,17 +195,16 @@ where
         (writer, res)
     });
     let mut recv: Result<()> = Ok(());
-    let mut buf = ChunkBuf::new();
     let mut open = true;
     for chunk in head {
-        open = open && feed(&tx, &mut buf, &chunk).await;
+        open = open && fwd.send(chunk).await;
     }
     while open {
         match body.frame().await {
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     // The writer stopped early (write error): stop sending, report its error.
-                    open = feed(&tx, &mut buf, &data).await;
+                    open = fwd.send(data).await;
                 }
             }
             Some(Err(e)) => {
@@ -206,34 +212,68 @@ where
                 break;
             }
             None => {
-                if !buf.is_empty() {
-                    let _ = tx.send(buf.into_bytes()).await;
-                }
+                fwd.flush().await;
                 break;
             }
         }
     }
-    drop(tx);
+    drop(fwd);
     match task.await {
         Ok((w, res)) => (w, res.and(recv)),
         Err(e) => panic_to_writer(e),
     }
 }
 
-/// Full upload buffers queued for the writer (512 KiB each).
-const QUEUED_CHUNKS: usize = 2;
+/// Chunks queued for the writer: received frames (at most the HTTP layer's read buffer) or
+/// full 512 KiB upload buffers.
+const QUEUED_CHUNKS: usize = 4;
 
-/// Copies `data` into `buf`, sending each buffer that fills to the writer; false once the
-/// writer has stopped.
-async fn feed(tx: &tokio::sync::mpsc::Sender<Bytes>, buf: &mut ChunkBuf, mut data: &[u8]) -> bool {
-    while !data.is_empty() {
-        let n = buf.fill(data);
-        data = &data[n..];
-        if buf.is_full() && tx.send(std::mem::take(buf).into_bytes()).await.is_err() {
-            return false;
+/// The network side of a streamed upload: passes received bytes to the writer.
+struct Forward {
+    aligned_from: Option<u64>,
+    /// Upload offset of the next byte received.
+    offset: u64,
+    /// The aligned buffer being filled, once past `aligned_from`.
+    buf: Option<ChunkBuf>,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+}
+
+impl Forward {
+    /// False once the writer has stopped.
+    async fn send(&mut self, mut data: Bytes) -> bool {
+        let before = match self.aligned_from {
+            Some(at) => at.saturating_sub(self.offset).min(data.len() as u64) as usize,
+            None => data.len(),
+        };
+        self.offset += data.len() as u64;
+        if before > 0 {
+            let head = data.split_to(before);
+            if self.tx.send(head).await.is_err() {
+                return false;
+            }
+        }
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            let buf = self.buf.get_or_insert_with(ChunkBuf::new);
+            let n = buf.fill(rest);
+            rest = &rest[n..];
+            if buf.is_full() {
+                if let Some(full) = self.buf.take() {
+                    if self.tx.send(full.into_bytes()).await.is_err() {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Sends what is buffered at the end of the body.
+    async fn flush(&mut self) {
+        if let Some(last) = self.buf.take().filter(|b| !b.is_empty()) {
+            let _ = self.tx.send(last.into_bytes()).await;
         }
     }
-    true
 }
 
 /// A panicked writer task leaves no writer to hand back; there is nothing sane to continue with.

@@ -194,6 +194,10 @@ impl BlobWriter for DiskWriter {
         self.written
     }
 
+    fn aligned_from(&self) -> Option<u64> {
+        Some(self.store.direct_after)
+    }
+
     fn commit(mut self: Box<Self>, expect: Expect) -> Result<u64> {
         // From here on the tmp file is ours to remove on every error path.
         let tmp = std::mem::take(&mut self.path);

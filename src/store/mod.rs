@@ -29,6 +29,12 @@ pub trait BlobWriter: Send {
     }
     /// Bytes written so far.
     fn written(&self) -> u64;
+    /// The upload offset from which this writer takes bytes best in block-aligned `ChunkBuf`s
+    /// (where it switches to direct I/O); before it, and for writers without one, the caller
+    /// passes bytes on as they come.
+    fn aligned_from(&self) -> Option<u64> {
+        None
+    }
     /// Announces that the upload will reach `total` bytes, so space can be reserved (and the
     /// upload refused) before its bytes stream. Writers without a budget accept anything.
     fn reserve(&mut self, _total: u64) -> Result<()> {
