@@ -94,7 +94,7 @@ pub struct DiskConfig {
     pub path: Option<PathBuf>,
     pub durability: Durability,
     pub sync_interval: HumanDuration,
-    /// Upload bytes past this offset are written with O_DIRECT (see store/direct.rs).
+    /// Upload bytes past this offset are written with O_DIRECT (see store/io_thread.rs).
     pub direct_io_above: HumanSize,
 }
 

@@ -841,10 +841,10 @@ fn unsupported_methods_get_405() {
     assert_eq!(h.req("DELETE", "/v2/r/tags/list").send().status, 405);
 }
 
-/// Past `--direct-io-above` an upload's bytes bypass the page cache through aligned buffers on
-/// I/O threads; whatever the chunking, the stored bytes are exactly the client's.
+/// `O_DIRECT` as /proc shows it in an open file's flags (octal).
 #[cfg(target_arch = "x86_64")]
 const O_DIRECT: u32 = 0o40000;
+/// `O_DIRECT` on aarch64.
 #[cfg(not(target_arch = "x86_64"))]
 const O_DIRECT: u32 = 0o200000;
 
@@ -876,6 +876,8 @@ fn upload_file_flags(h: &Hoard) -> Vec<u32> {
     out
 }
 
+/// Past `--direct-io-above` an upload's bytes bypass the page cache through aligned buffers on
+/// the upload's I/O thread; whatever the chunking, the stored bytes are exactly the client's.
 #[test]
 fn uploads_past_direct_io_above_store_exact_bytes() {
     let tmp = tempfile::tempdir().unwrap();
@@ -925,7 +927,7 @@ fn uploads_past_direct_io_above_store_exact_bytes() {
     assert!(upload_file_flags(&h).is_empty(), "upload file left open");
 
     // sha512 named up front, and sha512 named only at the end of a chunked upload (hashed
-    // again from the file the I/O threads wrote).
+    // again from the file the I/O thread wrote).
     let e = bytes(62, (3 << 20) + 1);
     let de = sha512(&e);
     let r = h

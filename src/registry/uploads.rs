@@ -226,7 +226,7 @@ where
 
 /// Chunks queued for the writer: received frames (at most the HTTP layer's read buffer) or
 /// full 512 KiB upload buffers.
-const QUEUED_CHUNKS: usize = 4;
+const QUEUED_CHUNKS: usize = 2;
 
 /// The network side of a streamed upload: passes received bytes to the writer.
 struct Forward {

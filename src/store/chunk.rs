@@ -1,12 +1,13 @@
-//! Block-aligned, pooled buffers that carry upload bytes from the network to the disk.
+//! Block-aligned, pooled buffers that carry upload bytes to the device past the direct-I/O
+//! switch.
 //!
-//! The HTTP layer hands a body over in frames that point into its own read buffer; holding on to
-//! them while they are hashed and written makes it allocate a fresh read buffer for every frame,
-//! and on a machine whose spare memory is cold each fresh buffer costs page faults. Instead, an
-//! upload copies each frame into a `ChunkBuf` as soon as it arrives (the bytes are still in the
-//! CPU's cache then) and lets the frame go, so the read buffer is reused. The buffers come from
-//! a pool and start on a block boundary, so the direct writer can hand a full one to the device
-//! as it is, without a second copy.
+//! `O_DIRECT` needs the memory it writes from to start on a block boundary, and the HTTP layer's
+//! frames point anywhere into its own read buffer. Past the switch an upload copies each frame
+//! into a `ChunkBuf` as it arrives (the bytes are still in the CPU's cache then) and lets the
+//! frame go, so the HTTP layer reuses its read buffer instead of allocating a fresh one while
+//! frames wait in queues (on a machine whose spare memory is cold, every fresh buffer costs page
+//! faults). A full buffer goes to the device as it is, without a second copy, and then back to
+//! the pool.
 
 use std::sync::Mutex;
 

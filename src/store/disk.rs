@@ -26,7 +26,8 @@ use super::{BlobRead, BlobStore, BlobWriter, Expect};
 
 /// Default for `direct_io_above`.
 pub const DEFAULT_DIRECT_IO_ABOVE: u64 = 32 << 20;
-/// Below this, starting the I/O threads would cost more than the page cache does.
+/// The switch to direct I/O happens on the I/O thread, which only uploads past their first MiB
+/// start (`INLINE_BYTES`).
 const MIN_DIRECT_IO_ABOVE: u64 = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]

@@ -28,7 +28,7 @@ use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
 use super::chunk::{is_aligned, ChunkBuf, ALIGN};
 
 /// Received chunks queued for the I/O thread (each at most a `ChunkBuf`, 512 KiB).
-const QUEUED: usize = 4;
+const QUEUED: usize = 2;
 
 fn set_direct(file: &File, on: bool) -> io::Result<()> {
     let flags = fcntl_getfl(file)?;
