@@ -26,8 +26,8 @@ use super::{BlobRead, BlobStore, BlobWriter, Expect};
 
 /// Default for `direct_io_above`.
 pub const DEFAULT_DIRECT_IO_ABOVE: u64 = 32 << 20;
-/// The switch to direct I/O happens on the I/O thread, which only uploads past their first MiB
-/// start (`INLINE_BYTES`).
+/// Direct I/O is switched on by an upload's I/O thread, which starts only once the upload passes
+/// its first MiB (`INLINE_BYTES`).
 const MIN_DIRECT_IO_ABOVE: u64 = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
