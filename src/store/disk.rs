@@ -26,8 +26,8 @@ use super::{BlobRead, BlobStore, BlobWriter, Expect};
 
 /// Default for `direct_io_above`.
 pub const DEFAULT_DIRECT_IO_ABOVE: u64 = 32 << 20;
-/// Direct I/O is switched on by an upload's I/O thread, which starts only once the upload passes
-/// its first MiB (`INLINE_BYTES`).
+/// Direct I/O is switched on by an upload's I/O thread; a smaller switch point would start a
+/// thread for nearly every upload.
 const MIN_DIRECT_IO_ABOVE: u64 = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -115,8 +115,8 @@ pub struct DiskWriter {
     written: u64,
 }
 
-/// Where an upload's bytes go: written on the caller's thread for its first `INLINE_BYTES`,
-/// then by the upload's I/O thread (`io_thread.rs`), which also switches to `O_DIRECT` past
+/// Where an upload's bytes go: written on the caller's thread at first, then (past
+/// `INLINE_BYTES` or `direct_after`) by the upload's I/O thread (`io_thread.rs`), which also switches to `O_DIRECT` past
 /// `direct_after`.
 enum Sink {
     Inline { file: File, may_start_thread: bool },
@@ -124,8 +124,10 @@ enum Sink {
     Closed,
 }
 
-/// Uploads up to this size never start an I/O thread.
-const INLINE_BYTES: u64 = 1 << 20;
+/// An upload starts its I/O thread once it passes this size or `direct_after`, whichever is
+/// smaller. Below it, writing on the hashing thread is cheaper than handing chunks over: many
+/// such uploads run at once, and they keep every core busy hashing anyway.
+const INLINE_BYTES: u64 = 32 << 20;
 
 impl DiskWriter {
     /// Writes `buf`; `owned` is the same bytes when the caller owns them, so the I/O thread can
@@ -136,7 +138,8 @@ impl DiskWriter {
             may_start_thread,
         } = &mut self.sink
         {
-            if !*may_start_thread || self.written + buf.len() as u64 <= INLINE_BYTES {
+            let inline_up_to = INLINE_BYTES.min(self.store.direct_after);
+            if !*may_start_thread || self.written + buf.len() as u64 <= inline_up_to {
                 return file.write_all(buf);
             }
             self.sink = match std::mem::replace(&mut self.sink, Sink::Closed) {

@@ -1,7 +1,7 @@
 //! An upload's own I/O thread: the request thread hashes each chunk and hands it on, and this
 //! thread writes it, so hashing (the bottleneck of a single-stream push) and writing overlap
-//! instead of taking turns. Only uploads past their first MiB start one; smaller ones are written
-//! where they are hashed.
+//! instead of taking turns. Only large uploads start one (past 32 MiB, or `direct_io_above` if
+//! that is smaller); smaller ones are written where they are hashed.
 //!
 //! Up to `direct_io_above` (32 MiB by default) the thread writes through the page cache, so the
 //! common case of a layer pulled soon after it was pushed is served from memory. Past it, the
