@@ -164,6 +164,30 @@ fn head_get_ranges_and_delete() {
         .send();
     assert_eq!(r.status, 416);
     assert_eq!(r.header("content-range"), Some("bytes */2097152"));
+    // A range that ends before it starts is refused too, not answered with the whole blob.
+    let r = h
+        .req("GET", &format!("/v2/a/b/blobs/{d}"))
+        .header("Range", "bytes=500-0")
+        .send();
+    assert_eq!(r.status, 416);
+    assert_eq!(r.header("content-range"), Some("bytes */2097152"));
+    // A suffix and a range running past the end are cut to the blob.
+    let r = h
+        .req("GET", &format!("/v2/a/b/blobs/{d}"))
+        .header("Range", "bytes=-500")
+        .send();
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, &data[data.len() - 500..]);
+    assert_eq!(
+        r.header("content-range"),
+        Some("bytes 2096652-2097151/2097152")
+    );
+    let r = h
+        .req("GET", &format!("/v2/a/b/blobs/{d}"))
+        .header("Range", "bytes=2097000-9999999")
+        .send();
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, &data[2097000..]);
     assert_eq!(
         r.header("content-length")
             .unwrap()
@@ -532,6 +556,15 @@ fn manifests_by_tag_and_digest() {
     // Put by digest, with OCI 1.1 ?tag= parameters.
     let r = put_manifest(&h, "app", &format!("{dm}?tag=t1&tag=t2"), OCI_MANIFEST, &m);
     assert_eq!(r.status, 201, "{}", r.text());
+    // One OCI-Tag header per tag set, so a client knows the parameters were honoured.
+    let mut set: Vec<&str> = r
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("oci-tag"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    set.sort_unstable();
+    assert_eq!(set, ["t1", "t2"]);
     let tags = h.req("GET", "/v2/app/tags/list").send().json();
     assert_eq!(
         tags,

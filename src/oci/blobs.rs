@@ -42,10 +42,7 @@ pub fn parse_range(h: Option<&str>, size: u64) -> RangeReq {
         // Suffix: the last b bytes.
         return match b.parse::<u64>() {
             Ok(0) => RangeReq::Unsatisfiable,
-            Ok(n) if size == 0 => {
-                let _ = n;
-                RangeReq::Unsatisfiable
-            }
+            Ok(_) if size == 0 => RangeReq::Unsatisfiable,
             Ok(n) => RangeReq::Part(size.saturating_sub(n), size - 1),
             Err(_) => RangeReq::Whole,
         };
@@ -58,7 +55,10 @@ pub fn parse_range(h: Option<&str>, size: u64) -> RangeReq {
     } else {
         match b.parse::<u64>() {
             Ok(e) if e >= start => Some(e),
-            _ => return RangeReq::Whole,
+            // A range that ends before it starts can never be served: 416, as Go's net/http
+            // (every Go registry client's server side) and the OCI conformance suite expect.
+            Ok(_) => return RangeReq::Unsatisfiable,
+            Err(_) => return RangeReq::Whole,
         }
     };
     if start >= size {
@@ -91,7 +91,7 @@ pub async fn get(
         RangeReq::Unsatisfiable => {
             let e = OciError::new(
                 Code::BlobUploadInvalid,
-                format!("requested range is outside the blob's {size} bytes"),
+                format!("the requested range cannot be served from a blob of {size} bytes"),
             )
             .with_status(StatusCode::RANGE_NOT_SATISFIABLE);
             let mut resp = error_response(&e, is_head);
@@ -163,7 +163,9 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=-40"), 10), Part(0, 9));
         assert_eq!(parse_range(Some("bytes=10-"), 10), Unsatisfiable);
         assert_eq!(parse_range(Some("bytes=0-"), 0), Unsatisfiable);
-        assert_eq!(parse_range(Some("bytes=5-3"), 10), Whole);
+        assert_eq!(parse_range(Some("bytes=5-3"), 10), Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=500-0"), 2048), Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=2000-5000"), 2048), Part(2000, 2047));
         assert_eq!(parse_range(Some("items=0-1"), 10), Whole);
         assert_eq!(parse_range(Some("bytes=x-"), 10), Whole);
         assert_eq!(parse_range(Some("bytes=0-1,3-4"), 10), Whole);

@@ -16,6 +16,9 @@ use crate::registry::manifests::{PutManifest, MAX_MANIFEST};
 use crate::registry::Registry;
 
 const OCI_SUBJECT: HeaderName = HeaderName::from_static("oci-subject");
+/// One per tag a push by digest set through `?tag=` (OCI Distribution 1.1.1): how a client
+/// learns the registry honoured the parameters rather than ignoring them.
+const OCI_TAG: HeaderName = HeaderName::from_static("oci-tag");
 
 fn parse_reference(r: &str) -> Result<Reference, OciError> {
     Reference::parse(r).map_err(|e| OciError::from_error(e, Code::ManifestUnknown))
@@ -75,6 +78,9 @@ pub async fn put(
     ];
     if let Some(s) = stored.subject {
         headers.push((OCI_SUBJECT, s.to_string()));
+    }
+    for t in &extra_tags {
+        headers.push((OCI_TAG, t.to_string()));
     }
     Ok(empty_response(StatusCode::CREATED, &headers))
 }

@@ -100,7 +100,7 @@ pub fn empty_response(status: StatusCode, headers: &[(HeaderName, String)]) -> R
     h.insert(CONTENT_LENGTH, HeaderValue::from(0));
     for (k, v) in headers {
         if let Ok(v) = HeaderValue::from_str(v) {
-            h.insert(k.clone(), v);
+            h.append(k.clone(), v);
         }
     }
     resp
