@@ -52,7 +52,7 @@ impl App {
         let store = Arc::new(DiskStore::open(
             &root,
             disk.durability,
-            disk.direct_io_above.0,
+            disk.direct_io_above(),
         )?);
         let started = std::time::Instant::now();
         let (index, records) = Index::open(&index_dir, disk.durability == Durability::Sync)?;
@@ -87,7 +87,13 @@ impl App {
             // Files renamed but never journaled, or journaled gone but not yet unlinked.
             life.sweep_files()?;
         }
-        let registry = Arc::new(Registry::new(life.clone()));
+        let mut registry = Registry::new(life.clone());
+        if disk.durability == Durability::Group {
+            // A sync point normally lands within one interval (plus its own fsync); twice that
+            // means the disk is behind the writes, and new ones wait rather than pile up.
+            registry.unsynced_bound = Some(disk.sync_interval.0 * 2);
+        }
+        let registry = Arc::new(registry);
         Ok(App {
             config,
             registry,

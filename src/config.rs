@@ -73,7 +73,8 @@ pub enum LogFormat {
 /// [store.disk]
 /// durability = "group"     # or "sync": fsync every blob before answering
 /// sync_interval = "1s"     # group commit period
-/// direct_io_above = "32MiB" # bytes of an upload past this offset bypass the page cache
+/// direct_io_above = "32MiB" # upload bytes past this offset bypass the page cache
+///                           # (default: never with "group", 32MiB with "sync")
 /// ```
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
@@ -94,8 +95,16 @@ pub struct DiskConfig {
     pub path: Option<PathBuf>,
     pub durability: Durability,
     pub sync_interval: HumanDuration,
-    /// Upload bytes past this offset are written with O_DIRECT (see store/io_thread.rs).
-    pub direct_io_above: HumanSize,
+    /// Upload bytes past this offset are written with O_DIRECT (see store/io_thread.rs); unset,
+    /// it follows `durability` ([`Durability::default_direct_io_above`]).
+    pub direct_io_above: Option<HumanSize>,
+}
+
+impl DiskConfig {
+    pub fn direct_io_above(&self) -> u64 {
+        self.direct_io_above
+            .map_or(self.durability.default_direct_io_above(), |s| s.0)
+    }
 }
 
 impl Default for DiskConfig {
@@ -104,7 +113,7 @@ impl Default for DiskConfig {
             path: None,
             durability: Durability::Group,
             sync_interval: HumanDuration(Duration::from_secs(1)),
-            direct_io_above: HumanSize(crate::store::disk::DEFAULT_DIRECT_IO_ABOVE),
+            direct_io_above: None,
         }
     }
 }
@@ -130,8 +139,8 @@ pub struct Overrides {
     /// Group commit period, e.g. 1s or 200ms.
     #[arg(long, env = "HOARD_SYNC_INTERVAL", value_parser = parse_duration)]
     pub sync_interval: Option<Duration>,
-    /// Upload bytes past this offset bypass the page cache (O_DIRECT), e.g. 32MiB; set it above
-    /// the largest blob to keep every write buffered.
+    /// Upload bytes past this offset bypass the page cache (O_DIRECT), e.g. 32MiB (default: never
+    /// with group durability, 32MiB with sync).
     #[arg(long, env = "HOARD_DIRECT_IO_ABOVE", value_parser = parse_size)]
     pub direct_io_above: Option<u64>,
     /// Idle upload sessions are dropped after this long, e.g. 1h.
@@ -215,7 +224,7 @@ impl Config {
             disk.sync_interval = HumanDuration(v);
         }
         if let Some(v) = o.direct_io_above {
-            disk.direct_io_above = HumanSize(v);
+            disk.direct_io_above = Some(HumanSize(v));
         }
         if disk.sync_interval.0.is_zero() {
             return Err("sync_interval must be greater than zero".into());
@@ -475,9 +484,11 @@ mod tests {
         let (_, d) = c.disk();
         assert_eq!(d.durability, Durability::Sync);
         assert_eq!(d.sync_interval.0, Duration::from_millis(200));
-        assert_eq!(d.direct_io_above.0, 64 << 20);
+        assert_eq!(d.direct_io_above(), 64 << 20);
         let defaults = Config::default();
-        assert_eq!(defaults.disk().1.direct_io_above.0, 32 << 20);
+        assert_eq!(defaults.disk().1.direct_io_above(), u64::MAX);
+        let sync: Config = toml::from_str("[store.disk]\ndurability = \"sync\"\n").unwrap();
+        assert_eq!(sync.disk().1.direct_io_above(), 32 << 20);
         assert!(toml::from_str::<Config>("lisen = \"x\"").is_err());
         assert!(toml::from_str::<Config>("[store.disk]\nfoo = 1").is_err());
     }

@@ -5,10 +5,11 @@
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use crate::clock::Millis;
 use crate::digest::{Digest, DigestMap, DigestSet};
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 
 use super::journal::Journal;
 pub use super::journal::{ManifestMeta, Op, Stamp};
@@ -300,7 +301,14 @@ pub struct Index {
     touches: Mutex<Vec<Op>>,
     /// Minimum gap between two journaled accesses of one entry (ms).
     debounce: std::sync::atomic::AtomicI64,
+    /// When the last completed sync point began: everything acknowledged before that instant is
+    /// durable. Writers waiting in [`Index::wait_durable_within`] watch it.
+    covered: tokio::sync::watch::Sender<Instant>,
 }
+
+/// How long a writer waits for a group commit that is behind before it gives up with an error:
+/// a disk that completes no fsync for this long is failing, not slow.
+const SYNC_STALL: Duration = Duration::from_secs(60);
 
 /// Default for [`Index::set_debounce`]: last access is exact in memory, and journaled at most
 /// once a minute per entry, so a hot HEAD path costs no write and a restart loses at most a minute
@@ -331,6 +339,7 @@ impl Index {
                 journal: Mutex::new(journal),
                 touches: Mutex::new(Vec::new()),
                 debounce: ACCESS_DEBOUNCE.into(),
+                covered: tokio::sync::watch::Sender::new(Instant::now()),
             },
             n,
         ))
@@ -386,6 +395,7 @@ impl Index {
     /// journal is fsynced and a `SyncPoint { upto }` vouches for exactly those records (blobs
     /// committed meanwhile stay unsynced until the next round). Compacts a grown journal.
     pub fn sync_point(&self, sync_blobs: impl FnOnce() -> Result<()>) -> Result<()> {
+        let began = Instant::now();
         let (upto, handle) = {
             let journal = self.journal();
             (journal.next_seq(), journal.sync_handle()?)
@@ -406,7 +416,32 @@ impl Index {
             state.unsynced = renumbered;
             tracing::info!(records = n, "compacted the index journal");
         }
+        self.covered.send_replace(began);
         Ok(())
+    }
+
+    /// Returns once everything acknowledged more than `bound` ago is covered by a completed sync
+    /// point — at once while the group commit keeps up. When the disk falls behind (writes
+    /// arrive faster than it can flush them), a write waits here before it is acknowledged
+    /// instead of widening what a power loss could take. A disk that completes no sync for a
+    /// minute is reported as unavailable; the write itself is stored and a retry finds it.
+    pub async fn wait_durable_within(&self, bound: Duration) -> Result<()> {
+        let mut rx = self.covered.subscribe();
+        let caught_up = async move {
+            // A closed channel cannot happen while `self` lives; either way there is no wait.
+            let _ = rx.wait_for(|began| began.elapsed() <= bound).await;
+        };
+        match tokio::time::timeout(SYNC_STALL, caught_up).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "the disk has completed no group commit for over {} s; \
+                     the write is stored but not yet durable",
+                    SYNC_STALL.as_secs()
+                ),
+            )),
+        }
     }
 
     /// Rewrites the journal as the compacted state (start-up and clean shutdown).
@@ -553,5 +588,48 @@ impl Index {
             Ok(ops)
         })?;
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn writes_wait_only_while_the_group_commit_is_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = std::sync::Arc::new(Index::open(dir.path(), false).unwrap().0);
+        let bound = Duration::from_millis(200);
+        let generous = Duration::from_secs(10);
+
+        // Just opened, nothing acknowledged yet: no wait.
+        tokio::time::timeout(generous, index.wait_durable_within(bound))
+            .await
+            .expect("a fresh index must not hold writes back")
+            .unwrap();
+
+        // No sync point for longer than the bound: the disk is behind, and a write waits...
+        std::thread::sleep(bound + Duration::from_millis(50));
+        let waiter = tokio::spawn({
+            let index = index.clone();
+            async move { index.wait_durable_within(bound).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !waiter.is_finished(),
+            "acknowledged while the sync is behind"
+        );
+
+        // ...until a sync point completes, which lets it through.
+        let i = index.clone();
+        tokio::task::spawn_blocking(move || i.sync_point(|| Ok(())))
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::timeout(generous, waiter)
+            .await
+            .expect("a completed sync point must release waiting writes")
+            .unwrap()
+            .unwrap();
     }
 }

@@ -261,6 +261,7 @@ impl Registry {
             }
             Ok(ops)
         })?;
+        self.settle().await?;
         Ok(Stored { digest, subject })
     }
 

@@ -26,6 +26,9 @@ pub struct Registry {
     pub clock: SharedClock,
     pub uploads: Uploads,
     pub life: Arc<Lifecycle>,
+    /// With group commit: the longest an acknowledged write may wait for its sync point before
+    /// new writes wait for the disk instead (`None` when every write is synced before its answer).
+    pub unsynced_bound: Option<std::time::Duration>,
 }
 
 /// Where a blob read starts and how much it returns.
@@ -43,6 +46,16 @@ impl Registry {
             uploads: Uploads::new(life.clock.clone()),
             clock: life.clock.clone(),
             life,
+            unsynced_bound: None,
+        }
+    }
+
+    /// Holds an acknowledgement back while the group commit is too far behind (see
+    /// [`Index::wait_durable_within`]); immediate whenever the disk keeps up.
+    async fn settle(&self) -> Result<()> {
+        match self.unsynced_bound {
+            Some(bound) => self.index.wait_durable_within(bound).await,
+            None => Ok(()),
         }
     }
 
@@ -160,6 +173,7 @@ impl Registry {
         let _pin = self.life.pins.pin(expect.digest);
         let size = blocking(move || writer.commit(expect)).await?;
         self.record_blob(repo, expect.digest, size)?;
+        self.settle().await?;
         Ok(size)
     }
 

@@ -24,8 +24,10 @@ use super::chunk::ALIGN;
 use super::io_thread::IoThread;
 use super::{BlobRead, BlobStore, BlobWriter, Expect};
 
-/// Default for `direct_io_above`.
-pub const DEFAULT_DIRECT_IO_ABOVE: u64 = 32 << 20;
+/// `direct_io_above` with `durability = "sync"`: such an upload must reach the disk before it is
+/// answered anyway, so past this offset it is written straight to the device while the next
+/// bytes are hashed, overlapping the two.
+pub const SYNC_DIRECT_IO_ABOVE: u64 = 32 << 20;
 /// Direct I/O is switched on by an upload's I/O thread; a smaller switch point would start a
 /// thread for nearly every upload.
 const MIN_DIRECT_IO_ABOVE: u64 = 1 << 20;
@@ -38,6 +40,19 @@ pub enum Durability {
     /// fsync in groups every `sync_interval`; a process crash loses nothing, a power loss at
     /// most that window.
     Group,
+}
+
+impl Durability {
+    /// `direct_io_above` when the configuration names none. With group commit an upload is
+    /// answered before its bytes reach the disk, so they go through the page cache at memory
+    /// speed (and a layer pulled right after its push is served from memory); with `sync` they
+    /// must reach the disk first, and writing them directly overlaps the device with hashing.
+    pub fn default_direct_io_above(self) -> u64 {
+        match self {
+            Durability::Sync => SYNC_DIRECT_IO_ABOVE,
+            Durability::Group => u64::MAX,
+        }
+    }
 }
 
 pub struct DiskStore {
@@ -471,8 +486,7 @@ mod tests {
     #[test]
     fn commits_verified_bytes_only() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            DiskStore::open(dir.path(), Durability::Group, DEFAULT_DIRECT_IO_ABOVE).unwrap();
+        let store = DiskStore::open(dir.path(), Durability::Group, SYNC_DIRECT_IO_ABOVE).unwrap();
         let d = Digest::sha256_of(b"hello");
         assert_eq!(
             put(
@@ -521,7 +535,7 @@ mod tests {
     #[test]
     fn dropped_writer_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = DiskStore::open(dir.path(), Durability::Sync, DEFAULT_DIRECT_IO_ABOVE).unwrap();
+        let store = DiskStore::open(dir.path(), Durability::Sync, SYNC_DIRECT_IO_ABOVE).unwrap();
         let mut w = store.begin(Algorithm::Sha512).unwrap();
         w.write(b"partial").unwrap();
         assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 1);
@@ -532,8 +546,7 @@ mod tests {
     #[test]
     fn reopening_clears_tmp_and_walks_blobs() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            DiskStore::open(dir.path(), Durability::Group, DEFAULT_DIRECT_IO_ABOVE).unwrap();
+        let store = DiskStore::open(dir.path(), Durability::Group, SYNC_DIRECT_IO_ABOVE).unwrap();
         let d = Digest::of(Algorithm::Sha512, b"x");
         put(
             &store,
@@ -546,8 +559,7 @@ mod tests {
         .unwrap();
         std::mem::forget(store.begin(Algorithm::Sha256).unwrap());
         drop(store);
-        let store =
-            DiskStore::open(dir.path(), Durability::Group, DEFAULT_DIRECT_IO_ABOVE).unwrap();
+        let store = DiskStore::open(dir.path(), Durability::Group, SYNC_DIRECT_IO_ABOVE).unwrap();
         assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
         let mut seen = Vec::new();
         store.walk(&mut |d, n| seen.push((d, n))).unwrap();

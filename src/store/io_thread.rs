@@ -3,13 +3,14 @@
 //! instead of taking turns. Only large uploads start one (past 32 MiB, or `direct_io_above` if
 //! that is smaller); smaller ones are written where they are hashed.
 //!
-//! Up to `direct_io_above` (32 MiB by default) the thread writes through the page cache, so the
-//! common case of a layer pulled soon after it was pushed is served from memory. Past it, the
-//! thread switches the file to `O_DIRECT`: buffered writes copy every byte into the page cache
-//! and leave it dirty for the kernel to write back; for a multi-gigabyte layer that evicts the
-//! hot blobs other builders are pulling, and on a machine whose spare memory is cold (a freshly
-//! started VM) growing the page cache is slower than the disk itself (the same trade as a web
-//! server's "direct I/O above this size" setting). The chunks arrive in block-aligned buffers
+//! Up to `direct_io_above` the thread writes through the page cache, so a layer pulled soon after
+//! it was pushed is served from memory. With group commit that is every byte (the upload is
+//! answered before its bytes reach the disk, and the group commit flushes them). With
+//! `durability = "sync"`, or where an operator sets `direct_io_above` to keep multi-gigabyte
+//! layers out of the page cache, the thread switches the file to `O_DIRECT` past that offset:
+//! the device writes one chunk while the next is hashed, instead of the whole file waiting in
+//! the page cache for one final fsync (the same trade as a web server's "direct I/O above this
+//! size" setting). The chunks arrive in block-aligned buffers
 //! (`chunk.rs`), which the device takes as they are; only a chunk that does not start on a block
 //! boundary (after an odd-sized PATCH) is copied into a staging buffer first.
 //!
