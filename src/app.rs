@@ -366,10 +366,12 @@ fn status_page(app: &App) -> String {
     let (repos, blobs) = (s.repos.len(), s.blobs.len());
     drop(s);
     let p = &app.life.policy;
+    let (lag, held) = app.index.sync_lag();
     let mut out = format!(
         "hoard {}\nrepositories: {}\nmanifests: {manifests}\ntags: {tags}\nblobs: {} ({bytes} bytes, {})\n\
          unreferenced blobs: {unreferenced}\nuploads in progress: {} ({} bytes reserved)\n\
-         max_size: {}\nttl: {}\ncache time: {}\n",
+         max_size: {}\nttl: {}\ncache time: {}\n\
+         last group commit: began {} ms ago ({} writes have waited for the disk)\n",
         env!("CARGO_PKG_VERSION"),
         repos,
         blobs,
@@ -379,6 +381,8 @@ fn status_page(app: &App) -> String {
         p.max_size.map_or("unbounded".into(), human),
         p.ttl.map_or("none".into(), |t| format!("{}s", t / 1000)),
         crate::clock::rfc3339(app.clock.now_ms()),
+        lag.as_millis(),
+        held,
     );
     for ((reason, repo), t) in app.life.totals() {
         out.push_str(&format!(

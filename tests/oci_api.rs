@@ -1035,6 +1035,79 @@ fn uploads_past_direct_io_above_store_exact_bytes() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// Past 32 MiB an upload gets its own I/O thread. With the default group durability it writes
+/// through the page cache; with `durability = "sync"` it switches to O_DIRECT there by default.
+#[test]
+fn large_uploads_follow_the_durability_default_and_store_exact_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d");
+    let mut stored: Vec<(String, Vec<u8>)> = Vec::new();
+    // A chunked upload left idle past the hand-over, then finished; returns the upload file's
+    // open flags while it was idle.
+    let chunked_past_handover = |h: &Hoard, seed: u64, stored: &mut Vec<(String, Vec<u8>)>| {
+        let c = bytes(seed, (34 << 20) + 5);
+        let dc = sha256(&c);
+        let mut loc = h
+            .req("POST", "/v2/large/blobs/uploads/")
+            .send()
+            .header("location")
+            .unwrap()
+            .to_owned();
+        let mut off = 0;
+        for chunk in c.chunks(3_000_001) {
+            let r = h
+                .req("PATCH", &loc)
+                .header(
+                    "Content-Range",
+                    &format!("{}-{}", off, off + chunk.len() - 1),
+                )
+                .body(chunk.to_vec())
+                .send();
+            assert_eq!(r.status, 202, "{}", r.text());
+            off += chunk.len();
+            loc = r.header("location").unwrap().to_owned();
+        }
+        let flags = upload_file_flags(h);
+        assert_eq!(flags.len(), 1, "one open upload file expected: {flags:?}");
+        let r = h.req("PUT", &format!("{loc}?digest={dc}")).send();
+        assert_eq!(r.status, 201, "{}", r.text());
+        stored.push((dc, c));
+        flags[0]
+    };
+    let check = |h: &Hoard, stored: &[(String, Vec<u8>)]| {
+        for (d, b) in stored {
+            let r = h.req("GET", &format!("/v2/large/blobs/{d}")).send();
+            assert_eq!(r.status, 200, "{d}");
+            assert!(r.body == *b, "{d}: bytes differ");
+        }
+    };
+
+    let mut h = Hoard::start_on(&data, &[]);
+    let a = bytes(70, (40 << 20) + 123);
+    stored.push((push_blob(&h, "large", &a), a));
+    let flags = chunked_past_handover(&h, 71, &mut stored);
+    assert_eq!(
+        flags & O_DIRECT,
+        0,
+        "group durability writes through the page cache: flags {flags:o}"
+    );
+    check(&h, &stored);
+    assert!(h.stop().success());
+
+    let h = Hoard::start_on(&data, &["--durability", "sync"]);
+    let flags = chunked_past_handover(&h, 72, &mut stored);
+    assert_ne!(
+        flags & O_DIRECT,
+        0,
+        "sync durability writes past 32 MiB with O_DIRECT: flags {flags:o}"
+    );
+    let b = bytes(73, (33 << 20) + 4097);
+    stored.push((push_blob(&h, "large", &b), b));
+    check(&h, &stored);
+    let r = h.req("POST", "/admin/verify").send();
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 #[test]
 fn restart_keeps_tags_and_blobs_and_sigterm_exits_zero() {
     let tmp = tempfile::tempdir().unwrap();

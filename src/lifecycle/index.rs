@@ -304,6 +304,8 @@ pub struct Index {
     /// When the last completed sync point began: everything acknowledged before that instant is
     /// durable. Writers waiting in [`Index::wait_durable_within`] watch it.
     covered: tokio::sync::watch::Sender<Instant>,
+    /// Writes that waited for the disk in [`Index::wait_durable_within`] (the status page's).
+    held_for_disk: std::sync::atomic::AtomicU64,
 }
 
 /// How long a writer waits for a group commit that is behind before it gives up with an error:
@@ -340,6 +342,7 @@ impl Index {
                 touches: Mutex::new(Vec::new()),
                 debounce: ACCESS_DEBOUNCE.into(),
                 covered: tokio::sync::watch::Sender::new(Instant::now()),
+                held_for_disk: 0.into(),
             },
             n,
         ))
@@ -420,6 +423,16 @@ impl Index {
         Ok(())
     }
 
+    /// How long ago the last completed sync point began, and how many writes have waited for
+    /// the disk so far.
+    pub fn sync_lag(&self) -> (Duration, u64) {
+        (
+            self.covered.borrow().elapsed(),
+            self.held_for_disk
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
     /// Returns once everything acknowledged more than `bound` ago is covered by a completed sync
     /// point — at once while the group commit keeps up. When the disk falls behind (writes
     /// arrive faster than it can flush them), a write waits here before it is acknowledged
@@ -427,6 +440,10 @@ impl Index {
     /// minute is reported as unavailable; the write itself is stored and a retry finds it.
     pub async fn wait_durable_within(&self, bound: Duration) -> Result<()> {
         let mut rx = self.covered.subscribe();
+        if rx.borrow().elapsed() > bound {
+            self.held_for_disk
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let caught_up = async move {
             // A closed channel cannot happen while `self` lives; either way there is no wait.
             let _ = rx.wait_for(|began| began.elapsed() <= bound).await;
@@ -619,6 +636,7 @@ mod tests {
             !waiter.is_finished(),
             "acknowledged while the sync is behind"
         );
+        assert_eq!(index.sync_lag().1, 1, "the held write is counted");
 
         // ...until a sync point completes, which lets it through.
         let i = index.clone();

@@ -176,7 +176,7 @@ where
     }
     // Large bodies: a bounded channel to one blocking writer, so the network and the disk (and
     // the hash) overlap while memory stays bounded. Frames go on as they come until the writer's
-    // direct-I/O switch; past it each is copied into a pooled, block-aligned buffer and let go
+    // I/O thread takes over; past that each is copied into a pooled, block-aligned buffer and let go
     // (see `store::chunk`), and full buffers go on.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUED_CHUNKS);
     let mut fwd = Forward {

@@ -214,7 +214,12 @@ impl BlobWriter for DiskWriter {
     }
 
     fn aligned_from(&self) -> Option<u64> {
-        Some(self.store.direct_after)
+        // From where the I/O thread takes over: the network side copies frames into pooled
+        // buffers and lets them go at once, so the HTTP layer keeps reusing its read buffer.
+        // Frames handed on as they are stay referenced in the queues, and the HTTP layer then
+        // reads into freshly allocated memory: measured at 44,000 page faults per GiB of a
+        // single 1 GiB push (2,200 with the copy, and 690 MB/s became 800-870 MB/s).
+        Some(INLINE_BYTES.min(self.store.direct_after))
     }
 
     fn commit(mut self: Box<Self>, expect: Expect) -> Result<u64> {

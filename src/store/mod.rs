@@ -30,7 +30,7 @@ pub trait BlobWriter: Send {
     /// Bytes written so far.
     fn written(&self) -> u64;
     /// The upload offset from which this writer takes bytes best in block-aligned `ChunkBuf`s
-    /// (where it switches to direct I/O); before it, and for writers without one, the caller
+    /// (where its I/O thread takes over); before it, and for writers without one, the caller
     /// passes bytes on as they come.
     fn aligned_from(&self) -> Option<u64> {
         None
