@@ -437,7 +437,7 @@ pub fn fill(args: FillArgs) -> anyhow::Result<()> {
     let store = crate::store::disk::DiskStore::open(
         root,
         crate::store::disk::Durability::Group,
-        crate::store::disk::SYNC_DIRECT_IO_ABOVE,
+        crate::store::disk::NO_DIRECT_IO,
     )?;
     let (index, _) = Index::open(&root.join("index"), false)?;
     let started = Instant::now();

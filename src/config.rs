@@ -73,8 +73,7 @@ pub enum LogFormat {
 /// [store.disk]
 /// durability = "group"     # or "sync": fsync every blob before answering
 /// sync_interval = "1s"     # group commit period
-/// direct_io_above = "32MiB" # upload bytes past this offset bypass the page cache
-///                           # (default: never with "group", 32MiB with "sync")
+/// direct_io_above = "32MiB" # upload bytes past this offset bypass the page cache (default: never)
 /// ```
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
@@ -96,14 +95,14 @@ pub struct DiskConfig {
     pub durability: Durability,
     pub sync_interval: HumanDuration,
     /// Upload bytes past this offset are written with O_DIRECT (see store/io_thread.rs); unset,
-    /// it follows `durability` ([`Durability::default_direct_io_above`]).
+    /// never.
     pub direct_io_above: Option<HumanSize>,
 }
 
 impl DiskConfig {
     pub fn direct_io_above(&self) -> u64 {
         self.direct_io_above
-            .map_or(self.durability.default_direct_io_above(), |s| s.0)
+            .map_or(crate::store::disk::NO_DIRECT_IO, |s| s.0)
     }
 }
 
@@ -139,8 +138,7 @@ pub struct Overrides {
     /// Group commit period, e.g. 1s or 200ms.
     #[arg(long, env = "HOARD_SYNC_INTERVAL", value_parser = parse_duration)]
     pub sync_interval: Option<Duration>,
-    /// Upload bytes past this offset bypass the page cache (O_DIRECT), e.g. 32MiB (default: never
-    /// with group durability, 32MiB with sync).
+    /// Upload bytes past this offset bypass the page cache (O_DIRECT), e.g. 32MiB (default: never).
     #[arg(long, env = "HOARD_DIRECT_IO_ABOVE", value_parser = parse_size)]
     pub direct_io_above: Option<u64>,
     /// Idle upload sessions are dropped after this long, e.g. 1h.
@@ -487,8 +485,6 @@ mod tests {
         assert_eq!(d.direct_io_above(), 64 << 20);
         let defaults = Config::default();
         assert_eq!(defaults.disk().1.direct_io_above(), u64::MAX);
-        let sync: Config = toml::from_str("[store.disk]\ndurability = \"sync\"\n").unwrap();
-        assert_eq!(sync.disk().1.direct_io_above(), 32 << 20);
         assert!(toml::from_str::<Config>("lisen = \"x\"").is_err());
         assert!(toml::from_str::<Config>("[store.disk]\nfoo = 1").is_err());
     }

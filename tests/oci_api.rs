@@ -882,6 +882,16 @@ const O_DIRECT: u32 = 0o40000;
 const O_DIRECT: u32 = 0o200000;
 
 /// The open-file flags of every upload file the daemon holds open (from /proc).
+/// Names of the daemon's threads (as the kernel keeps them: at most 15 bytes).
+fn thread_names(h: &Hoard) -> Vec<String> {
+    let pid = h.child.id();
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect()
+}
+
 fn upload_file_flags(h: &Hoard) -> Vec<u32> {
     let pid = h.child.id();
     let tmp = std::fs::canonicalize(h.data.join("tmp")).unwrap();
@@ -1035,15 +1045,16 @@ fn uploads_past_direct_io_above_store_exact_bytes() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
-/// Past 32 MiB an upload gets its own I/O thread. With the default group durability it writes
-/// through the page cache; with `durability = "sync"` it switches to O_DIRECT there by default.
+/// Past 32 MiB an upload gets its own I/O thread, which writes through the page cache unless
+/// `direct_io_above` says otherwise; with `durability = "sync"` a helper thread flushes what it
+/// wrote as the upload goes.
 #[test]
-fn large_uploads_follow_the_durability_default_and_store_exact_bytes() {
+fn large_uploads_write_through_the_page_cache_and_store_exact_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("d");
     let mut stored: Vec<(String, Vec<u8>)> = Vec::new();
     // A chunked upload left idle past the hand-over, then finished; returns the upload file's
-    // open flags while it was idle.
+    // open flags while it was idle and whether a write-behind thread was running then.
     let chunked_past_handover = |h: &Hoard, seed: u64, stored: &mut Vec<(String, Vec<u8>)>| {
         let c = bytes(seed, (34 << 20) + 5);
         let dc = sha256(&c);
@@ -1067,12 +1078,16 @@ fn large_uploads_follow_the_durability_default_and_store_exact_bytes() {
             off += chunk.len();
             loc = r.header("location").unwrap().to_owned();
         }
+        // The I/O thread's handle, and the write-behind thread's when there is one.
         let flags = upload_file_flags(h);
-        assert_eq!(flags.len(), 1, "one open upload file expected: {flags:?}");
+        assert!(!flags.is_empty(), "no open upload file");
+        let flusher = thread_names(h).iter().any(|n| n == "hoard-upload-fl");
+        assert_eq!(flags.len(), 1 + usize::from(flusher), "{flags:?}");
         let r = h.req("PUT", &format!("{loc}?digest={dc}")).send();
         assert_eq!(r.status, 201, "{}", r.text());
         stored.push((dc, c));
-        flags[0]
+        assert!(upload_file_flags(h).is_empty(), "upload file left open");
+        (flags.iter().fold(0, |a, f| a | f), flusher)
     };
     let check = |h: &Hoard, stored: &[(String, Vec<u8>)]| {
         for (d, b) in stored {
@@ -1085,21 +1100,26 @@ fn large_uploads_follow_the_durability_default_and_store_exact_bytes() {
     let mut h = Hoard::start_on(&data, &[]);
     let a = bytes(70, (40 << 20) + 123);
     stored.push((push_blob(&h, "large", &a), a));
-    let flags = chunked_past_handover(&h, 71, &mut stored);
+    let (flags, flusher) = chunked_past_handover(&h, 71, &mut stored);
     assert_eq!(
         flags & O_DIRECT,
         0,
-        "group durability writes through the page cache: flags {flags:o}"
+        "written through the page cache: flags {flags:o}"
     );
+    assert!(!flusher, "group commit flushes; no write-behind expected");
     check(&h, &stored);
     assert!(h.stop().success());
 
     let h = Hoard::start_on(&data, &["--durability", "sync"]);
-    let flags = chunked_past_handover(&h, 72, &mut stored);
-    assert_ne!(
+    let (flags, flusher) = chunked_past_handover(&h, 72, &mut stored);
+    assert_eq!(
         flags & O_DIRECT,
         0,
-        "sync durability writes past 32 MiB with O_DIRECT: flags {flags:o}"
+        "written through the page cache: flags {flags:o}"
+    );
+    assert!(
+        flusher,
+        "a synced upload flushes as it goes: no write-behind thread"
     );
     let b = bytes(73, (33 << 20) + 4097);
     stored.push((push_blob(&h, "large", &b), b));

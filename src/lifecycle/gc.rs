@@ -865,7 +865,7 @@ mod tests {
             DiskStore::open(
                 tmp.path(),
                 Durability::Group,
-                crate::store::disk::SYNC_DIRECT_IO_ABOVE,
+                crate::store::disk::NO_DIRECT_IO,
             )
             .unwrap(),
         );

@@ -24,10 +24,9 @@ use super::chunk::ALIGN;
 use super::io_thread::IoThread;
 use super::{BlobRead, BlobStore, BlobWriter, Expect};
 
-/// `direct_io_above` with `durability = "sync"`: such an upload must reach the disk before it is
-/// answered anyway, so past this offset it is written straight to the device while the next
-/// bytes are hashed, overlapping the two.
-pub const SYNC_DIRECT_IO_ABOVE: u64 = 32 << 20;
+/// `direct_io_above` when none is set: every byte goes through the page cache (see
+/// `io_thread.rs` for when an operator may want otherwise).
+pub const NO_DIRECT_IO: u64 = u64::MAX;
 /// Direct I/O is switched on by an upload's I/O thread; a smaller switch point would start a
 /// thread for nearly every upload.
 const MIN_DIRECT_IO_ABOVE: u64 = 1 << 20;
@@ -40,19 +39,6 @@ pub enum Durability {
     /// fsync in groups every `sync_interval`; a process crash loses nothing, a power loss at
     /// most that window.
     Group,
-}
-
-impl Durability {
-    /// `direct_io_above` when the configuration names none. With group commit an upload is
-    /// answered before its bytes reach the disk, so they go through the page cache at memory
-    /// speed (and a layer pulled right after its push is served from memory); with `sync` they
-    /// must reach the disk first, and writing them directly overlaps the device with hashing.
-    pub fn default_direct_io_above(self) -> u64 {
-        match self {
-            Durability::Sync => SYNC_DIRECT_IO_ABOVE,
-            Durability::Group => u64::MAX,
-        }
-    }
 }
 
 pub struct DiskStore {
@@ -143,6 +129,9 @@ enum Sink {
 /// smaller. Below it, writing on the hashing thread is cheaper than handing chunks over: many
 /// such uploads run at once, and they keep every core busy hashing anyway.
 const INLINE_BYTES: u64 = 32 << 20;
+/// With `durability = "sync"`, a large upload's I/O thread flushes what it has written every this
+/// many bytes (see `io_thread::WriteBehind`).
+const WRITE_BEHIND: u64 = 16 << 20;
 
 impl DiskWriter {
     /// Writes `buf`; `owned` is the same bytes when the caller owns them, so the I/O thread can
@@ -159,7 +148,9 @@ impl DiskWriter {
             }
             self.sink = match std::mem::replace(&mut self.sink, Sink::Closed) {
                 Sink::Inline { file, .. } => {
-                    match IoThread::start(file, self.written, self.store.direct_after) {
+                    let behind =
+                        (self.store.durability == Durability::Sync).then_some(WRITE_BEHIND);
+                    match IoThread::start(file, self.written, self.store.direct_after, behind) {
                         Ok(t) => Sink::Thread(t),
                         Err(file) => Sink::Inline {
                             file,
@@ -491,7 +482,7 @@ mod tests {
     #[test]
     fn commits_verified_bytes_only() {
         let dir = tempfile::tempdir().unwrap();
-        let store = DiskStore::open(dir.path(), Durability::Group, SYNC_DIRECT_IO_ABOVE).unwrap();
+        let store = DiskStore::open(dir.path(), Durability::Group, NO_DIRECT_IO).unwrap();
         let d = Digest::sha256_of(b"hello");
         assert_eq!(
             put(
@@ -540,7 +531,7 @@ mod tests {
     #[test]
     fn dropped_writer_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = DiskStore::open(dir.path(), Durability::Sync, SYNC_DIRECT_IO_ABOVE).unwrap();
+        let store = DiskStore::open(dir.path(), Durability::Sync, NO_DIRECT_IO).unwrap();
         let mut w = store.begin(Algorithm::Sha512).unwrap();
         w.write(b"partial").unwrap();
         assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 1);
@@ -551,7 +542,7 @@ mod tests {
     #[test]
     fn reopening_clears_tmp_and_walks_blobs() {
         let dir = tempfile::tempdir().unwrap();
-        let store = DiskStore::open(dir.path(), Durability::Group, SYNC_DIRECT_IO_ABOVE).unwrap();
+        let store = DiskStore::open(dir.path(), Durability::Group, NO_DIRECT_IO).unwrap();
         let d = Digest::of(Algorithm::Sha512, b"x");
         put(
             &store,
@@ -564,7 +555,7 @@ mod tests {
         .unwrap();
         std::mem::forget(store.begin(Algorithm::Sha256).unwrap());
         drop(store);
-        let store = DiskStore::open(dir.path(), Durability::Group, SYNC_DIRECT_IO_ABOVE).unwrap();
+        let store = DiskStore::open(dir.path(), Durability::Group, NO_DIRECT_IO).unwrap();
         assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
         let mut seen = Vec::new();
         store.walk(&mut |d, n| seen.push((d, n))).unwrap();
