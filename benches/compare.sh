@@ -39,13 +39,19 @@ PPID_=$!; pids+=("$PPID_")
 wait_http "http://127.0.0.1:$HPORT/v2/"
 wait_http "http://127.0.0.1:$PPORT/v2/"
 
-# On a VM whose memory the host backs lazily (or takes back through free page reporting), the
-# first write to a page the guest has not used for a while costs microseconds: writing a new file
-# through the page cache runs at a third of the speed it has on recycled memory. A machine whose
-# page cache is full, as a cache server's is after its first hour, never pays that. So before each
-# server writes its large and medium blobs, the same amount of memory is written and freed, and
-# both servers meet recycled memory instead of one of them paying for the other's growth.
-warm() {
+# Each measurement starts from the same state for both servers:
+# - a quiet disk: what the previous part left to write back (hoard's group commit acknowledges
+#   before it flushes; the peer fsyncs each blob) is flushed first, so it is not charged to
+#   whichever server happens to run next;
+# - recycled memory: on a VM whose memory the host backs lazily (or takes back through free page
+#   reporting), the first write to a page the guest has not used for a while costs microseconds,
+#   and writing a new file through the page cache runs at a third of its speed on recycled
+#   memory. A machine whose page cache is full, as a cache server's is after its first hour,
+#   never pays that. So before each server writes its large and medium blobs, the same amount of
+#   memory is written and freed, instead of one server paying for the other's growth.
+settle() {
+  sync
+  case $1 in large|medium) ;; *) return 0 ;; esac
   [ "$WARM_MB" -gt 0 ] || return 0
   dd if=/dev/zero of="$WORK/warm.bin" bs=1M count="$WARM_MB" status=none
   rm -f "$WORK/warm.bin"
@@ -61,12 +67,15 @@ for r in $(seq "$ROUNDS"); do
     for who in $order; do
       port=$HPORT; [ "$who" = peer ] && port=$PPORT
       echo "round $r: $part: $who" >&2
-      case $part in large|medium) warm ;; esac
+      settle "$part"
       "$HOARD" bench --url "http://127.0.0.1:$port" --label "$who" --scale "$SCALE" --only "$part" >> "$OUT"
     done
   done
 done
 rss() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+# Uploads that waited for the disk because the group commit was over two intervals behind.
+held=$(curl -sf "http://127.0.0.1:$HPORT/" | sed -n 's/.*(\([0-9]*\) writes have waited.*/\1/p')
+echo "{\"label\":\"machine\",\"name\":\"hoard_writes_held_for_disk\",\"value\":${held:-0},\"unit\":\"\"}" >> "$OUT"
 echo "{\"label\":\"hoard\",\"name\":\"peak_rss_kB\",\"value\":$(rss $HPID),\"unit\":\"kB\"}" >> "$OUT"
 echo "{\"label\":\"peer\",\"name\":\"peak_rss_kB\",\"value\":$(rss $PPID_),\"unit\":\"kB\"}" >> "$OUT"
 echo "{\"label\":\"machine\",\"name\":\"sha256_one_core_MBps\",\"value\":$("$HOARD" bench-sha256),\"unit\":\"MB/s\"}" >> "$OUT"
@@ -118,6 +127,7 @@ print(f"{'1 GiB push / sha256 core':28} {big / sha:12.2f}")
 print(f"{'dd conv=fsync (MB/s)':28} {dd:12.1f}")
 print(f"{'sync 1 GiB push (MB/s)':28} {sync_big:12.1f}  ({sync_big / dd:.2f} of dd)")
 print(f"{'dd oflag=direct (MB/s)':28} {med[('machine', 'dd_direct_MBps')]:12.1f}")
+print(f"{'writes held for the disk':28} {med[('machine', 'hoard_writes_held_for_disk')]:12.0f}  (hoard, group commit over 2 intervals behind)")
 print("(peak_rss_kB ratio = peer / hoard)")
 # CPU the hypervisor gave to other guests during each measurement: on a shared VM a round with
 # seconds of steal measured the neighbours, not the registry.

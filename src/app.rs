@@ -214,11 +214,15 @@ pub async fn serve(config: Config, clock_offset_ms: i64) -> anyhow::Result<()> {
 
     let group_commit = {
         let app = app.clone();
+        let wanted = app.store.sync_wanted();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(sync_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = wanted.notified() => {}
+                }
                 let app = app.clone();
                 if let Err(e) = blocking(move || app.group_commit()).await {
                     tracing::error!(error = %e, "group commit failed; will retry");

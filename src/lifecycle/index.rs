@@ -306,6 +306,10 @@ pub struct Index {
     covered: tokio::sync::watch::Sender<Instant>,
     /// Writes that waited for the disk in [`Index::wait_durable_within`] (the status page's).
     held_for_disk: std::sync::atomic::AtomicU64,
+    /// The journal's length right after the last `SyncPoint` appended, and whether that record
+    /// is durable too: while nothing is journaled after it, a group commit has nothing to do (an
+    /// idle daemon neither appends nor fsyncs every second).
+    last_point: Mutex<Option<(u64, bool)>>,
 }
 
 /// How long a writer waits for a group commit that is behind before it gives up with an error:
@@ -343,6 +347,7 @@ impl Index {
                 debounce: ACCESS_DEBOUNCE.into(),
                 covered: tokio::sync::watch::Sender::new(Instant::now()),
                 held_for_disk: 0.into(),
+                last_point: Mutex::new(None),
             },
             n,
         ))
@@ -403,6 +408,24 @@ impl Index {
             let journal = self.journal();
             (journal.next_seq(), journal.sync_handle()?)
         };
+        {
+            let mut last = self.last_point.lock().unwrap_or_else(|e| e.into_inner());
+            match *last {
+                // Nothing journaled since the last sync point, which is durable: all is.
+                Some((len, true)) if len == upto => {
+                    self.covered.send_replace(began);
+                    return Ok(());
+                }
+                // Only the last sync point's own record is not yet durable.
+                Some((len, false)) if len == upto => {
+                    handle.sync()?;
+                    *last = Some((len, true));
+                    self.covered.send_replace(began);
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
         sync_blobs()?;
         // Outside the locks: behind a large write-back the device can take a second to flush,
         // and requests must not wait for it. The SyncPoint record itself becomes durable with
@@ -413,12 +436,17 @@ impl Index {
         let seq = journal.next_seq();
         journal.append(&[Op::SyncPoint { upto }])?;
         state.apply(seq, Op::SyncPoint { upto });
+        let mut durable = false;
         if journal.file_len() > COMPACT_AT {
             let n = journal.rewrite(state.snapshot_ops())?;
             let renumbered = renumber_unsynced(&state);
             state.unsynced = renumbered;
             tracing::info!(records = n, "compacted the index journal");
+            // The compacted journal was fsynced before it replaced the old one.
+            durable = true;
         }
+        *self.last_point.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((journal.next_seq(), durable));
         self.covered.send_replace(began);
         Ok(())
     }
@@ -649,5 +677,50 @@ mod tests {
             .expect("a completed sync point must release waiting writes")
             .unwrap()
             .unwrap();
+    }
+
+    #[test]
+    fn an_idle_group_commit_neither_appends_nor_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path(), false).unwrap().0;
+        let journal_len = || std::fs::metadata(dir.path().join("journal")).unwrap().len();
+        let add = |n: u8| {
+            index
+                .commit_if(|_| {
+                    Ok(vec![Op::BlobAdded {
+                        digest: Digest::sha256_of(&[n]),
+                        size: 1,
+                        at: 0,
+                    }])
+                })
+                .unwrap()
+        };
+        let blobs_synced = std::cell::Cell::new(0);
+        let round = || {
+            index
+                .sync_point(|| {
+                    blobs_synced.set(blobs_synced.get() + 1);
+                    Ok(())
+                })
+                .unwrap()
+        };
+        add(1);
+        round();
+        let after_first = journal_len();
+        assert_eq!(blobs_synced.get(), 1);
+        // Nothing new: no record, no store sync, however many rounds.
+        for _ in 0..3 {
+            round();
+        }
+        assert_eq!(journal_len(), after_first);
+        assert_eq!(blobs_synced.get(), 1);
+        assert!(index.unsynced().is_empty());
+        // Something new: a full round again, which vouches for it.
+        add(2);
+        assert_eq!(index.unsynced().len(), 1);
+        round();
+        assert!(journal_len() > after_first);
+        assert_eq!(blobs_synced.get(), 2);
+        assert!(index.unsynced().is_empty());
     }
 }
