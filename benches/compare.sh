@@ -4,12 +4,13 @@
 # first, then prints per-measurement ratios (hoard / peer), peak RSS, one core's sha256 speed,
 # and hoard with durability = "sync" against the disk's own `dd conv=fsync` speed.
 #   usage: benches/compare.sh [ROUNDS] [SCALE]      (defaults: 2 rounds, full scale)
-#   WARM_MB=N: memory recycled before each server's large and medium part (default 1536; 0: off)
+#   WARM_MB=N: memory recycled before each server's large and medium part (default 3200, what the
+#   large part writes; 0: off)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-2}
 SCALE=${2:-1}
-WARM_MB=${WARM_MB:-1536}
+WARM_MB=${WARM_MB:-3200}
 command -v docker-registry >/dev/null || { echo "docker-registry missing: apt-get install docker-registry" >&2; exit 1; }
 cargo build --release --quiet
 HOARD=target/release/hoard
@@ -85,10 +86,12 @@ SPORT=$(free_port)
 "$HOARD" serve --listen "127.0.0.1:$SPORT" --data-dir "$WORK/hoard-sync" --durability sync 2>"$WORK/hoard-sync.log" &
 pids+=("$!")
 wait_http "http://127.0.0.1:$SPORT/v2/"
+settle large
 "$HOARD" bench --url "http://127.0.0.1:$SPORT" --label hoard-sync --only large >> "$OUT"
 # The best of three, like the pushes it is compared with.
 dd_mbps=0
 for _ in 1 2 3; do
+  settle large
   dd_out=$(dd if=/dev/zero of="$WORK/dd.bin" bs=1M count=1024 conv=fsync 2>&1 | tail -1)
   rm -f "$WORK/dd.bin"
   dd_mbps=$(python3 -c 'import re,sys; m=re.search(r"([0-9.]+) bytes.*copied, ([0-9.]+) s", sys.argv[1]); print(max(int(sys.argv[2]), round(float(m.group(1))/float(m.group(2))/1e6)))' "$dd_out" "$dd_mbps")
