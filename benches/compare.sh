@@ -49,13 +49,13 @@ wait_http "http://127.0.0.1:$PPORT/v2/"
 #   and writing a new file through the page cache runs at a third of its speed on recycled
 #   memory. A machine whose page cache is full, as a cache server's is after its first hour,
 #   never pays that. So before each server writes its large and medium blobs, the same amount of
-#   memory is written and freed, instead of one server paying for the other's growth.
+#   memory is touched and freed (anonymous memory: a file would leave gigabytes for the disk to
+#   write back during the measurement), instead of one server paying for the other's growth.
 settle() {
   sync
   case $1 in large|medium) ;; *) return 0 ;; esac
   [ "$WARM_MB" -gt 0 ] || return 0
-  dd if=/dev/zero of="$WORK/warm.bin" bs=1M count="$WARM_MB" status=none
-  rm -f "$WORK/warm.bin"
+  python3 -c "import sys; b = b'\\x01' * (int(sys.argv[1]) << 20)" "$WARM_MB"
 }
 
 # Each kind of measurement runs against both servers back to back, so both meet the machine in
