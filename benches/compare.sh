@@ -48,14 +48,19 @@ wait_http "http://127.0.0.1:$PPORT/v2/"
 #   reporting), the first write to a page the guest has not used for a while costs microseconds,
 #   and writing a new file through the page cache runs at a third of its speed on recycled
 #   memory. A machine whose page cache is full, as a cache server's is after its first hour,
-#   never pays that. So before each server writes its large and medium blobs, the same amount of
-#   memory is touched and freed (anonymous memory: a file would leave gigabytes for the disk to
-#   write back during the measurement), instead of one server paying for the other's growth.
+#   never pays that. So before each server writes its large and medium blobs, a file as large as
+#   what the part writes is written and deleted, instead of one server paying for the other's
+#   growth. (Touching anonymous memory instead does not help: measured, the page cache did not
+#   reuse it.) The `sync` after it waits for whatever of that file was already being written.
 settle() {
+  case $1 in
+    large|medium)
+      if [ "$WARM_MB" -gt 0 ]; then
+        dd if=/dev/zero of="$WORK/warm.bin" bs=1M count="$WARM_MB" status=none
+        rm -f "$WORK/warm.bin"
+      fi ;;
+  esac
   sync
-  case $1 in large|medium) ;; *) return 0 ;; esac
-  [ "$WARM_MB" -gt 0 ] || return 0
-  python3 -c "import sys; b = b'\\x01' * (int(sys.argv[1]) << 20)" "$WARM_MB"
 }
 
 # Each kind of measurement runs against both servers back to back, so both meet the machine in
