@@ -301,15 +301,34 @@ pub struct Index {
     touches: Mutex<Vec<Op>>,
     /// Minimum gap between two journaled accesses of one entry (ms).
     debounce: std::sync::atomic::AtomicI64,
-    /// When the last completed sync point began: everything acknowledged before that instant is
-    /// durable. Writers waiting in [`Index::wait_durable_within`] watch it.
+    /// When the last completed sync point began; every completion is announced through it to the
+    /// writers waiting in [`Index::wait_durable_within`].
     covered: tokio::sync::watch::Sender<Instant>,
+    /// Acknowledged writes that no completed sync point covers yet.
+    acks: Mutex<Unacked>,
     /// Writes that waited for the disk in [`Index::wait_durable_within`] (the status page's).
     held_for_disk: std::sync::atomic::AtomicU64,
     /// The journal's length right after the last `SyncPoint` appended, and whether that record
     /// is durable too: while nothing is journaled after it, a group commit has nothing to do (an
     /// idle daemon neither appends nor fsyncs every second).
     last_point: Mutex<Option<(u64, bool)>>,
+}
+
+/// The oldest acknowledgements that no completed sync point covers yet: of writes acknowledged
+/// before the running round began (that round covers them), and of later ones.
+#[derive(Default)]
+struct Unacked {
+    in_round: Option<Instant>,
+    after: Option<Instant>,
+}
+
+impl Unacked {
+    fn oldest(&self) -> Option<Instant> {
+        match (self.in_round, self.after) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// How long a writer waits for a group commit that is behind before it gives up with an error:
@@ -346,6 +365,7 @@ impl Index {
                 touches: Mutex::new(Vec::new()),
                 debounce: ACCESS_DEBOUNCE.into(),
                 covered: tokio::sync::watch::Sender::new(Instant::now()),
+                acks: Mutex::new(Unacked::default()),
                 held_for_disk: 0.into(),
                 last_point: Mutex::new(None),
             },
@@ -408,19 +428,26 @@ impl Index {
             let journal = self.journal();
             (journal.next_seq(), journal.sync_handle()?)
         };
+        // Whatever was acknowledged until now (including by a round that failed) is this
+        // round's to cover: its records precede `upto`.
+        {
+            let mut acks = self.acks();
+            acks.in_round = acks.oldest();
+            acks.after = None;
+        }
         {
             let mut last = self.last_point.lock().unwrap_or_else(|e| e.into_inner());
             match *last {
                 // Nothing journaled since the last sync point, which is durable: all is.
                 Some((len, true)) if len == upto => {
-                    self.covered.send_replace(began);
+                    self.round_done(began);
                     return Ok(());
                 }
                 // Only the last sync point's own record is not yet durable.
                 Some((len, false)) if len == upto => {
                     handle.sync()?;
                     *last = Some((len, true));
-                    self.covered.send_replace(began);
+                    self.round_done(began);
                     return Ok(());
                 }
                 _ => {}
@@ -447,8 +474,18 @@ impl Index {
         }
         *self.last_point.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((journal.next_seq(), durable));
-        self.covered.send_replace(began);
+        self.round_done(began);
         Ok(())
+    }
+
+    fn acks(&self) -> std::sync::MutexGuard<'_, Unacked> {
+        self.acks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A sync point that began at `began` completed: what was acknowledged before it is durable.
+    fn round_done(&self, began: Instant) {
+        self.acks().in_round = None;
+        self.covered.send_replace(began);
     }
 
     /// How long ago the last completed sync point began, and how many writes have waited for
@@ -461,32 +498,36 @@ impl Index {
         )
     }
 
-    /// Returns once everything acknowledged more than `bound` ago is covered by a completed sync
-    /// point — at once while the group commit keeps up. When the disk falls behind (writes
-    /// arrive faster than it can flush them), a write waits here before it is acknowledged
-    /// instead of widening what a power loss could take. A disk that completes no sync for a
-    /// minute is reported as unavailable; the write itself is stored and a retry finds it.
+    /// Called before a write is acknowledged: returns at once unless an earlier acknowledged
+    /// write has waited more than `bound` for a sync point to cover it, that is, unless the disk
+    /// is behind the writes; then this write waits for the group commit to catch up instead of
+    /// widening what a power loss could take. After a minute of waiting it is refused as
+    /// unavailable (the write itself is stored, and a retry finds it).
     pub async fn wait_durable_within(&self, bound: Duration) -> Result<()> {
-        let mut rx = self.covered.subscribe();
-        if rx.borrow().elapsed() > bound {
+        let behind = || self.acks().oldest().is_some_and(|t| t.elapsed() > bound);
+        if behind() {
             self.held_for_disk
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut rx = self.covered.subscribe();
+            // Only a completed sync point can clear the backlog, and each one is announced.
+            let caught_up = async move {
+                // A closed channel cannot happen while `self` lives; either way, no wait.
+                let _ = rx.wait_for(|_| !behind()).await;
+            };
+            if tokio::time::timeout(SYNC_STALL, caught_up).await.is_err() {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "the disk has not caught up with acknowledged writes for {} s; \
+                         the write is stored but not yet durable",
+                        SYNC_STALL.as_secs()
+                    ),
+                ));
+            }
         }
-        let caught_up = async move {
-            // A closed channel cannot happen while `self` lives; either way there is no wait.
-            let _ = rx.wait_for(|began| began.elapsed() <= bound).await;
-        };
-        match tokio::time::timeout(SYNC_STALL, caught_up).await {
-            Ok(()) => Ok(()),
-            Err(_) => Err(Error::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "the disk has completed no group commit for over {} s; \
-                     the write is stored but not yet durable",
-                    SYNC_STALL.as_secs()
-                ),
-            )),
-        }
+        let mut acks = self.acks();
+        acks.after = acks.after.or(Some(Instant::now()));
+        Ok(())
     }
 
     /// Rewrites the journal as the compacted state (start-up and clean shutdown).
@@ -646,19 +687,27 @@ mod tests {
         let index = std::sync::Arc::new(Index::open(dir.path(), false).unwrap().0);
         let bound = Duration::from_millis(200);
         let generous = Duration::from_secs(10);
-
-        // Just opened, nothing acknowledged yet: no wait.
-        tokio::time::timeout(generous, index.wait_durable_within(bound))
-            .await
-            .expect("a fresh index must not hold writes back")
-            .unwrap();
-
-        // No sync point for longer than the bound: the disk is behind, and a write waits...
-        std::thread::sleep(bound + Duration::from_millis(50));
-        let waiter = tokio::spawn({
+        let write = |index: &std::sync::Arc<Index>| {
             let index = index.clone();
-            async move { index.wait_durable_within(bound).await }
-        });
+            tokio::spawn(async move { index.wait_durable_within(bound).await })
+        };
+        let sync_point = |index: &std::sync::Arc<Index>| {
+            let index = index.clone();
+            tokio::task::spawn_blocking(move || index.sync_point(|| Ok(())))
+        };
+
+        // Nothing unsynced: acknowledged at once, twice (the first is younger than the bound).
+        for _ in 0..2 {
+            tokio::time::timeout(generous, write(&index))
+                .await
+                .expect("nothing is behind: no wait")
+                .unwrap()
+                .unwrap();
+        }
+        // The first acknowledgement is now older than the bound and no sync point has covered
+        // it: the disk is behind, and the next write waits...
+        std::thread::sleep(bound + Duration::from_millis(50));
+        let waiter = write(&index);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(
             !waiter.is_finished(),
@@ -667,16 +716,22 @@ mod tests {
         assert_eq!(index.sync_lag().1, 1, "the held write is counted");
 
         // ...until a sync point completes, which lets it through.
-        let i = index.clone();
-        tokio::task::spawn_blocking(move || i.sync_point(|| Ok(())))
-            .await
-            .unwrap()
-            .unwrap();
+        sync_point(&index).await.unwrap().unwrap();
         tokio::time::timeout(generous, waiter)
             .await
             .expect("a completed sync point must release waiting writes")
             .unwrap()
             .unwrap();
+        // A sync point covers only what was acknowledged before it began: the released write
+        // needs the next one, and once that is done nothing is behind however long it waits.
+        sync_point(&index).await.unwrap().unwrap();
+        std::thread::sleep(bound + Duration::from_millis(50));
+        tokio::time::timeout(generous, write(&index))
+            .await
+            .expect("everything acknowledged is covered: no wait")
+            .unwrap()
+            .unwrap();
+        assert_eq!(index.sync_lag().1, 1);
     }
 
     #[test]

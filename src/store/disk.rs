@@ -460,19 +460,22 @@ impl BlobStore for DiskStore {
     }
 
     fn sync(&self) -> Result<()> {
-        let dirty = {
+        let (dirty, bytes) = {
             let mut d = self.inner.dirty();
-            self.inner
+            let bytes = self
+                .inner
                 .dirty_bytes
-                .store(0, std::sync::atomic::Ordering::Relaxed);
-            std::mem::take(&mut *d)
+                .swap(0, std::sync::atomic::Ordering::Relaxed);
+            (std::mem::take(&mut *d), bytes)
         };
         if dirty.is_empty() {
             return Ok(());
         }
-        // Many files: one syncfs flushes them all (and their directories) at once. Few: fsync
-        // each, so a busy shared filesystem is not flushed for a handful of blobs.
-        if dirty.len() > 32 {
+        // Many files or many bytes: one syncfs flushes them all (and their directories) at once,
+        // with the whole batch in the device's queue; fsyncs one file after another leave it
+        // mostly idle. A few small files are fsynced each, so a busy shared filesystem is not
+        // flushed for a handful of blobs.
+        if dirty.len() > 32 || bytes >= EAGER_SYNC_BYTES {
             let dir = File::open(&self.inner.root).map_err(|e| Error::io("opening data dir", e))?;
             return rustix::fs::syncfs(&dir)
                 .map_err(|e| Error::io("syncing the data filesystem", e.into()));
