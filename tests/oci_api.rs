@@ -882,6 +882,32 @@ const O_DIRECT: u32 = 0o40000;
 const O_DIRECT: u32 = 0o200000;
 
 /// The open-file flags of every upload file the daemon holds open (from /proc).
+/// Starts an upload in `repo` and sends `data` in PATCHes of `chunk` bytes with `Content-Range`;
+/// returns the session's location, for the final PUT.
+fn patch_in_chunks(h: &Hoard, repo: &str, data: &[u8], chunk: usize) -> String {
+    let mut loc = h
+        .req("POST", &format!("/v2/{repo}/blobs/uploads/"))
+        .send()
+        .header("location")
+        .unwrap()
+        .to_owned();
+    let mut off = 0;
+    for piece in data.chunks(chunk) {
+        let r = h
+            .req("PATCH", &loc)
+            .header(
+                "Content-Range",
+                &format!("{}-{}", off, off + piece.len() - 1),
+            )
+            .body(piece.to_vec())
+            .send();
+        assert_eq!(r.status, 202, "{}", r.text());
+        off += piece.len();
+        loc = r.header("location").unwrap().to_owned();
+    }
+    loc
+}
+
 /// Names of the daemon's threads (as the kernel keeps them: at most 15 bytes).
 fn thread_names(h: &Hoard) -> Vec<String> {
     let pid = h.child.id();
@@ -935,26 +961,7 @@ fn uploads_past_direct_io_above_store_exact_bytes() {
     // Chunked in odd sizes: the switch falls inside a PATCH, later PATCHes continue directly.
     let c = bytes(61, (6 << 20) + 7);
     let dc = sha256(&c);
-    let mut loc = h
-        .req("POST", "/v2/big/blobs/uploads/")
-        .send()
-        .header("location")
-        .unwrap()
-        .to_owned();
-    let mut off = 0;
-    for chunk in c.chunks(700_001) {
-        let r = h
-            .req("PATCH", &loc)
-            .header(
-                "Content-Range",
-                &format!("{}-{}", off, off + chunk.len() - 1),
-            )
-            .body(chunk.to_vec())
-            .send();
-        assert_eq!(r.status, 202, "{}", r.text());
-        off += chunk.len();
-        loc = r.header("location").unwrap().to_owned();
-    }
+    let loc = patch_in_chunks(&h, "big", &c, 700_001);
     // Idle between requests, the upload's file is held by its I/O thread, past the switch
     // point and so in O_DIRECT mode.
     let flags = upload_file_flags(&h);
@@ -1058,26 +1065,7 @@ fn large_uploads_write_through_the_page_cache_and_store_exact_bytes() {
     let chunked_past_handover = |h: &Hoard, seed: u64, stored: &mut Vec<(String, Vec<u8>)>| {
         let c = bytes(seed, (34 << 20) + 5);
         let dc = sha256(&c);
-        let mut loc = h
-            .req("POST", "/v2/large/blobs/uploads/")
-            .send()
-            .header("location")
-            .unwrap()
-            .to_owned();
-        let mut off = 0;
-        for chunk in c.chunks(3_000_001) {
-            let r = h
-                .req("PATCH", &loc)
-                .header(
-                    "Content-Range",
-                    &format!("{}-{}", off, off + chunk.len() - 1),
-                )
-                .body(chunk.to_vec())
-                .send();
-            assert_eq!(r.status, 202, "{}", r.text());
-            off += chunk.len();
-            loc = r.header("location").unwrap().to_owned();
-        }
+        let loc = patch_in_chunks(h, "large", &c, 3_000_001);
         // The I/O thread's handle, and the write-behind thread's when there is one.
         let flags = upload_file_flags(h);
         assert!(!flags.is_empty(), "no open upload file");

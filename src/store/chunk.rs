@@ -1,11 +1,11 @@
 //! Block-aligned, pooled buffers that carry a large upload's bytes to its I/O thread.
 //!
 //! `O_DIRECT` needs the memory it writes from to start on a block boundary, and the HTTP layer's
-//! frames point anywhere into its own read buffer. Once an upload has its I/O thread, it copies each frame
-//! into a `ChunkBuf` as it arrives (the bytes are still in the CPU's cache then) and lets the
-//! frame go, so the HTTP layer reuses its read buffer instead of allocating a fresh one while
-//! frames wait in queues (on a machine whose spare memory is cold, every fresh buffer costs page
-//! faults). A full buffer goes to the device as it is, without a second copy, and then back to
+//! frames point anywhere into its own read buffer. Once an upload has its I/O thread, it copies
+//! each frame into a `ChunkBuf` as it arrives (the bytes are still in the CPU's cache then) and
+//! lets the frame go, so the HTTP layer reuses its read buffer instead of allocating a fresh one
+//! while frames wait in queues (on a machine whose spare memory is cold, every fresh buffer costs
+//! page faults). A full buffer goes to the device as it is, without a second copy, and then back to
 //! the pool.
 
 use std::sync::Mutex;

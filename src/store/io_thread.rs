@@ -11,9 +11,9 @@
 //! multi-gigabyte layers out of the page cache, the thread switches the file to `O_DIRECT` past
 //! that offset (the same trade as a web server's "direct I/O above this size" setting): measured
 //! here, one write at a time to the device ran at 60-80% of the speed of the page cache plus
-//! write-behind. The chunks arrive in block-aligned buffers
-//! (`chunk.rs`), which the device takes as they are; only a chunk that does not start on a block
-//! boundary (after an odd-sized PATCH) is copied into a staging buffer first.
+//! write-behind. The chunks arrive in block-aligned buffers (`chunk.rs`), which the device takes
+//! as they are; only a chunk that does not start on a block boundary (after an odd-sized PATCH)
+//! is copied into a staging buffer first.
 //!
 //! Filesystems or devices that refuse `O_DIRECT` (or its alignment) are detected on the first
 //! write and the upload continues buffered: the mode changes how bytes travel, never which
