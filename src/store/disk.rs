@@ -385,11 +385,15 @@ fn random_name() -> String {
 impl BlobStore for DiskStore {
     fn begin(&self, alg: Algorithm) -> Result<Box<dyn BlobWriter>> {
         let path = self.inner.tmp.join(random_name());
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| Error::io("creating upload file", e))?;
+        let create = || OpenOptions::new().write(true).create_new(true).open(&path);
+        let file = match create() {
+            // tmp/ removed under the running daemon (a clean-up script): make it again rather
+            // than fail every upload, and never report it as an unknown upload.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(&self.inner.tmp)
+                .and_then(|()| create())
+                .map_err(|e| Error::internal(format!("creating upload file: {e}")))?,
+            r => r.map_err(|e| Error::io("creating upload file", e))?,
+        };
         Ok(Box::new(DiskWriter {
             store: self.inner.clone(),
             sink: Sink::Inline {
@@ -560,6 +564,20 @@ mod tests {
         // Neither failure left anything in tmp/.
         assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
         store.sync().unwrap();
+    }
+
+    #[test]
+    fn uploads_survive_tmp_removed_under_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), Durability::Group, NO_DIRECT_IO).unwrap();
+        fs::remove_dir_all(store.tmp_dir()).unwrap();
+        let d = Digest::sha256_of(b"again");
+        let expect = Expect {
+            digest: d,
+            size: Some(5),
+        };
+        assert_eq!(put(&store, b"again", expect).unwrap(), 5);
+        assert_eq!(fs::read(store.blob_path(&d)).unwrap(), b"again");
     }
 
     #[test]
