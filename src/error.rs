@@ -15,6 +15,9 @@ pub enum ErrorKind {
     SizeMismatch,
     /// The request conflicts with current state (e.g. an upload offset that does not follow on).
     Conflict,
+    /// Removing this would leave something pointing at nothing (invariant 1): another stored
+    /// item still references it. The message names the holder.
+    InUse,
     /// A resource limit: the store is full, or a body is over its cap.
     Exhausted,
     /// A dependency (disk, S3) cannot be reached right now; retrying may help.
@@ -60,6 +63,9 @@ impl Error {
     }
     pub fn conflict(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Conflict, message)
+    }
+    pub fn in_use(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::InUse, message)
     }
     pub fn exhausted(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Exhausted, message)

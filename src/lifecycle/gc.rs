@@ -388,11 +388,36 @@ impl<'a> Plan<'a> {
         }
     }
 
-    /// Evicts roots, least recently used first, until stored bytes plus `reserved` fit `target`.
+    /// Manifests that a tag or an index reached since their last push and nothing reaches now
+    /// (a cache tag moved on to a newer export), least recently used first.
+    fn superseded(&self) -> Vec<(Millis, &'a str, Digest)> {
+        let mut out = Vec::new();
+        for (name, r) in &self.state.repos {
+            for (d, m) in &r.manifests {
+                if m.rooted && self.unreachable(name.as_str(), d) {
+                    out.push((m.access.get().min(self.now), name.as_str(), *d));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Until stored bytes plus `reserved` fit `target`: first superseded manifests with what only
+    /// they reach (orphan grace does not shelter a manifest whose tag moved on; it shelters only
+    /// blobs an export in progress claimed, see `unref`), then roots, least recently used first.
+    /// Without this order a cache whose tags are re-pushed on every build fills with superseded
+    /// manifests and evicts every live tag instead.
     fn shrink(&mut self, target: u64, reserved: u64) {
         let used = |p: &Plan| (p.state.total - p.report.freed).saturating_add(reserved);
         if used(self) <= target {
             return;
+        }
+        for (_, repo, d) in self.superseded() {
+            self.drop_manifest(repo, d, Reason::Size);
+            if used(self) <= target {
+                return;
+            }
         }
         for (_, repo, d) in self.roots() {
             if self.removed_manifests.contains(&(repo, d)) {
@@ -913,8 +938,12 @@ mod tests {
             digest
         }
         fn image(&self, repo: &str, tag: &str, layers: &[Digest]) -> Digest {
+            self.image_as(repo, tag, &format!("manifest {repo}:{tag}"), layers)
+        }
+        /// A tagged manifest whose bytes are `name` (re-pushes of a tag need new bytes).
+        fn image_as(&self, repo: &str, tag: &str, name: &str, layers: &[Digest]) -> Digest {
             let at = self.now();
-            let md = self.blob(repo, &format!("manifest {repo}:{tag}"), 10);
+            let md = self.blob(repo, name, 10);
             self.life
                 .index
                 .commit(vec![
@@ -1009,6 +1038,74 @@ mod tests {
         assert!(w.life.index.read().total <= 680);
         let t = r.tallies[&(Reason::Size, "app".to_string())];
         assert_eq!((t.tags, t.manifests, t.blobs), (2, 2, 4));
+    }
+
+    #[test]
+    fn size_pressure_takes_superseded_manifests_before_any_tag_but_spares_an_export_in_progress() {
+        let w = world(Policy {
+            max_size: Some(1000),
+            orphan_grace: H,
+            ..Policy::default()
+        });
+        // Another repository's cache, pulled long ago: the least recently used tag.
+        let other = w.blob("other", "other layer", 100);
+        w.image("other", "cache", &[other]);
+        w.wait(1000);
+        // A cache tag re-pushed four times, each export with a layer of its own and a shared
+        // base: three superseded manifests within orphan_grace, one live.
+        let base = w.blob("app", "base", 100);
+        let mut layers = Vec::new();
+        let mut manifests = Vec::new();
+        for i in 0..4 {
+            let l = w.blob("app", &format!("gen {i}"), 150);
+            manifests.push(w.image_as("app", "cache", &format!("export {i}"), &[base, l]));
+            layers.push(l);
+            w.wait(1000);
+        }
+        // An index's child pushed by digest a moment ago, its index not yet: never reached.
+        let child_layer = w.blob("app", "child layer", 100);
+        let child = w.blob("app", "child manifest", 10);
+        let at = w.now();
+        w.life
+            .index
+            .commit(vec![Op::ManifestPut {
+                repo: "app".into(),
+                digest: child,
+                meta: ManifestMeta {
+                    size: 10,
+                    pushed: at,
+                    children: vec![child_layer],
+                    access: Stamp::new(at),
+                    ..ManifestMeta::default()
+                },
+            }])
+            .unwrap();
+        // 100+10 + 100 + 4*(150+10) + 100+10 = 960: over the high mark (900); evict to 800.
+        assert_eq!(w.life.index.read().total, 960);
+        let r = w.life.pass(None).unwrap();
+        w.check_invariant();
+        assert!(
+            w.has_tag("app", "cache") && w.has_tag("other", "cache"),
+            "{r:?}"
+        );
+        assert!(w.has_blob(&layers[3]) && w.has_blob(&base));
+        // The oldest superseded generations went first, with their own layers only.
+        assert!(!w.has_blob(&manifests[0]) && !w.has_blob(&layers[0]));
+        assert!(w.life.index.read().total <= 800);
+        // The export in progress kept its grace.
+        assert!(w.has_blob(&child) && w.has_blob(&child_layer));
+        // Still over: the rest of the superseded content goes before any tag does.
+        w.life.reserve(400).unwrap();
+        w.check_invariant();
+        for i in 0..3 {
+            assert!(
+                !w.has_blob(&manifests[i]) && !w.has_blob(&layers[i]),
+                "gen {i}"
+            );
+        }
+        assert!(w.has_tag("app", "cache") && w.has_tag("other", "cache"));
+        assert!(w.has_blob(&child));
+        w.life.release(400);
     }
 
     #[test]
@@ -1168,7 +1265,7 @@ mod tests {
         assert_eq!(w.life.index.read().repos["app"].manifests.len(), 3);
         w.wait(31 * MIN);
         w.life.pass(None).unwrap();
-        assert!(!w.life.index.read().repos.contains_key("app"));
+        assert!(w.life.index.read().repos["app"].is_empty());
         assert_eq!(w.life.index.read().total, 0);
     }
 

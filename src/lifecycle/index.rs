@@ -32,8 +32,31 @@ pub struct Repo {
 }
 
 impl Repo {
-    fn is_empty(&self) -> bool {
+    /// Holds nothing: neither tags, manifests nor blobs (a name kept only so it stays known).
+    pub fn is_empty(&self) -> bool {
         self.blobs.is_empty() && self.manifests.is_empty() && self.tags.is_empty()
+    }
+
+    /// A manifest of this repository that lists `d` as a child, described for an error
+    /// message ("manifest sha256:… (tags: a, b)"); the smallest digest when several do.
+    pub fn holder_of(&self, d: &Digest) -> Option<String> {
+        let holder = self
+            .manifests
+            .iter()
+            .filter(|(_, m)| m.children.contains(d))
+            .map(|(md, _)| *md)
+            .min()?;
+        let tags: Vec<&str> = self
+            .tags
+            .iter()
+            .filter(|(_, t)| **t == holder)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        Some(if tags.is_empty() {
+            format!("manifest {holder} (untagged)")
+        } else {
+            format!("manifest {holder} (tags: {})", tags.join(", "))
+        })
     }
 }
 
@@ -113,14 +136,17 @@ impl State {
             Op::ManifestPut { repo, digest, meta } => {
                 self.clock_floor = self.clock_floor.max(meta.pushed);
                 self.add_refs(digest, &meta.children);
-                let old = self
-                    .repos
-                    .entry(repo)
-                    .or_default()
-                    .manifests
-                    .insert(digest, meta);
+                let r = self.repos.entry(repo).or_default();
+                // The child manifests it lists are reached now (see `ManifestMeta::rooted`).
+                for c in &meta.children {
+                    if let Some(child) = r.manifests.get_mut(c) {
+                        child.rooted = true;
+                    }
+                }
+                let old = r.manifests.insert(digest, meta);
                 if let Some(old) = old {
-                    // Same bytes stored again: keep the later access, count the refs once.
+                    // Same bytes stored again: count the refs once. A push is a new claim:
+                    // it is rooted again only once a tag or an index reaches it again.
                     self.drop_refs(digest, &old.children);
                 }
             }
@@ -142,8 +168,9 @@ impl State {
             } => {
                 self.clock_floor = self.clock_floor.max(at);
                 let r = self.repos.entry(repo).or_default();
-                if let Some(m) = r.manifests.get(&digest) {
+                if let Some(m) = r.manifests.get_mut(&digest) {
                     m.access.set_at_least(at);
+                    m.rooted = true;
                 }
                 r.tags.insert(tag, digest);
             }
@@ -205,14 +232,13 @@ impl State {
         self.unreferenced = unreferenced;
     }
 
-    /// Applies `f` to a repository and forgets the repository once nothing is left in it, so the
-    /// catalog never lists empty names.
+    /// Applies `f` to a repository. A repository emptied by deletes, TTL or eviction stays
+    /// known (as in distribution, whose repository directories outlive their content): its tag
+    /// list answers `{"tags":[]}` whichever route emptied it, while the catalog lists only
+    /// repositories that hold something. Only a name never pushed is `NAME_UNKNOWN`.
     fn with_repo(&mut self, repo: &str, f: impl FnOnce(&mut Repo)) {
         if let Some(r) = self.repos.get_mut(repo) {
             f(r);
-            if r.is_empty() {
-                self.repos.remove(repo);
-            }
         }
     }
 
@@ -253,13 +279,20 @@ impl State {
         let repos = self.repos.iter().flat_map(|(name, r)| {
             // Links in batches: one record (and one repository lookup at replay) per 8192.
             let all: Vec<Digest> = r.blobs.iter().copied().collect();
-            let links = all
+            let mut links = all
                 .chunks(8192)
                 .map(|c| Op::Links {
                     repo: name.clone(),
                     digests: c.to_vec(),
                 })
                 .collect::<Vec<_>>();
+            if links.is_empty() {
+                // No links: an empty batch keeps the name known across compaction.
+                links.push(Op::Links {
+                    repo: name.clone(),
+                    digests: Vec::new(),
+                });
+            }
             let manifests = r.manifests.iter().map(move |(d, m)| Op::ManifestPut {
                 repo: name.clone(),
                 digest: *d,

@@ -110,6 +110,11 @@ pub struct ManifestMeta {
     pub children: Vec<Digest>,
     /// Last access, kept in memory exactly and journaled debounced (`ManifestTouched`).
     pub access: Stamp,
+    /// A tag or another manifest of its repository has reached it since it was last pushed.
+    /// Once nothing does any more it is *superseded* (a cache tag moved on), and goes first
+    /// under size pressure; one never reached yet may be an export in progress (an index's
+    /// children are pushed before the index) and keeps its orphan grace.
+    pub rooted: bool,
 }
 
 /// A last-access time that readers update under the index's read lock (an atomic maximum, so a
@@ -462,6 +467,8 @@ fn encode_op(op: &Op, o: &mut Vec<u8>) {
             for c in &meta.children {
                 put_digest(o, c);
             }
+            // Flags, last: records written before there were any simply end here.
+            o.push(u8::from(meta.rooted));
         }
         Op::ManifestDeleted { repo, digest } => {
             o.push(T_MANIFEST_DELETED);
@@ -673,6 +680,7 @@ fn decode_op(p: &[u8]) -> Option<Op> {
             for _ in 0..n {
                 children.push(c.digest()?);
             }
+            let flags = if c.0.is_empty() { 0 } else { c.u8()? };
             Op::ManifestPut {
                 repo,
                 digest,
@@ -685,6 +693,7 @@ fn decode_op(p: &[u8]) -> Option<Op> {
                     annotations,
                     children,
                     access: Stamp::new(pushed),
+                    rooted: flags & 1 != 0,
                 },
             }
         }
@@ -759,6 +768,7 @@ mod tests {
                     annotations: Some("{}".into()),
                     children: vec![d, e],
                     access: Stamp::new(7),
+                    rooted: true,
                 },
             },
             Op::TagSet {
@@ -793,6 +803,30 @@ mod tests {
                 digests: vec![d, e],
             },
         ]
+    }
+
+    #[test]
+    fn manifest_records_from_before_flags_read_as_not_rooted() {
+        let ops = sample_ops();
+        let Op::ManifestPut { repo, digest, meta } = ops[2].clone() else {
+            panic!("sample order")
+        };
+        let mut payload = Vec::new();
+        encode_op(
+            &Op::ManifestPut {
+                repo: repo.clone(),
+                digest,
+                meta: meta.clone(),
+            },
+            &mut payload,
+        );
+        // The same record as an earlier version wrote it: no flags byte.
+        payload.pop();
+        let Some(Op::ManifestPut { meta: old, .. }) = decode_op(&payload) else {
+            panic!("an old manifest record must decode")
+        };
+        assert!(!old.rooted);
+        assert_eq!(old.children, meta.children);
     }
 
     #[test]

@@ -77,6 +77,9 @@ impl OciError {
             ErrorKind::DigestMismatch => Code::DigestInvalid,
             ErrorKind::SizeMismatch => Code::SizeInvalid,
             ErrorKind::Conflict => Code::BlobUploadInvalid,
+            // 405 is what the OCI spec (and its conformance suite) allows a registry to answer a
+            // delete it does not perform; the message says what still holds the target.
+            ErrorKind::InUse => Code::Unsupported,
             ErrorKind::Exhausted => {
                 // A full store is the operator's limit, not the client's mistake: 507 says so.
                 return OciError::new(Code::Denied, e.message)

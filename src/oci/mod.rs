@@ -59,7 +59,7 @@ async fn dispatch(reg: &Registry, route: Route<'_>, req: Request<Incoming>) -> H
         (Route::Upload(name, id), Method::PATCH) => uploads::patch(reg, &name, id, req).await,
         (Route::Upload(name, id), Method::PUT) => uploads::put(reg, &name, id, req).await,
         (Route::Upload(name, id), Method::GET) => uploads::status(reg, &name, id).await,
-        (Route::Upload(name, id), Method::DELETE) => uploads::cancel(reg, &name, id),
+        (Route::Upload(name, id), Method::DELETE) => uploads::cancel(reg, &name, id).await,
         (Route::Manifest(name, r), Method::GET | Method::HEAD) => {
             manifests::get(reg, &name, r, &req).await
         }

@@ -12,6 +12,7 @@ use super::{empty_response, header, query, query_one, HandlerResult, CONTENT_DIG
 use crate::digest::{Algorithm, Digest};
 use crate::error::{Error, ErrorKind};
 use crate::names::RepoName;
+use crate::registry::uploads::Held;
 use crate::registry::{pump, Registry};
 use crate::store::{BlobWriter, Expect};
 
@@ -126,7 +127,7 @@ async fn append(
     name: &RepoName,
     id: &str,
     req: Request<Incoming>,
-    session: &mut crate::registry::uploads::Session,
+    session: &mut Held,
 ) -> Result<(), OciError> {
     let offset = session.offset();
     let expected_len = match header(&req, "content-range") {
@@ -155,22 +156,29 @@ async fn append(
         None => reg.new_writer(Algorithm::Sha256).map_err(upload_error)?,
     };
     if let Err(e) = reserve_body(&mut *writer, &req) {
-        // Refused before a byte streamed; the session keeps what it had.
-        session.writer = Some(writer);
+        // Refused before a byte streamed. A store too full for it ends the session, so its
+        // data and reservation go now rather than at upload_timeout; other refusals keep it.
+        if e.kind == ErrorKind::Exhausted {
+            drop(writer);
+            reg.uploads.close(id, session);
+            tracing::info!(upload = id, repo = %name, error = %e.message, "upload refused");
+        } else {
+            session.writer = Some(writer);
+        }
         return Err(upload_error(e));
     }
     let (writer, res) = pump(writer, req.into_body()).await;
     let appended = writer.written() - offset;
     if let Err(e) = res {
         drop(writer);
-        reg.uploads.remove(id);
+        reg.uploads.close(id, session);
         tracing::info!(upload = id, repo = %name, error = %e.message, "upload dropped");
         return Err(upload_error(e));
     }
     session.writer = Some(writer);
     if let Some(want) = expected_len {
         if appended != want {
-            reg.uploads.remove(id);
+            reg.uploads.close(id, session);
             return Err(OciError::from_error(
                 Error::new(
                     ErrorKind::SizeMismatch,
@@ -189,8 +197,7 @@ pub async fn patch(
     id: &str,
     req: Request<Incoming>,
 ) -> HandlerResult {
-    let s = reg.uploads.get(name, id).map_err(upload_error)?;
-    let mut session = s.lock().await;
+    let mut session = reg.uploads.hold(name, id).await.map_err(upload_error)?;
     append(reg, name, id, req, &mut session).await?;
     reg.uploads.touch(&mut session);
     Ok(empty_response(
@@ -206,7 +213,7 @@ pub async fn put(
     req: Request<Incoming>,
 ) -> HandlerResult {
     let q = query(&req);
-    let s = reg.uploads.get(name, id).map_err(upload_error)?;
+    let mut session = reg.uploads.hold(name, id).await.map_err(upload_error)?;
     let Some(d) = query_one(&q, "digest") else {
         return Err(OciError::new(
             Code::DigestInvalid,
@@ -216,18 +223,18 @@ pub async fn put(
     let digest = match parse_digest_param(d) {
         Ok(d) => d,
         Err(e) => {
-            reg.uploads.remove(id);
+            reg.uploads.close(id, &mut session);
             return Err(e);
         }
     };
-    let mut session = s.lock().await;
     append(reg, name, id, req, &mut session).await?;
-    reg.uploads.remove(id);
-    let writer = match session.writer.take() {
+    let writer = session.writer.take();
+    reg.uploads.close(id, &mut session);
+    drop(session);
+    let writer = match writer {
         Some(w) => w,
         None => reg.new_writer(digest.algorithm()).map_err(upload_error)?,
     };
-    drop(session);
     reg.commit_upload(name, writer, Expect { digest, size: None })
         .await
         .map_err(upload_error)?;
@@ -235,17 +242,17 @@ pub async fn put(
 }
 
 pub async fn status(reg: &Registry, name: &RepoName, id: &str) -> HandlerResult {
-    let s = reg.uploads.get(name, id).map_err(upload_error)?;
-    let session = s.lock().await;
+    let session = reg.uploads.hold(name, id).await.map_err(upload_error)?;
     Ok(empty_response(
         StatusCode::NO_CONTENT,
         &session_headers(name, id, session.offset()),
     ))
 }
 
-pub fn cancel(reg: &Registry, name: &RepoName, id: &str) -> HandlerResult {
-    reg.uploads.get(name, id).map_err(upload_error)?;
-    reg.uploads.remove(id);
+/// Waits for a request in flight on the session, then drops it with its data.
+pub async fn cancel(reg: &Registry, name: &RepoName, id: &str) -> HandlerResult {
+    let mut session = reg.uploads.hold(name, id).await.map_err(upload_error)?;
+    reg.uploads.close(id, &mut session);
     Ok(empty_response(StatusCode::NO_CONTENT, &[]))
 }
 

@@ -245,6 +245,7 @@ impl Registry {
                 annotations: annotations.clone(),
                 children: kept,
                 access: crate::lifecycle::index::Stamp::new(now),
+                rooted: false,
             };
             let mut ops = vec![Op::ManifestPut {
                 repo: repo.clone(),
@@ -343,6 +344,15 @@ impl Registry {
                 Reference::Digest(d) => {
                     if !r.manifests.contains_key(d) {
                         return Err(unknown());
+                    }
+                    // An index of this repository lists it: deleting it would break that
+                    // index's pull for this platform. (A referrer's subject may go: the
+                    // referrers API allows a subject that is gone.)
+                    if let Some(holder) = r.holder_of(d) {
+                        return Err(Error::in_use(format!(
+                            "manifest {d} is still listed by {holder} in repository {repo}; \
+                             delete that index first"
+                        )));
                     }
                     Ok(vec![Op::ManifestDeleted {
                         repo: name.clone(),

@@ -117,13 +117,26 @@ impl Registry {
     }
 
     /// Removes `d` from `repo`'s view; the bytes stay while anything else still uses them.
+    /// Refused while a manifest of `repo` lists it (its tags would point at a layer that 404s)
+    /// or while it is a manifest of `repo` (deleted through `/manifests/` instead).
     pub fn delete_blob(&self, repo: &RepoName, d: &Digest) -> Result<()> {
         self.index.commit_if(|state| {
-            let linked = state
-                .repos
-                .get(repo.as_str())
-                .is_some_and(|r| r.blobs.contains(d));
-            if !linked {
+            let r = state.repos.get(repo.as_str());
+            if let Some(r) = r {
+                if r.manifests.contains_key(d) {
+                    return Err(Error::in_use(format!(
+                        "{d} is a manifest in repository {repo}: delete it with \
+                         DELETE /v2/{repo}/manifests/{d}"
+                    )));
+                }
+                if let Some(holder) = r.holder_of(d) {
+                    return Err(Error::in_use(format!(
+                        "blob {d} is still used by {holder} in repository {repo}; delete that \
+                         manifest first"
+                    )));
+                }
+            }
+            if !r.is_some_and(|r| r.blobs.contains(d)) {
                 return Err(Error::not_found(format!(
                     "blob {d} is not in repository {repo}"
                 )));
@@ -207,6 +220,9 @@ impl Registry {
         let life = self.life.clone();
         let writer_result = blocking(move || {
             let mut w = life.reserved_writer(life.store.begin(d.algorithm())?);
+            // Exactly its own size: a stream's step-wise reservation (a MiB or more) would
+            // refuse small manifests long before the store is full.
+            w.reserve(data.len() as u64)?;
             w.write(&data)?;
             w.commit(Expect { digest: d, size })
         })
@@ -224,7 +240,7 @@ impl Registry {
         let names = state
             .repos
             .iter()
-            .filter(|(_, r)| !r.manifests.is_empty() || !r.blobs.is_empty())
+            .filter(|(_, r)| !r.is_empty())
             .map(|(k, _)| k.as_str());
         paginate(names, n, last)
     }

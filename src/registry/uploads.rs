@@ -16,11 +16,13 @@ use crate::store::chunk::ChunkBuf;
 use crate::store::BlobWriter;
 
 pub struct Session {
-    pub repo: RepoName,
     /// Created with the first byte, so a session that never receives data costs no file.
     pub writer: Option<Box<dyn BlobWriter>>,
     pub started: Millis,
     pub touched: Millis,
+    /// Finished, cancelled or expired while a request waited for it: that request answers
+    /// "unknown upload" instead of working on a session nobody can reach any more.
+    closed: bool,
 }
 
 impl Session {
@@ -30,9 +32,18 @@ impl Session {
 }
 
 pub type SessionRef = Arc<tokio::sync::Mutex<Session>>;
+/// A session held by one request; others wait for it (requests on one upload run in order).
+pub type Held = tokio::sync::OwnedMutexGuard<Session>;
+
+/// The repository lives beside the session, not inside its lock, so a session busy with a
+/// long PATCH still answers only in its own repository.
+struct Entry {
+    repo: RepoName,
+    session: SessionRef,
+}
 
 pub struct Uploads {
-    sessions: Mutex<HashMap<String, SessionRef>>,
+    sessions: Mutex<HashMap<String, Entry>>,
     clock: SharedClock,
 }
 
@@ -44,7 +55,7 @@ impl Uploads {
         }
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionRef>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -65,38 +76,38 @@ impl Uploads {
         );
         let now = self.clock.now_ms();
         let session = Session {
-            repo,
             writer: None,
             started: now,
             touched: now,
+            closed: false,
         };
-        self.map()
-            .insert(id.clone(), Arc::new(tokio::sync::Mutex::new(session)));
+        let entry = Entry {
+            repo,
+            session: Arc::new(tokio::sync::Mutex::new(session)),
+        };
+        self.map().insert(id.clone(), entry);
         id
     }
 
-    /// The session `id`, if it exists and belongs to `repo`.
-    pub fn get(&self, repo: &RepoName, id: &str) -> Result<SessionRef> {
-        let s = self.map().get(id).cloned();
-        match s {
-            Some(s) => {
-                let ok = s.try_lock().map(|g| g.repo == *repo).unwrap_or(true);
-                if ok {
-                    Ok(s)
-                } else {
-                    Err(Error::not_found(format!(
-                        "upload {id} is not in repository {repo}"
-                    )))
-                }
-            }
-            None => Err(Error::not_found(format!(
-                "upload {id} is unknown: it finished, was cancelled, or expired"
-            ))),
+    /// Waits for session `id` of `repo` and holds it. An id started in another repository is
+    /// unknown here, busy or not: nobody can finish or cancel someone else's upload.
+    pub async fn hold(&self, repo: &RepoName, id: &str) -> Result<Held> {
+        let s = match self.map().get(id) {
+            Some(e) if e.repo == *repo => e.session.clone(),
+            _ => return Err(unknown(id)),
+        };
+        let held = s.lock_owned().await;
+        if held.closed {
+            return Err(unknown(id));
         }
+        Ok(held)
     }
 
-    /// Forgets a session; dropping its writer removes any partial data.
-    pub fn remove(&self, id: &str) {
+    /// Ends a held session: it is forgotten, and dropping its writer (if the caller has not
+    /// taken it) removes any partial data.
+    pub fn close(&self, id: &str, held: &mut Held) {
+        held.closed = true;
+        held.writer = None;
         self.map().remove(id);
     }
 
@@ -108,14 +119,21 @@ impl Uploads {
     /// back makes sessions look younger, never expires them early). Returns how many went.
     pub fn expire(&self, idle_ms: i64) -> usize {
         let now = self.clock.now_ms();
-        let mut map = self.map();
-        let before = map.len();
-        map.retain(|_, s| match s.try_lock() {
-            Ok(g) => now.saturating_sub(g.touched) <= idle_ms,
+        // Writers are dropped (their files removed) after the map is let go.
+        let mut dropped = Vec::new();
+        self.map().retain(|_, e| match e.session.try_lock() {
+            Ok(mut g) => {
+                let keep = now.saturating_sub(g.touched) <= idle_ms;
+                if !keep {
+                    g.closed = true;
+                    dropped.push(g.writer.take());
+                }
+                keep
+            }
             // In use right now: not idle.
             Err(_) => true,
         });
-        before - map.len()
+        dropped.len()
     }
 
     pub fn len(&self) -> usize {
@@ -125,6 +143,13 @@ impl Uploads {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+fn unknown(id: &str) -> Error {
+    Error::not_found(format!(
+        "upload {id} is unknown in this repository: it finished, was cancelled, expired, or \
+         was started in another repository"
+    ))
 }
 
 /// Bodies up to this size are gathered in memory and written with one blocking call.
