@@ -10,84 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const CACHE_CONFIG: &str = "application/vnd.buildkit.cacheconfig.v0";
-
-/// A BuildKit-style cache image: a shared base layer, unique layers, a cache config.
-struct Image {
-    tag: String,
-    manifest: String,
-    blobs: Vec<String>,
-}
-
-fn push_image(h: &Hoard, repo: &str, tag: &str, base: Option<&[u8]>, unique: &[Vec<u8>]) -> Image {
-    let mut layers = Vec::new();
-    let mut blobs = Vec::new();
-    if let Some(b) = base {
-        layers.push((push_blob(h, repo, b), b.len()));
-    }
-    for u in unique {
-        layers.push((push_blob(h, repo, u), u.len()));
-    }
-    let config = format!("{{\"layers\":{},\"tag\":\"{tag}\"}}", layers.len());
-    let cd = push_blob(h, repo, config.as_bytes());
-    let body = image_manifest((&cd, config.len(), CACHE_CONFIG), &layers);
-    let r = put_manifest(h, repo, tag, OCI_MANIFEST, &body);
-    assert_eq!(r.status, 201, "{}", r.text());
-    blobs.push(cd);
-    blobs.extend(layers.into_iter().map(|(d, _)| d));
-    Image {
-        tag: tag.into(),
-        manifest: sha256(&body),
-        blobs,
-    }
-}
-
-/// Pulls a tag completely, checking every digest; false if the tag is gone.
-fn pull(h: &Hoard, repo: &str, tag: &str) -> bool {
-    let r = h
-        .req("GET", &format!("/v2/{repo}/manifests/{tag}"))
-        .header("Accept", OCI_MANIFEST)
-        .send();
-    if r.status == 404 {
-        return false;
-    }
-    assert_eq!(r.status, 200, "{}", r.text());
-    let m = r.json();
-    let mut digests = vec![m["config"]["digest"].as_str().unwrap().to_owned()];
-    for l in m["layers"].as_array().unwrap() {
-        digests.push(l["digest"].as_str().unwrap().to_owned());
-    }
-    for d in digests {
-        let b = h.req("GET", &format!("/v2/{repo}/blobs/{d}")).send();
-        assert_eq!(
-            b.status, 200,
-            "{repo}:{tag} lists {d}, which does not pull (invariant 1)"
-        );
-        assert_eq!(sha256(&b.body), d);
-    }
-    true
-}
-
-fn blob_status(h: &Hoard, repo: &str, d: &str) -> u16 {
-    // GET (a pull claims nothing; a HEAD would restart the blob's orphan grace).
-    h.req("GET", &format!("/v2/{repo}/blobs/{d}"))
-        .header("Range", "bytes=0-0")
-        .send()
-        .status
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn status_page(h: &Hoard) -> String {
-    h.req("GET", "/").send().text()
-}
-
 const K: usize = 1024;
 
 #[test]
@@ -650,4 +572,120 @@ fn kill9_in_a_loop_loses_nothing_acknowledged() {
     eprintln!(
         "crash loop: {iterations} kill -9 iterations, {checked} acknowledged tags re-pulled whole, 0 lost"
     );
+}
+
+/// One builder exporting its cache the way BuildKit's `--cache-to type=registry,mode=max` does,
+/// again and again: HEAD every blob, upload the missing ones, then PUT the manifest on the same
+/// moving tag. Returns every status it saw and the manifests it pushed, in order.
+fn rebuild_loop(
+    addr: std::net::SocketAddr,
+    client: u64,
+    repo: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (Vec<(String, u16)>, Vec<String>) {
+    let req = Hoard::req_at(addr);
+    let mut seen = Vec::new();
+    let mut pushed = Vec::new();
+    // Shared by every builder, stable for this one, new on every build.
+    let base = bytes(1, 192 * K);
+    let stable = bytes(1000 + client, 128 * K);
+    let mut build = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        build += 1;
+        let fresh = bytes(
+            client * 1_000_000 + build,
+            384 * K + (build as usize % 5) * 1000,
+        );
+        let config = format!("{{\"client\":{client},\"build\":{build}}}").into_bytes();
+        let mut layers = Vec::new();
+        for blob in [&base, &stable, &fresh, &config] {
+            let d = sha256(blob);
+            let head = req("HEAD", &format!("/v2/{repo}/blobs/{d}"), &[], Vec::new());
+            seen.push(("HEAD blob".to_owned(), head.status));
+            if head.status == 404 {
+                let r = req(
+                    "POST",
+                    &format!("/v2/{repo}/blobs/uploads/?digest={d}"),
+                    &[],
+                    blob.to_vec(),
+                );
+                seen.push(("push blob".to_owned(), r.status));
+            }
+            layers.push((d, blob.len()));
+        }
+        let (cd, clen) = layers.pop().unwrap();
+        let body = image_manifest((&cd, clen, CACHE_CONFIG), &layers);
+        let r = req(
+            "PUT",
+            &format!("/v2/{repo}/manifests/cache"),
+            &[("Content-Type", OCI_MANIFEST)],
+            body.clone(),
+        );
+        seen.push(("PUT manifest".to_owned(), r.status));
+        if r.status == 201 {
+            pushed.push(sha256(&body));
+        }
+    }
+    (seen, pushed)
+}
+
+#[test]
+fn re_pushed_cache_tags_under_a_tight_bound_never_fail_and_the_latest_pull_whole() {
+    // Six builders, two per cache tag, each export about 0.7 MiB (0.4 MiB of it new on every
+    // build), under a bound of about eleven exports: the store turns over many times a minute.
+    let h = Hoard::start(&[
+        "--max-size",
+        "8MiB",
+        "--orphan-grace",
+        "1h",
+        "--gc-interval",
+        "1s",
+    ]);
+    let secs: u64 = std::env::var("HOARD_CHURN_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..6u64)
+        .map(|c| {
+            let (addr, stop) = (h.addr, stop.clone());
+            std::thread::spawn(move || rebuild_loop(addr, c, format!("farm/app{}", c % 3), stop))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(secs));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut requests = 0;
+    let mut builds = 0;
+    for c in clients {
+        let (seen, pushed) = c.join().unwrap();
+        requests += seen.len();
+        builds += pushed.len();
+        let failed: Vec<_> = seen
+            .iter()
+            .filter(|(what, s)| *s >= 500 || (what != "HEAD blob" && *s >= 400))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{} of {} requests failed, e.g. {:?}; status page:\n{}",
+            failed.len(),
+            seen.len(),
+            &failed[..failed.len().min(5)],
+            status_page(&h)
+        );
+    }
+    let page = status_page(&h);
+    assert!(builds > 60, "only {builds} builds in {secs} s:\n{page}");
+    assert!(
+        page.contains("evictions reason=size repository=farm/app"),
+        "the bound was never reached, so nothing was tested:\n{page}"
+    );
+    // Every cache tag is there and its latest export pulls completely.
+    for r in 0..3 {
+        let repo = format!("farm/app{r}");
+        let head = h.req("HEAD", &format!("/v2/{repo}/manifests/cache")).send();
+        assert_eq!(head.status, 200, "{repo}:cache was evicted:\n{page}");
+        pull_all(&h, &repo, "cache", "the churn");
+    }
+    assert_invariant_1(&h, "the churn");
+    eprintln!("{requests} requests, {builds} builds, 0 failed");
 }

@@ -400,6 +400,69 @@ fn size_mismatch_out_of_order_and_unknown_uploads() {
 }
 
 #[test]
+fn an_upload_id_answers_only_in_its_own_repository_busy_or_not() {
+    use std::io::Write;
+    let h = Hoard::start(&[]);
+    let data = bytes(13, 2 << 20);
+    let d = sha256(&data);
+    let r = h.req("POST", "/v2/owner/blobs/uploads/").send();
+    let id = r.header("docker-upload-uuid").unwrap().to_owned();
+    let own = format!("/v2/owner/blobs/uploads/{id}");
+    let theirs = format!("/v2/thief/blobs/uploads/{id}");
+    let try_all = |when: &str| {
+        for (m, path) in [
+            ("PUT", format!("{theirs}?digest={d}")),
+            ("PATCH", theirs.clone()),
+            ("GET", theirs.clone()),
+            ("DELETE", theirs.clone()),
+        ] {
+            let r = h.req(m, &path).body(b"x".to_vec()).send();
+            assert_eq!(
+                r.status,
+                404,
+                "{m} from another repository {when}: {}",
+                r.text()
+            );
+            assert_eq!(r.code(), "BLOB_UPLOAD_UNKNOWN");
+        }
+    };
+    try_all("while idle");
+    // A PATCH in flight: half its body sent, the rest held back.
+    let mut patch = std::net::TcpStream::connect(h.addr).unwrap();
+    write!(
+        patch,
+        "PATCH {own} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        data.len()
+    )
+    .unwrap();
+    patch.write_all(&data[..1 << 20]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    try_all("while a PATCH is in flight");
+    patch.write_all(&data[1 << 20..]).unwrap();
+    let resp = read_response(&mut patch, false);
+    assert_eq!(resp.status, 202, "{}", resp.text());
+    assert_eq!(
+        resp.header("range"),
+        Some(&*format!("0-{}", data.len() - 1))
+    );
+    try_all("after the PATCH");
+    // The owner's upload was untouched: it completes, in its own repository only.
+    let r = h.req("PUT", &format!("{own}?digest={d}")).send();
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(
+        h.req("HEAD", &format!("/v2/owner/blobs/{d}")).send().status,
+        200
+    );
+    assert_eq!(
+        h.req("HEAD", &format!("/v2/thief/blobs/{d}")).send().status,
+        404
+    );
+    // A finished id is unknown everywhere, and a second PUT of it cannot store anything.
+    let r = h.req("PUT", &format!("{own}?digest={d}")).send();
+    assert_eq!(r.status, 404);
+}
+
+#[test]
 fn client_cut_off_mid_upload_leaves_nothing() {
     let h = Hoard::start(&[]);
     let data = bytes(11, 3 << 20);

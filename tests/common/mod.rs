@@ -411,3 +411,174 @@ pub fn image_manifest(config: (&str, usize, &str), layers: &[(String, usize)]) -
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+pub const CACHE_CONFIG: &str = "application/vnd.buildkit.cacheconfig.v0";
+
+/// A BuildKit-style cache image: a shared base layer, unique layers, a cache config.
+pub struct Image {
+    pub tag: String,
+    pub manifest: String,
+    pub blobs: Vec<String>,
+}
+
+pub fn push_image(
+    h: &Hoard,
+    repo: &str,
+    tag: &str,
+    base: Option<&[u8]>,
+    unique: &[Vec<u8>],
+) -> Image {
+    let mut layers = Vec::new();
+    let mut blobs = Vec::new();
+    if let Some(b) = base {
+        layers.push((push_blob(h, repo, b), b.len()));
+    }
+    for u in unique {
+        layers.push((push_blob(h, repo, u), u.len()));
+    }
+    let config = format!("{{\"layers\":{},\"tag\":\"{tag}\"}}", layers.len());
+    let cd = push_blob(h, repo, config.as_bytes());
+    let body = image_manifest((&cd, config.len(), CACHE_CONFIG), &layers);
+    let r = put_manifest(h, repo, tag, OCI_MANIFEST, &body);
+    assert_eq!(r.status, 201, "{}", r.text());
+    blobs.push(cd);
+    blobs.extend(layers.into_iter().map(|(d, _)| d));
+    Image {
+        tag: tag.into(),
+        manifest: sha256(&body),
+        blobs,
+    }
+}
+
+/// Pulls a tag completely, checking every digest; false if the tag is gone.
+pub fn pull(h: &Hoard, repo: &str, tag: &str) -> bool {
+    let r = h
+        .req("GET", &format!("/v2/{repo}/manifests/{tag}"))
+        .header("Accept", OCI_MANIFEST)
+        .send();
+    if r.status == 404 {
+        return false;
+    }
+    assert_eq!(r.status, 200, "{}", r.text());
+    let m = r.json();
+    let mut digests = vec![m["config"]["digest"].as_str().unwrap().to_owned()];
+    for l in m["layers"].as_array().unwrap() {
+        digests.push(l["digest"].as_str().unwrap().to_owned());
+    }
+    for d in digests {
+        let b = h.req("GET", &format!("/v2/{repo}/blobs/{d}")).send();
+        assert_eq!(
+            b.status, 200,
+            "{repo}:{tag} lists {d}, which does not pull (invariant 1)"
+        );
+        assert_eq!(sha256(&b.body), d);
+    }
+    true
+}
+
+pub fn blob_status(h: &Hoard, repo: &str, d: &str) -> u16 {
+    // GET (a pull claims nothing; a HEAD would restart the blob's orphan grace).
+    h.req("GET", &format!("/v2/{repo}/blobs/{d}"))
+        .header("Range", "bytes=0-0")
+        .send()
+        .status
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn status_page(h: &Hoard) -> String {
+    h.req("GET", "/").send().text()
+}
+
+pub const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.oci.image.index.v1+json, \
+    application/vnd.docker.distribution.manifest.v2+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json";
+
+fn is_manifest_type(mt: &str) -> bool {
+    MANIFEST_TYPES.split(',').any(|t| t.trim() == mt)
+}
+
+/// Pulls `reference` of `repo` the way a client does: the manifest, then (recursively) every
+/// child manifest and every blob it lists, each checked against its digest.
+pub fn pull_all(h: &Hoard, repo: &str, reference: &str, after: &str) {
+    let r = h
+        .req("GET", &format!("/v2/{repo}/manifests/{reference}"))
+        .header("Accept", MANIFEST_TYPES)
+        .send();
+    assert_eq!(
+        r.status,
+        200,
+        "after {after}: {repo}:{reference} does not pull: {}",
+        r.text()
+    );
+    let m = r.json();
+    let mut blobs = Vec::new();
+    if let Some(c) = m.get("config") {
+        blobs.push(c.clone());
+    }
+    for key in ["layers", "blobs"] {
+        blobs.extend(m[key].as_array().into_iter().flatten().cloned());
+    }
+    for child in m["manifests"].as_array().into_iter().flatten() {
+        let d = child["digest"].as_str().unwrap_or_default();
+        if child["mediaType"].as_str().is_some_and(is_manifest_type) {
+            pull_all(h, repo, d, after);
+        } else {
+            // A BuildKit cache index lists its layers and cache config here.
+            blobs.push(child.clone());
+        }
+    }
+    for b in blobs {
+        if b["urls"].as_array().is_some_and(|u| !u.is_empty()) {
+            continue;
+        }
+        let d = b["digest"].as_str().unwrap_or_default();
+        let got = h.req("GET", &format!("/v2/{repo}/blobs/{d}")).send();
+        assert_eq!(
+            got.status, 200,
+            "after {after}: {repo}:{reference} lists {d}, which does not pull (invariant 1)"
+        );
+        let actual = if d.starts_with("sha512:") {
+            sha512(&got.body)
+        } else {
+            sha256(&got.body)
+        };
+        assert_eq!(
+            actual, d,
+            "after {after}: {repo} serves wrong bytes for {d}"
+        );
+    }
+}
+
+/// Invariant 1 as clients see it: every tag of every repository pulls completely, and the
+/// daemon's own verification (which also checks what no tag reaches) finds nothing dangling.
+/// Returns how many tags were pulled.
+pub fn assert_invariant_1(h: &Hoard, after: &str) -> usize {
+    let cat = h.req("GET", "/v2/_catalog").send();
+    assert_eq!(cat.status, 200, "{}", cat.text());
+    let mut tags = 0;
+    for repo in cat.json()["repositories"].as_array().into_iter().flatten() {
+        let repo = repo.as_str().unwrap_or_default();
+        let list = h.req("GET", &format!("/v2/{repo}/tags/list")).send();
+        assert_eq!(list.status, 200, "after {after}: {repo}: {}", list.text());
+        for t in list.json()["tags"].as_array().into_iter().flatten() {
+            pull_all(h, repo, t.as_str().unwrap_or_default(), after);
+            tags += 1;
+        }
+    }
+    let v = h.req("POST", "/admin/verify").send();
+    assert_eq!(v.status, 200, "after {after}: verify: {}", v.text());
+    assert!(
+        v.text().contains(" 0 dangling"),
+        "after {after}: {}",
+        v.text()
+    );
+    tags
+}
