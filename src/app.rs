@@ -58,7 +58,8 @@ impl App {
         let (index, records) = Index::open(&index_dir, disk.durability == Durability::Sync)?;
         let index = Arc::new(index);
         if was_clean {
-            fs::remove_file(&clean_marker).map_err(|e| Error::io("removing clean marker", e))?;
+            fs::remove_file(&clean_marker)
+                .map_err(|e| Error::io(format!("removing {}", clean_marker.display()), e))?;
         }
         {
             let s = index.read();
@@ -87,7 +88,8 @@ impl App {
             // Files renamed but never journaled, or journaled gone but not yet unlinked.
             life.sweep_files()?;
         }
-        let mut registry = Registry::new(life.clone());
+        let mut registry = Registry::new(life.clone()).with_max_transfers(config.max_transfers);
+        registry.body_timeout = config.body_timeout.0;
         if disk.durability == Durability::Group {
             // A sync point normally lands within one interval (plus its own fsync); twice that
             // means the disk is behind the writes, and new ones wait rather than pile up.
@@ -115,7 +117,8 @@ impl App {
         self.index.sync_point(|| store.sync())?;
         let n = self.index.compact()?;
         let marker = self.data_dir.join("index").join("clean");
-        fs::write(&marker, b"").map_err(|e| Error::io("writing clean marker", e))?;
+        fs::write(&marker, b"")
+            .map_err(|e| Error::io(format!("writing {}", marker.display()), e))?;
         crate::lifecycle::journal::sync_dir(&self.data_dir.join("index"))?;
         tracing::info!(records = n, "index compacted; clean shutdown");
         Ok(())
@@ -130,6 +133,64 @@ impl App {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// What this daemon runs with, for the start-up log and the status page.
+    pub fn settings(&self) -> Vec<(&'static str, String)> {
+        let c = &self.config;
+        let (_, disk) = c.disk();
+        let abs = fs::canonicalize(&self.data_dir).unwrap_or_else(|_| self.data_dir.clone());
+        let p = &self.life.policy;
+        vec![
+            ("data_dir", abs.display().to_string()),
+            ("store", "disk".into()),
+            (
+                "durability",
+                match disk.durability {
+                    Durability::Sync => "sync (every blob fsynced before its answer)".into(),
+                    Durability::Group => format!(
+                        "group (fsync every {})",
+                        crate::config::show_duration(disk.sync_interval.0)
+                    ),
+                },
+            ),
+            ("max_size", p.max_size.map_or("unbounded".into(), human)),
+            (
+                "watermarks",
+                format!(
+                    "{:.0}% / {:.0}%",
+                    c.high_watermark.0 * 100.0,
+                    c.low_watermark.0 * 100.0
+                ),
+            ),
+            (
+                "ttl",
+                c.ttl
+                    .map_or("none".into(), |t| crate::config::show_duration(t.0)),
+            ),
+            (
+                "clock_skew_tolerance",
+                crate::config::show_duration(c.clock_skew_tolerance.0),
+            ),
+            (
+                "orphan_grace",
+                crate::config::show_duration(c.orphan_grace.0),
+            ),
+            (
+                "upload_timeout",
+                crate::config::show_duration(c.upload_timeout.0),
+            ),
+            ("max_transfers", c.max_transfers.to_string()),
+            (
+                "body_timeout",
+                crate::config::show_duration(c.body_timeout.0),
+            ),
+            (
+                "send_timeout",
+                crate::config::show_duration(c.send_timeout.0),
+            ),
+            ("access_log", c.access_log.to_string()),
+        ]
     }
 }
 
@@ -187,29 +248,27 @@ pub async fn serve(config: Config, clock_offset_ms: i64) -> anyhow::Result<()> {
     let upload_timeout = config.upload_timeout.0;
     let sync_interval = config.disk().1.sync_interval.0;
     let gc_interval = config.gc_interval.0;
+    // The address first: a start that cannot serve fails before it touches the store, so the
+    // store stays marked clean and the next start skips crash recovery.
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let local: SocketAddr = listener.local_addr()?;
     let app = {
         let config = config.clone();
         blocking(move || App::open(config, clock_offset_ms)).await?
     };
     let app = Arc::new(app);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-    let local: SocketAddr = listener.local_addr()?;
     let serving = app.data_dir.join(SERVING_FILE);
     if let Err(e) = fs::write(&serving, format!("http://{local}\n")) {
         tracing::warn!(error = %e, "cannot write {}", serving.display());
     }
-    {
-        let p = &app.life.policy;
-        tracing::info!(
-            max_size = %p.max_size.map_or("unbounded".into(), human),
-            ttl_ms = p.ttl,
-            orphan_grace_ms = p.orphan_grace,
-            clock_skew_tolerance_ms = p.clock_skew_tolerance,
-            "lifecycle"
-        );
-    }
+    let settings: Vec<String> = app
+        .settings()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    tracing::info!("settings: {}", settings.join(", "));
     tracing::info!("listening on http://{local}");
 
     let group_commit = {
@@ -239,8 +298,13 @@ pub async fn serve(config: Config, clock_offset_ms: i64) -> anyhow::Result<()> {
                     _ = app.life.wake.notified() => {}
                 }
                 let life = app.life.clone();
-                if let Err(e) = blocking(move || life.pass(None)).await {
-                    tracing::error!(error = %e, "lifecycle pass failed; will retry");
+                match blocking(move || life.pass(None)).await {
+                    Ok(r) => tracing::debug!(
+                        removed = r.victims.len(),
+                        freed = r.freed,
+                        "lifecycle pass"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "lifecycle pass failed; will retry"),
                 }
             }
         })
@@ -267,7 +331,12 @@ pub async fn serve(config: Config, clock_offset_ms: i64) -> anyhow::Result<()> {
             Box::pin(async move { route(&app, req).await })
         })
     };
-    crate::http::serve(listener, handler, shutdown_signal(), grace).await;
+    let limits = crate::http::ConnLimits {
+        send_timeout: app.config.send_timeout.0,
+        header_timeout: app.config.body_timeout.0,
+        access_log: app.config.access_log,
+    };
+    crate::http::serve(listener, handler, shutdown_signal(), grace, limits).await;
     group_commit.abort();
     lifecycle.abort();
     expiry.abort();
@@ -369,12 +438,12 @@ fn status_page(app: &App) -> String {
     let unreferenced = s.unreferenced.len();
     let (repos, blobs) = (s.repos.len(), s.blobs.len());
     drop(s);
-    let p = &app.life.policy;
     let (lag, held) = app.index.sync_lag();
     let mut out = format!(
         "hoard {}\nrepositories: {}\nmanifests: {manifests}\ntags: {tags}\nblobs: {} ({bytes} bytes, {})\n\
          unreferenced blobs: {unreferenced}\nuploads in progress: {} ({} bytes reserved)\n\
-         max_size: {}\nttl: {}\ncache time: {}\n\
+         transfers in progress: {}\n\
+         cache time: {}\n\
          last group commit: began {} ms ago ({} writes have waited for the disk)\n",
         env!("CARGO_PKG_VERSION"),
         repos,
@@ -382,12 +451,14 @@ fn status_page(app: &App) -> String {
         human(bytes),
         app.registry.uploads.len(),
         app.life.reserved(),
-        p.max_size.map_or("unbounded".into(), human),
-        p.ttl.map_or("none".into(), |t| format!("{}s", t / 1000)),
+        app.registry.transfers_in_progress(),
         crate::clock::rfc3339(app.clock.now_ms()),
         lag.as_millis(),
         held,
     );
+    for (key, value) in app.settings() {
+        out.push_str(&format!("{key}: {value}\n"));
+    }
     for ((reason, repo), t) in app.life.totals() {
         out.push_str(&format!(
             "evictions reason={} repository={repo} tags={} manifests={} blobs={} bytes={}\n",

@@ -99,7 +99,10 @@ pub struct CacheClock {
 struct CacheState {
     now: Millis,
     mono: Millis,
-    /// Set while cache time and the wall clock disagree by more than the tolerance (logged once).
+    /// The wall clock at the last reading: a step is the wall clock moving by more (or less)
+    /// than the monotonic clock between two readings.
+    wall: Millis,
+    /// Set while cache time and the wall clock disagree (one line when they meet again).
     diverged: bool,
 }
 
@@ -133,7 +136,8 @@ impl CacheClock {
             state: std::sync::Mutex::new(CacheState {
                 now: start,
                 mono: m,
-                diverged: false,
+                wall: w,
+                diverged: start != w,
             }),
         }
     }
@@ -169,12 +173,15 @@ impl Clock for CacheClock {
         let hi = s.now.saturating_add(elapsed.saturating_mul(2));
         let next = wall.clamp(lo, hi);
         let off = wall.saturating_sub(next);
-        // One line when the clocks part by more than a second, one when they meet again.
-        if off.abs() > 1000 && !s.diverged {
+        // A warning when the wall clock jumps against the monotonic clock while hoard runs (an
+        // operator or NTP stepped it); downtime is logged at start, as information.
+        let step = wall.saturating_sub(s.wall).saturating_sub(elapsed);
+        if step.abs() > 1000 {
             s.diverged = true;
             tracing::warn!(
+                step_ms = step,
                 offset_ms = off,
-                "the wall clock stepped; cache time is converging to it gradually"
+                "the wall clock stepped while hoard ran; cache time is converging to it gradually"
             );
         } else if off == 0 && s.diverged {
             s.diverged = false;
@@ -182,6 +189,7 @@ impl Clock for CacheClock {
         }
         s.now = next;
         s.mono = mono;
+        s.wall = wall;
         next
     }
 }

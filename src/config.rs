@@ -1,6 +1,6 @@
 //! Configuration: one TOML file whose `[store]` section mirrors the store tree, every key also
-//! settable by a `HOARD_…` environment variable and a `hoard serve` flag (flag > env > file >
-//! default). Sizes and durations are human text: "10GiB", "512MiB", "1s", "5m", "14d".
+//! settable by a `HOARD_…` environment variable and a flag (flag > env > file > default);
+//! `store.disk.path` is `--store-path` / `HOARD_STORE_PATH`. Sizes and durations are human text: "10GiB", "512MiB", "1s", "5m", "14d".
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -37,6 +37,14 @@ pub struct Config {
     pub orphan_grace: HumanDuration,
     /// How often the background pass (TTL, orphans, watermarks) runs.
     pub gc_interval: HumanDuration,
+    /// Blob transfers (pulls, upload bodies) in progress at once; past it, 503 + Retry-After.
+    pub max_transfers: usize,
+    /// A request body that sends nothing for this long is cut off and its upload dropped.
+    pub body_timeout: HumanDuration,
+    /// A client that reads nothing of a response for this long is disconnected.
+    pub send_timeout: HumanDuration,
+    /// One log line per request at info.
+    pub access_log: bool,
     pub store: StoreConfig,
 }
 
@@ -55,6 +63,10 @@ impl Default for Config {
             clock_skew_tolerance: HumanDuration(Duration::from_secs(300)),
             orphan_grace: HumanDuration(Duration::from_secs(3600)),
             gc_interval: HumanDuration(Duration::from_secs(30)),
+            max_transfers: 1024,
+            body_timeout: HumanDuration(Duration::from_secs(60)),
+            send_timeout: HumanDuration(Duration::from_secs(60)),
+            access_log: true,
             store: StoreConfig::default(),
         }
     }
@@ -118,35 +130,35 @@ impl Default for DiskConfig {
 }
 
 /// Overrides from flags and environment (clap merges the two); `None` leaves the file's value.
-#[derive(Clone, Debug, Default, clap::Args)]
+/// Grouped by who uses them, so each subcommand takes (and `--help` lists) only its own.
+#[derive(Clone, Debug, Default)]
 pub struct Overrides {
+    pub common: CommonArgs,
+    pub lifecycle: LifecycleArgs,
+    pub serve: ServeFlags,
+}
+
+/// Where the store is and how to log: every subcommand that opens a data directory.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct CommonArgs {
     /// TOML configuration file.
     #[arg(long, env = "HOARD_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Address to serve HTTP on, e.g. 0.0.0.0:5000 (default 127.0.0.1:5000; port 0 = any).
-    #[arg(long, env = "HOARD_LISTEN")]
-    pub listen: Option<String>,
     /// Data directory (default ./hoard-data).
     #[arg(long, env = "HOARD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Where the disk store (blobs and index) lives, if not in the data directory
+    /// (store.disk.path).
+    #[arg(long, env = "HOARD_STORE_PATH")]
+    pub store_path: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "HOARD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
-    /// `sync` fsyncs every blob before answering; `group` (default) fsyncs every sync interval.
-    #[arg(long, env = "HOARD_DURABILITY", value_parser = parse_durability)]
-    pub durability: Option<Durability>,
-    /// Group commit period, e.g. 1s or 200ms.
-    #[arg(long, env = "HOARD_SYNC_INTERVAL", value_parser = parse_duration)]
-    pub sync_interval: Option<Duration>,
-    /// Upload bytes past this offset bypass the page cache (O_DIRECT), e.g. 32MiB (default: never).
-    #[arg(long, env = "HOARD_DIRECT_IO_ABOVE", value_parser = parse_size)]
-    pub direct_io_above: Option<u64>,
-    /// Idle upload sessions are dropped after this long, e.g. 1h.
-    #[arg(long, env = "HOARD_UPLOAD_TIMEOUT", value_parser = parse_duration)]
-    pub upload_timeout: Option<Duration>,
-    /// How long shutdown waits for in-flight requests, e.g. 30s.
-    #[arg(long, env = "HOARD_SHUTDOWN_TIMEOUT", value_parser = parse_duration)]
-    pub shutdown_timeout: Option<Duration>,
+}
+
+/// The lifecycle policy: what a pass removes (`serve` and `gc`).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct LifecycleArgs {
     /// Bound on stored bytes, e.g. 50GiB (default: unbounded but for the disk).
     #[arg(long, env = "HOARD_MAX_SIZE", value_parser = parse_size)]
     pub max_size: Option<u64>,
@@ -165,68 +177,118 @@ pub struct Overrides {
     /// How long a pushed blob no tag reaches yet stays safe (an export in progress), e.g. 1h.
     #[arg(long, env = "HOARD_ORPHAN_GRACE", value_parser = parse_duration)]
     pub orphan_grace: Option<Duration>,
+}
+
+/// Settings only a serving daemon uses.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct ServeFlags {
+    /// Address to serve HTTP on, e.g. 0.0.0.0:5000 (default 127.0.0.1:5000; port 0 = any).
+    #[arg(long, env = "HOARD_LISTEN")]
+    pub listen: Option<String>,
+    /// `sync` fsyncs every blob before answering; `group` (default) fsyncs every sync interval.
+    #[arg(long, env = "HOARD_DURABILITY", value_parser = parse_durability)]
+    pub durability: Option<Durability>,
+    /// Group commit period, e.g. 1s or 200ms.
+    #[arg(long, env = "HOARD_SYNC_INTERVAL", value_parser = parse_duration)]
+    pub sync_interval: Option<Duration>,
+    /// Upload bytes past this offset bypass the page cache (O_DIRECT), e.g. 32MiB; at least
+    /// 1MiB (default: never).
+    #[arg(long, env = "HOARD_DIRECT_IO_ABOVE", value_parser = parse_size)]
+    pub direct_io_above: Option<u64>,
+    /// Idle upload sessions are dropped after this long, e.g. 1h.
+    #[arg(long, env = "HOARD_UPLOAD_TIMEOUT", value_parser = parse_duration)]
+    pub upload_timeout: Option<Duration>,
+    /// How long shutdown waits for in-flight requests, e.g. 30s.
+    #[arg(long, env = "HOARD_SHUTDOWN_TIMEOUT", value_parser = parse_duration)]
+    pub shutdown_timeout: Option<Duration>,
     /// Period of the background lifecycle pass, e.g. 30s.
     #[arg(long, env = "HOARD_GC_INTERVAL", value_parser = parse_duration)]
     pub gc_interval: Option<Duration>,
+    /// Blob transfers (pulls and upload bodies) served at once; past it, 503 with Retry-After
+    /// (default 1024).
+    #[arg(long, env = "HOARD_MAX_TRANSFERS")]
+    pub max_transfers: Option<usize>,
+    /// A request body that sends nothing for this long is cut off, e.g. 60s.
+    #[arg(long, env = "HOARD_BODY_TIMEOUT", value_parser = parse_duration)]
+    pub body_timeout: Option<Duration>,
+    /// A client that reads nothing of a response for this long is disconnected, e.g. 60s.
+    #[arg(long, env = "HOARD_SEND_TIMEOUT", value_parser = parse_duration)]
+    pub send_timeout: Option<Duration>,
+    /// One log line per request at info (true, the default, or false).
+    #[arg(long, env = "HOARD_ACCESS_LOG", action = clap::ArgAction::Set)]
+    pub access_log: Option<bool>,
 }
 
 impl Config {
     /// The file (if any) with overrides applied.
     pub fn load(o: &Overrides) -> Result<Config, String> {
-        let mut c = match &o.config {
+        let mut c = match &o.common.config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
         };
-        if let Some(v) = &o.listen {
-            c.listen = v.clone();
-        }
-        if let Some(v) = &o.data_dir {
+        let (co, l, s) = (&o.common, &o.lifecycle, &o.serve);
+        if let Some(v) = &co.data_dir {
             c.data_dir = v.clone();
         }
-        if let Some(v) = o.log_format {
+        if let Some(v) = co.log_format {
             c.log_format = v;
         }
-        if let Some(v) = o.upload_timeout {
+        if let Some(v) = &s.listen {
+            c.listen = v.clone();
+        }
+        if let Some(v) = s.upload_timeout {
             c.upload_timeout = HumanDuration(v);
         }
-        if let Some(v) = o.shutdown_timeout {
+        if let Some(v) = s.shutdown_timeout {
             c.shutdown_timeout = HumanDuration(v);
         }
-        if let Some(v) = o.max_size {
-            c.max_size = Some(HumanSize(v));
-        }
-        if let Some(v) = o.high_watermark {
-            c.high_watermark = Fraction(v);
-        }
-        if let Some(v) = o.low_watermark {
-            c.low_watermark = Fraction(v);
-        }
-        if let Some(v) = o.ttl {
-            c.ttl = Some(HumanDuration(v));
-        }
-        if let Some(v) = o.clock_skew_tolerance {
-            c.clock_skew_tolerance = HumanDuration(v);
-        }
-        if let Some(v) = o.orphan_grace {
-            c.orphan_grace = HumanDuration(v);
-        }
-        if let Some(v) = o.gc_interval {
+        if let Some(v) = s.gc_interval {
             c.gc_interval = HumanDuration(v);
         }
-        c.check()?;
+        if let Some(v) = s.max_transfers {
+            c.max_transfers = v;
+        }
+        if let Some(v) = s.body_timeout {
+            c.body_timeout = HumanDuration(v);
+        }
+        if let Some(v) = s.send_timeout {
+            c.send_timeout = HumanDuration(v);
+        }
+        if let Some(v) = s.access_log {
+            c.access_log = v;
+        }
+        if let Some(v) = l.max_size {
+            c.max_size = Some(HumanSize(v));
+        }
+        if let Some(v) = l.high_watermark {
+            c.high_watermark = Fraction(v);
+        }
+        if let Some(v) = l.low_watermark {
+            c.low_watermark = Fraction(v);
+        }
+        if let Some(v) = l.ttl {
+            c.ttl = Some(HumanDuration(v));
+        }
+        if let Some(v) = l.clock_skew_tolerance {
+            c.clock_skew_tolerance = HumanDuration(v);
+        }
+        if let Some(v) = l.orphan_grace {
+            c.orphan_grace = HumanDuration(v);
+        }
         let StoreConfig::Disk(disk) = &mut c.store;
-        if let Some(v) = o.durability {
+        if let Some(v) = &co.store_path {
+            disk.path = Some(v.clone());
+        }
+        if let Some(v) = s.durability {
             disk.durability = v;
         }
-        if let Some(v) = o.sync_interval {
+        if let Some(v) = s.sync_interval {
             disk.sync_interval = HumanDuration(v);
         }
-        if let Some(v) = o.direct_io_above {
+        if let Some(v) = s.direct_io_above {
             disk.direct_io_above = Some(HumanSize(v));
         }
-        if disk.sync_interval.0.is_zero() {
-            return Err("sync_interval must be greater than zero".into());
-        }
+        c.check()?;
         Ok(c)
     }
 
@@ -248,6 +310,26 @@ impl Config {
         }
         if self.gc_interval.0.is_zero() {
             return Err("gc_interval must be greater than zero".into());
+        }
+        if self.max_transfers == 0 {
+            return Err("max_transfers must be at least 1".into());
+        }
+        if self.body_timeout.0.is_zero() || self.send_timeout.0.is_zero() {
+            return Err("body_timeout and send_timeout must be greater than zero".into());
+        }
+        let (_, disk) = self.disk();
+        if disk.sync_interval.0.is_zero() {
+            return Err("sync_interval must be greater than zero".into());
+        }
+        if let Some(d) = disk.direct_io_above {
+            if d.0 < crate::store::disk::MIN_DIRECT_IO {
+                return Err(format!(
+                    "direct_io_above must be at least 1MiB (got {} bytes): direct I/O runs on \
+                     an upload's own I/O thread, and a smaller switch point would start one for \
+                     nearly every upload",
+                    d.0
+                ));
+            }
         }
         Ok(())
     }
@@ -349,6 +431,26 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         total = total.saturating_add(part);
     }
     Ok(total)
+}
+
+/// A duration as the config file would write it: "1h", "1m30s", "250ms", "14d".
+pub fn show_duration(d: Duration) -> String {
+    let ms = d.as_millis() as u64;
+    if ms == 0 {
+        return "0s".into();
+    }
+    if ms % 1000 != 0 {
+        return format!("{ms}ms");
+    }
+    let mut left = ms / 1000;
+    let mut out = String::new();
+    for (unit, secs) in [("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)] {
+        if left >= secs {
+            out.push_str(&format!("{}{unit}", left / secs));
+            left %= secs;
+        }
+    }
+    out
 }
 
 /// A byte size in the config file: "50GiB" or a plain number of bytes.
@@ -460,6 +562,20 @@ mod tests {
         for bad in ["", "s", "1x", "-1s", "1.5s", "m5"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn durations_show_as_written() {
+        for (d, text) in [
+            (3600, "1h"),
+            (90, "1m30s"),
+            (14 * 86400, "14d"),
+            (30, "30s"),
+        ] {
+            assert_eq!(show_duration(Duration::from_secs(d)), text);
+            assert_eq!(parse_duration(text).unwrap(), Duration::from_secs(d));
+        }
+        assert_eq!(show_duration(Duration::from_millis(250)), "250ms");
     }
 
     #[test]

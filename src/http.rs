@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::{self, Read};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -18,6 +19,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::registry::TransferPermit;
 use crate::store::BlobRead;
 
 pub type Body = BoxBody<Bytes, io::Error>;
@@ -32,46 +34,12 @@ pub fn empty() -> Body {
     Empty::new().map_err(|n: Infallible| match n {}).boxed()
 }
 
-/// A body fed by a channel: the blocking reader sends chunks, hyper polls them.
-struct ChannelBody {
-    rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
-    remaining: u64,
-}
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(Ok(b))) => {
-                self.remaining = self.remaining.saturating_sub(b.len() as u64);
-                Poll::Ready(Some(Ok(Frame::data(b))))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.remaining)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.remaining == 0
-    }
-}
-
 /// Bodies this small are read in one blocking call and sent whole.
 const SMALL_READ: u64 = 256 << 10;
-/// Larger bodies stream in chunks of this size, at most `QUEUED_READS` read ahead: a pull
-/// holds well under 2 MiB however large the blob.
+/// Larger bodies stream in chunks of this size, one read when hyper asks for it (hyper itself
+/// queues up to two before it waits for the socket): a pull holds at most about 512 KiB however
+/// large the blob and however slow the client.
 const READ_CHUNK: usize = 256 << 10;
-const QUEUED_READS: usize = 4;
 /// Read buffers kept for reuse once hyper has sent them (8 MiB at most).
 const POOLED_READS: usize = 32;
 
@@ -107,8 +75,99 @@ fn read_buffer(len: usize) -> Vec<u8> {
     v
 }
 
-/// Streams `len` bytes from `r` (already positioned) as a response body.
-pub async fn stream_blob(mut r: Box<dyn BlobRead>, len: u64) -> io::Result<Body> {
+/// One chunk being read on the blocking pool; the reader comes back with it.
+type ReadStep = tokio::task::JoinHandle<(Box<dyn BlobRead>, io::Result<Bytes>)>;
+
+/// A blob as a response body. The network side pulls: hyper asks for the next chunk only once
+/// it has room for it, and only then is one chunk read on the blocking pool. A client that stops
+/// reading therefore holds a buffer or two and no thread; the transfer permit goes with the body.
+struct BlobBody {
+    reader: Option<Box<dyn BlobRead>>,
+    /// A read in progress on the blocking pool.
+    reading: Option<ReadStep>,
+    /// Read before the response started (small blobs: all of it).
+    ready: Option<Bytes>,
+    /// Bytes not yet handed to hyper.
+    remaining: u64,
+    _permit: Option<TransferPermit>,
+}
+
+impl http_body::Body for BlobBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        if let Some(b) = this.ready.take() {
+            this.remaining = this.remaining.saturating_sub(b.len() as u64);
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        if this.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        if this.reading.is_none() {
+            let Some(mut r) = this.reader.take() else {
+                return Poll::Ready(Some(Err(io::Error::other("blob reader lost"))));
+            };
+            let want = this.remaining.min(READ_CHUNK as u64) as usize;
+            this.reading = Some(tokio::task::spawn_blocking(move || {
+                let mut buf = read_buffer(want);
+                let res = r
+                    .read_exact(&mut buf)
+                    .map(|()| Bytes::from_owner(Pooled(buf)));
+                (r, res)
+            }));
+        }
+        let Some(reading) = this.reading.as_mut() else {
+            return Poll::Pending;
+        };
+        let done = std::task::ready!(Pin::new(reading).poll(cx));
+        this.reading = None;
+        match done {
+            Ok((r, Ok(b))) => {
+                this.reader = Some(r);
+                this.remaining = this.remaining.saturating_sub(b.len() as u64);
+                Poll::Ready(Some(Ok(Frame::data(b))))
+            }
+            Ok((_, Err(e))) => {
+                this.remaining = 0;
+                Poll::Ready(Some(Err(e)))
+            }
+            Err(e) => {
+                this.remaining = 0;
+                Poll::Ready(Some(Err(io::Error::other(format!(
+                    "blob read failed: {e}"
+                )))))
+            }
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0 && self.ready.is_none()
+    }
+}
+
+/// Streams `len` bytes from `r` (already positioned) as a response body, holding `permit`
+/// until the body is sent or dropped.
+pub async fn stream_blob(
+    r: Box<dyn BlobRead>,
+    len: u64,
+    permit: Option<TransferPermit>,
+) -> io::Result<Body> {
+    let mut body = BlobBody {
+        reader: None,
+        reading: None,
+        ready: None,
+        remaining: len,
+        _permit: permit,
+    };
     if len <= SMALL_READ {
         let buf = crate::registry::blocking(move || {
             let mut buf = Vec::with_capacity(len as usize);
@@ -122,26 +181,179 @@ pub async fn stream_blob(mut r: Box<dyn BlobRead>, len: u64) -> io::Result<Body>
                 "blob shorter than its index entry",
             ));
         }
-        return Ok(full(buf));
+        body.ready = Some(Bytes::from(buf));
+    } else {
+        body.reader = Some(r);
     }
-    let (tx, rx) = tokio::sync::mpsc::channel(QUEUED_READS);
-    tokio::task::spawn_blocking(move || {
-        let mut left = len;
-        while left > 0 {
-            let want = left.min(READ_CHUNK as u64) as usize;
-            let mut buf = read_buffer(want);
-            let res = r
-                .read_exact(&mut buf)
-                .map(|()| Bytes::from_owner(Pooled(buf)));
-            let failed = res.is_err();
-            if tx.blocking_send(res).is_err() || failed {
-                // The client went away, or the read failed and the error was passed on.
-                return;
+    Ok(BoxBody::new(body))
+}
+
+/// Connection limits the accept loop applies.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnLimits {
+    /// A client that takes none of a response for this long is disconnected.
+    pub send_timeout: Duration,
+    /// A connection that sends no complete request head for this long is closed.
+    pub header_timeout: Duration,
+    /// One info line per request once its response is sent (or cut off).
+    pub access_log: bool,
+}
+
+/// The access log line of one request, written when its response body is done or dropped, so
+/// it has the bytes really sent and the whole duration. Never the query string (it may carry
+/// tokens once auth lands) and never a body.
+struct Logged {
+    inner: Body,
+    method: http::Method,
+    path: String,
+    status: u16,
+    peer: SocketAddr,
+    bytes_in: Option<u64>,
+    bytes_out: u64,
+    started: std::time::Instant,
+    finished: bool,
+}
+
+impl http_body::Body for Logged {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let r = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &r {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    self.bytes_out += d.len() as u64;
+                }
             }
-            left -= want as u64;
+            Some(Err(_)) => {}
+            None => self.finished = true,
         }
-    });
-    Ok(BoxBody::new(ChannelBody { rx, remaining: len }))
+        Poll::Ready(r)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let complete = self.finished || http_body::Body::is_end_stream(&self.inner);
+        tracing::info!(
+            target: "hoard::access",
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            bytes_in = self.bytes_in,
+            bytes_out = self.bytes_out,
+            ms = self.started.elapsed().as_millis() as u64,
+            peer = %self.peer,
+            complete,
+            "request"
+        );
+    }
+}
+
+/// A connection whose writes time out: while the socket will take nothing (the client reads
+/// nothing), a deadline runs; any progress clears it. Reads pass through (request bodies have
+/// their own idle timeout where they are consumed).
+struct SendDeadline {
+    io: TcpStream,
+    limit: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+    peer: SocketAddr,
+}
+
+impl SendDeadline {
+    fn new(io: TcpStream, limit: Duration, peer: SocketAddr) -> SendDeadline {
+        SendDeadline {
+            io,
+            limit,
+            timer: Box::pin(tokio::time::sleep(limit)),
+            armed: false,
+            peer,
+        }
+    }
+
+    fn progress<T>(&mut self, r: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Ready(v) => {
+                self.armed = false;
+                Poll::Ready(v)
+            }
+            Poll::Pending => {
+                if !self.armed {
+                    self.armed = true;
+                    let at = tokio::time::Instant::now() + self.limit;
+                    self.timer.as_mut().reset(at);
+                }
+                match self.timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        tracing::info!(peer = %self.peer, timeout = ?self.limit,
+                            "client stopped reading; closing its connection");
+                        Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "client read nothing for send_timeout",
+                        )))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for SendDeadline {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SendDeadline {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.progress(r, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.progress(r, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.progress(r, cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.progress(r, cx)
+    }
 }
 
 pub type Handler = Arc<
@@ -159,6 +371,7 @@ pub async fn serve(
     handler: Handler,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
+    limits: ConnLimits,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -179,19 +392,48 @@ pub async fn serve(
         let handler = handler.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if is_tls_probe(&stream).await {
+            if is_tls_probe(&stream, limits.header_timeout).await {
                 answer_tls_probe(stream).await;
                 return;
             }
-            let service = hyper::service::service_fn(move |req| {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let h = handler.clone();
-                async move { Ok::<_, Infallible>(h(req).await) }
+                async move {
+                    if !limits.access_log {
+                        return Ok::<_, Infallible>(h(req).await);
+                    }
+                    let started = std::time::Instant::now();
+                    let method = req.method().clone();
+                    let path = req.uri().path().to_owned();
+                    let bytes_in = req
+                        .headers()
+                        .get(http::header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok()?.parse().ok());
+                    let resp = h(req).await;
+                    let status = resp.status().as_u16();
+                    Ok(resp.map(|inner| {
+                        BoxBody::new(Logged {
+                            inner,
+                            method,
+                            path,
+                            status,
+                            peer,
+                            bytes_in,
+                            bytes_out: 0,
+                            started,
+                            finished: false,
+                        })
+                    }))
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(60))
+                .header_read_timeout(limits.header_timeout)
                 .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service);
+                .serve_connection(
+                    TokioIo::new(SendDeadline::new(stream, limits.send_timeout, peer)),
+                    service,
+                );
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
@@ -210,9 +452,9 @@ pub async fn serve(
     }
 }
 
-async fn is_tls_probe(stream: &TcpStream) -> bool {
+async fn is_tls_probe(stream: &TcpStream, wait: Duration) -> bool {
     let mut b = [0u8; 1];
-    match tokio::time::timeout(Duration::from_secs(60), stream.peek(&mut b)).await {
+    match tokio::time::timeout(wait, stream.peek(&mut b)).await {
         // 0x16 = TLS handshake record; no HTTP method starts with it.
         Ok(Ok(1)) => b[0] == 0x16,
         _ => false,

@@ -6,7 +6,9 @@ use std::io::{Read, Write};
 
 use clap::{Parser, Subcommand};
 
-use hoard::config::{parse_offset, Config, LogFormat, Overrides};
+use hoard::config::{
+    parse_offset, CommonArgs, Config, LifecycleArgs, LogFormat, Overrides, ServeFlags,
+};
 
 #[derive(Parser)]
 #[command(
@@ -30,7 +32,9 @@ enum Command {
         #[arg(long)]
         once: bool,
         #[command(flatten)]
-        args: ServeArgs,
+        common: CommonArgs,
+        #[command(flatten)]
+        lifecycle: LifecycleArgs,
     },
     /// Re-hash every blob and report corrupt or missing ones and unknown files (exit 1 if any).
     Verify {
@@ -39,7 +43,14 @@ enum Command {
         #[arg(long)]
         repair: bool,
         #[command(flatten)]
-        args: ServeArgs,
+        common: CommonArgs,
+    },
+    /// Exit 0 if the daemon at --listen answers `GET /healthz` with 200 (a container health
+    /// check that needs no HTTP client in the image).
+    Health {
+        /// The daemon's address; 0.0.0.0 or [::] mean this machine.
+        #[arg(long, env = "HOARD_LISTEN", default_value = "127.0.0.1:5000")]
+        listen: String,
     },
     /// Measure push/HEAD/pull/manifest throughput against a registry URL (see benches/).
     Bench(hoard::bench::BenchArgs),
@@ -52,7 +63,11 @@ enum Command {
 #[derive(clap::Args)]
 struct ServeArgs {
     #[command(flatten)]
-    overrides: Overrides,
+    common: CommonArgs,
+    #[command(flatten)]
+    lifecycle: LifecycleArgs,
+    #[command(flatten)]
+    serve: ServeFlags,
     /// Test hook: run as if the wall clock were off by this much, e.g. -3h or +2h.
     #[arg(long, env = "HOARD_CLOCK_OFFSET", hide = true, allow_hyphen_values = true,
           value_parser = parse_offset)]
@@ -61,9 +76,29 @@ struct ServeArgs {
 
 impl ServeArgs {
     fn config(&self) -> anyhow::Result<(Config, i64)> {
-        let config = Config::load(&self.overrides).map_err(anyhow::Error::msg)?;
+        let o = Overrides {
+            common: self.common.clone(),
+            lifecycle: self.lifecycle.clone(),
+            serve: self.serve.clone(),
+        };
+        let config = Config::load(&o).map_err(anyhow::Error::msg)?;
         Ok((config, self.clock_offset.unwrap_or(0)))
     }
+}
+
+/// The configuration of a tool subcommand (no serve flags; the clock offset hook from env).
+fn tool_config(common: CommonArgs, lifecycle: LifecycleArgs) -> anyhow::Result<(Config, i64)> {
+    let o = Overrides {
+        common,
+        lifecycle,
+        serve: ServeFlags::default(),
+    };
+    let config = Config::load(&o).map_err(anyhow::Error::msg)?;
+    let offset = match std::env::var("HOARD_CLOCK_OFFSET") {
+        Ok(v) => parse_offset(&v).map_err(anyhow::Error::msg)?,
+        Err(_) => 0,
+    };
+    Ok((config, offset))
 }
 
 fn init_logging(format: LogFormat) {
@@ -79,6 +114,69 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Files hoard creates in a data directory must stay its owner's: a `hoard verify` run as root
+/// on a service's directory must not leave root-owned index files the service cannot open. As
+/// root on a directory another user owns, hoard becomes that user (before any thread starts,
+/// so the whole process does).
+fn run_as_owner(dir: &std::path::Path) -> anyhow::Result<()> {
+    use rustix::process::{geteuid, Gid, Uid};
+    use rustix::thread::{set_thread_groups, set_thread_res_gid, set_thread_res_uid};
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(dir) else {
+        // Not there yet: hoard creates it, as whoever runs it.
+        return Ok(());
+    };
+    let me = geteuid();
+    let (uid, gid) = (meta.uid(), meta.gid());
+    if me.as_raw() == uid {
+        return Ok(());
+    }
+    if !me.is_root() {
+        // An unprivileged user writes where the directory's permissions let it (a volume
+        // shared through its group, as Kubernetes' fsGroup does), and cannot change owners.
+        return Ok(());
+    }
+    let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    let switched = set_thread_groups(&[g])
+        .and_then(|()| set_thread_res_gid(g, g, g))
+        .and_then(|()| set_thread_res_uid(u, u, u));
+    if let Err(e) = switched {
+        anyhow::bail!(
+            "cannot switch to uid {uid} / gid {gid}, the owner of {}: {e}",
+            dir.display()
+        );
+    }
+    tracing::info!(
+        uid,
+        gid,
+        dir = %dir.display(),
+        "running as the data directory's owner so that the files hoard creates stay theirs"
+    );
+    Ok(())
+}
+
+/// Every connection and every blob being read holds a descriptor: take the hard limit, not the
+/// (often 1024) soft one.
+fn raise_open_files() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            tracing::warn!(error = %e, "cannot raise the open file limit");
+        }
+    }
+    let now = getrlimit(Resource::Nofile).current;
+    tracing::debug!(limit = now, "open file limit");
+    if now.is_some_and(|n| n < 4096) {
+        tracing::warn!(
+            limit = now,
+            "the open file limit is low for a registry: each connection and each blob being \
+             served holds one; raise it (e.g. LimitNOFILE in a systemd unit)"
+        );
+    }
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -91,16 +189,23 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(a) => {
             let (config, offset) = a.config()?;
             init_logging(config.log_format);
+            raise_open_files();
+            run_as_owner(&config.disk().0)?;
             runtime()?.block_on(hoard::app::serve(config, offset))
         }
-        Command::Gc { once, args } => {
+        Command::Gc {
+            once,
+            common,
+            lifecycle,
+        } => {
             if !once {
                 anyhow::bail!(
                     "`hoard serve` runs lifecycle passes continuously; use `hoard gc --once` for one pass now"
                 );
             }
-            let (config, offset) = args.config()?;
+            let (config, offset) = tool_config(common, lifecycle)?;
             init_logging(config.log_format);
+            run_as_owner(&config.disk().0)?;
             let out = offline_or_daemon(config, offset, "/admin/gc", |app| {
                 app.life.sweep_files()?;
                 let r = app.life.pass(None)?;
@@ -109,9 +214,10 @@ fn main() -> anyhow::Result<()> {
             print!("{}", out.1);
             Ok(())
         }
-        Command::Verify { repair, args } => {
-            let (config, offset) = args.config()?;
+        Command::Verify { repair, common } => {
+            let (config, offset) = tool_config(common, LifecycleArgs::default())?;
             init_logging(config.log_format);
+            run_as_owner(&config.disk().0)?;
             let path = if repair {
                 "/admin/verify?repair=true"
             } else {
@@ -124,6 +230,16 @@ fn main() -> anyhow::Result<()> {
             print!("{text}");
             if !ok {
                 std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Health { listen } => {
+            let addr = listen
+                .replace("0.0.0.0:", "127.0.0.1:")
+                .replace("[::]:", "[::1]:");
+            let (status, body) = request(&addr, "GET", "/healthz")?;
+            if status != 200 {
+                anyhow::bail!("{addr} answered /healthz with {status}: {}", body.trim());
             }
             Ok(())
         }
@@ -145,10 +261,23 @@ fn offline_or_daemon(
     offline: impl FnOnce(&hoard::app::App) -> hoard::error::Result<(bool, String)>,
 ) -> anyhow::Result<(bool, String)> {
     let data_dir = config.disk().0;
+    // A tool pointed at the wrong directory must say so, not make an empty store there and
+    // report it clean.
+    let journal = data_dir.join("index").join("journal");
+    if !journal.exists() {
+        anyhow::bail!(
+            "{} holds no hoard store (no {}): check --data-dir (or store.disk.path)",
+            data_dir.display(),
+            journal.display()
+        );
+    }
     match hoard::app::App::open(config, offset) {
         Ok(app) => {
-            let out = offline(&app).map_err(|e| anyhow::anyhow!("{e}"))?;
-            app.close().map_err(|e| anyhow::anyhow!("{e}"))?;
+            // Closed whatever the outcome, so the store stays marked clean.
+            let out = offline(&app);
+            let closed = app.close();
+            let out = out.map_err(|e| anyhow::anyhow!("{e}"))?;
+            closed.map_err(|e| anyhow::anyhow!("{e}"))?;
             Ok(out)
         }
         Err(e) if e.kind == hoard::error::ErrorKind::Conflict => {
@@ -157,20 +286,22 @@ fn offline_or_daemon(
                 anyhow::anyhow!("{e}; and it has not written {} to be asked", file.display())
             })?;
             let addr = url.trim().trim_start_matches("http://").to_owned();
-            let (status, body) = post(&addr, path)?;
+            let (status, body) = request(&addr, "POST", path)?;
             Ok((status == 200, body))
         }
         Err(e) => Err(anyhow::anyhow!("{e}")),
     }
 }
 
-/// A bare HTTP/1.1 POST (loopback, no body): enough to reach the daemon's admin endpoints.
-fn post(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+/// A bare HTTP/1.1 request without a body (loopback): enough to reach the daemon's admin and
+/// health endpoints.
+fn request(addr: &str, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let mut s = std::net::TcpStream::connect(addr)
         .map_err(|e| anyhow::anyhow!("cannot reach the daemon at {addr}: {e}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(3600)))?;
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;

@@ -6,20 +6,11 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 
 const K: usize = 1024;
-
-fn hoard_cmd(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hoard"))
-        .args(args)
-        .env("HOARD_LOG", "warn")
-        .output()
-        .expect("running hoard")
-}
 
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

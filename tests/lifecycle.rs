@@ -393,14 +393,6 @@ fn orphan_grace_keeps_an_export_in_progress_and_collects_an_abandoned_one() {
     assert!(status_page(&h).contains("evictions reason=orphan repository=app"));
 }
 
-fn hoard_cmd(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hoard"))
-        .args(args)
-        .env("HOARD_LOG", "warn")
-        .output()
-        .expect("running hoard")
-}
-
 #[test]
 fn gc_once_and_verify_offline_and_against_a_running_daemon() {
     let tmp = tempfile::tempdir().unwrap();

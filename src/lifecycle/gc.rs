@@ -596,7 +596,7 @@ impl Lifecycle {
         for ((reason, repo), t) in &report.tallies {
             totals.entry((*reason, repo.clone())).or_default().add(t);
             tracing::info!(
-                reason = reason.as_str(),
+                reason = %reason.as_str(),
                 repository = %repo,
                 tags = t.tags,
                 manifests = t.manifests,
@@ -634,7 +634,9 @@ impl Lifecycle {
                 )));
             }
         }
-        for attempt in 0..2 {
+        // Evict, then retry: twice, since uploads running beside this one reserve and release
+        // while the pass runs; a pass that frees nothing ends the attempts.
+        for attempt in 0..3 {
             let used = self.index.read().total + self.reserved();
             let over_max = self.policy.max_size.is_some_and(|m| used + n > m);
             let disk_short = self.disk_shortfall(n);
@@ -645,7 +647,7 @@ impl Lifecycle {
                 }
                 return Ok(());
             }
-            if attempt == 0 {
+            if attempt < 2 {
                 let mut ceiling = u64::MAX;
                 if let Some(m) = self.policy.max_size.filter(|_| over_max) {
                     let low = self.low_mark().unwrap_or(m);
@@ -658,8 +660,10 @@ impl Lifecycle {
                     }
                     ceiling = ceiling.min(used.saturating_sub(disk_short));
                 }
-                self.pass(Some(ceiling))?;
-                continue;
+                let r = self.pass(Some(ceiling))?;
+                if attempt == 0 || !r.victims.is_empty() {
+                    continue;
+                }
             }
             return Err(self.refusal(n, over_max, disk_short));
         }

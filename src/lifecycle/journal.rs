@@ -192,14 +192,14 @@ pub struct Journal {
 }
 
 /// See [`Journal::sync_handle`].
-pub struct SyncHandle(File);
+pub struct SyncHandle(File, PathBuf);
 
 impl SyncHandle {
     /// Makes every record appended before the handle was taken durable.
     pub fn sync(&self) -> Result<()> {
         self.0
             .sync_data()
-            .map_err(|e| Error::io("syncing the index journal", e))
+            .map_err(|e| Error::io(format!("syncing {}", self.1.display()), e))
     }
 }
 
@@ -220,7 +220,9 @@ impl Journal {
             Ok(f) => {
                 let total = f
                     .metadata()
-                    .map_err(|e| Error::io("reading journal metadata", e))?
+                    .map_err(|e| {
+                        Error::io(format!("reading journal metadata {}", path.display()), e)
+                    })?
                     .len();
                 let mut r = BufReader::with_capacity(1 << 20, f);
                 let mut magic = [0u8; 8];
@@ -254,7 +256,7 @@ impl Journal {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("opening journal", e)),
+            Err(e) => return Err(Error::io(format!("opening journal {}", path.display()), e)),
         }
         let mut file = OpenOptions::new()
             .create(true)
@@ -262,24 +264,24 @@ impl Journal {
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(|e| Error::io("opening journal", e))?;
+            .map_err(|e| Error::io(format!("opening journal {}", path.display()), e))?;
         let len = file
             .metadata()
-            .map_err(|e| Error::io("reading journal metadata", e))?
+            .map_err(|e| Error::io(format!("reading journal metadata {}", path.display()), e))?
             .len();
         if len < MAGIC.len() as u64 {
             file.set_len(0)
-                .map_err(|e| Error::io("resetting journal", e))?;
+                .map_err(|e| Error::io(format!("resetting journal {}", path.display()), e))?;
             file.write_all(MAGIC)
-                .map_err(|e| Error::io("writing journal", e))?;
+                .map_err(|e| Error::io(format!("writing journal {}", path.display()), e))?;
             good_len = MAGIC.len() as u64;
         } else if len != good_len {
             file.set_len(good_len)
-                .map_err(|e| Error::io("truncating torn journal", e))?;
+                .map_err(|e| Error::io(format!("truncating torn journal {}", path.display()), e))?;
         }
         use std::io::Seek;
         file.seek(io::SeekFrom::Start(good_len))
-            .map_err(|e| Error::io("seeking journal", e))?;
+            .map_err(|e| Error::io(format!("seeking journal {}", path.display()), e))?;
         Ok((
             Journal {
                 path,
@@ -302,7 +304,10 @@ impl Journal {
             // A short write (disk full) must not leave half a record for the next append to
             // follow: cut the file back to the last whole record.
             self.undo_partial();
-            return Err(Error::io("appending to the index journal", e));
+            return Err(Error::io(
+                format!("appending to the index journal {}", self.path.display()),
+                e,
+            ));
         }
         self.len += buf.len() as u64;
         self.records += ops.len() as u64;
@@ -327,19 +332,24 @@ impl Journal {
     }
 
     pub fn sync(&mut self) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io("syncing the index journal", e))
+        self.file.sync_data().map_err(|e| {
+            Error::io(
+                format!("syncing the index journal {}", self.path.display()),
+                e,
+            )
+        })
     }
 
     /// A second handle on the journal file, to fsync what has been appended so far without
     /// holding the journal (and so without stalling appends while the device catches up).
     pub fn sync_handle(&self) -> Result<SyncHandle> {
-        let file = self
-            .file
-            .try_clone()
-            .map_err(|e| Error::io("opening the index journal for sync", e))?;
-        Ok(SyncHandle(file))
+        let file = self.file.try_clone().map_err(|e| {
+            Error::io(
+                format!("opening the index journal for sync {}", self.path.display()),
+                e,
+            )
+        })?;
+        Ok(SyncHandle(file, self.path.clone()))
     }
 
     /// Replaces the journal with `ops` (the compacted state): written to `journal.new`, fsynced,
@@ -356,16 +366,17 @@ impl Journal {
                 return Err(e);
             }
         };
-        fs::rename(&tmp, &self.path).map_err(|e| Error::io("replacing journal", e))?;
+        fs::rename(&tmp, &self.path)
+            .map_err(|e| Error::io(format!("replacing journal {}", self.path.display()), e))?;
         sync_dir(&dir)?;
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(&self.path)
-            .map_err(|e| Error::io("reopening journal", e))?;
+            .map_err(|e| Error::io(format!("reopening journal {}", self.path.display()), e))?;
         use std::io::Seek;
         file.seek(io::SeekFrom::End(0))
-            .map_err(|e| Error::io("seeking journal", e))?;
+            .map_err(|e| Error::io(format!("seeking journal {}", self.path.display()), e))?;
         self.file = file;
         self.records = n;
         self.len = len;
@@ -375,9 +386,9 @@ impl Journal {
     fn write_compacted(&self, tmp: &Path, ops: impl Iterator<Item = Op>) -> Result<(u64, u64)> {
         let mut w = io::BufWriter::with_capacity(
             1 << 20,
-            File::create(tmp).map_err(|e| Error::io("creating journal.new", e))?,
+            File::create(tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?,
         );
-        let io_err = |e| Error::io("writing journal.new", e);
+        let io_err = |e| Error::io(format!("writing {}", tmp.display()), e);
         w.write_all(MAGIC).map_err(io_err)?;
         let mut buf = Vec::with_capacity(4096);
         let mut n = 0;

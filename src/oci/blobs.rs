@@ -104,11 +104,14 @@ pub async fn get(
     let body = if is_head {
         empty()
     } else {
+        let permit = reg
+            .transfer()
+            .map_err(|e| OciError::from_error(e, Code::BlobUnknown))?;
         let r = reg
             .open_blob(name, &digest, start)
             .await
             .map_err(|e| OciError::from_error(e, Code::BlobUnknown))?;
-        stream_blob(r, len).await.map_err(|e| {
+        stream_blob(r, len, Some(permit)).await.map_err(|e| {
             OciError::from_error(Error::io(format!("reading {digest}"), e), Code::BlobUnknown)
         })?
     };

@@ -46,20 +46,33 @@ pub async fn put(
                 .push(Tag::parse(&v).map_err(|e| OciError::from_error(e, Code::ManifestInvalid))?);
         }
     }
-    if let Some(Ok(n)) = header(&req, CONTENT_LENGTH).map(str::parse::<usize>) {
-        if n > MAX_MANIFEST {
+    let announced = header(&req, CONTENT_LENGTH).and_then(|v| v.parse::<usize>().ok());
+    if announced.is_some_and(|n| n > MAX_MANIFEST) {
+        return Err(too_large());
+    }
+    // Manifest bodies are gathered in memory: they share a byte budget, so stalled pushes of
+    // large manifests cannot add up to more than it.
+    let _budget = reg
+        .manifest_budget(announced.unwrap_or(MAX_MANIFEST))
+        .map_err(|e| OciError::from_error(e, Code::ManifestInvalid))?;
+    let content_type = header(&req, CONTENT_TYPE).map(str::to_owned);
+    let collect = Limited::new(req.into_body(), MAX_MANIFEST).collect();
+    let body: Bytes = match tokio::time::timeout(reg.body_timeout, collect).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(too_large());
         }
-    }
-    let content_type = header(&req, CONTENT_TYPE).map(str::to_owned);
-    let body: Bytes = match Limited::new(req.into_body(), MAX_MANIFEST).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Err(e) => {
+        Ok(Err(e)) => {
             return Err(OciError::new(
                 Code::ManifestInvalid,
                 format!("manifest upload interrupted: {e}"),
             ))
+        }
+        Err(_) => {
+            return Err(OciError::new(
+                Code::ManifestInvalid,
+                "manifest body did not arrive within body_timeout",
+            ));
         }
     };
     let stored = reg

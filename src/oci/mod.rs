@@ -28,6 +28,7 @@ pub type HandlerResult = Result<Response<Body>, OciError>;
 /// Handles a request whose path starts with `/v2/`.
 pub async fn handle(reg: Arc<Registry>, req: Request<Incoming>) -> Response<Body> {
     let is_head = req.method() == Method::HEAD;
+    let method = req.method().clone();
     let path = percent_decode(req.uri().path());
     let rest = path.strip_prefix("/v2/").unwrap_or("");
     let result =
@@ -39,7 +40,20 @@ pub async fn handle(reg: Arc<Registry>, req: Request<Incoming>) -> Response<Body
         };
     let mut resp = match result {
         Ok(r) => r,
-        Err(e) => error_response(&e, is_head),
+        Err(e) => {
+            // A miss is an answer, not a refusal; everything else is logged with its reason.
+            if e.status != StatusCode::NOT_FOUND {
+                tracing::info!(
+                    method = %method,
+                    path = %path,
+                    status = e.status.as_u16(),
+                    code = e.code.wire().0,
+                    reason = %e.message,
+                    "request refused"
+                );
+            }
+            error_response(&e, is_head)
+        }
     };
     resp.headers_mut()
         .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
@@ -80,6 +94,11 @@ pub fn error_response(e: &OciError, is_head: bool) -> Response<Body> {
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    if e.status == StatusCode::SERVICE_UNAVAILABLE {
+        // Busy, not broken: clients that honour it (and BuildKit, which retries any 5xx with
+        // backoff) come back shortly.
+        h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     resp
 }
 

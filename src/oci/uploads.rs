@@ -89,9 +89,10 @@ pub async fn start(reg: &Registry, name: &RepoName, req: Request<Incoming>) -> H
         // A digest with no body is a hint some clients send; only an actual body (or the empty
         // blob's own digest) makes this a one-request upload.
         if has_body(&req) || digest == Digest::of(digest.algorithm(), b"") {
+            let _permit = reg.transfer().map_err(upload_error)?;
             let mut writer = reg.new_writer(digest.algorithm()).map_err(upload_error)?;
             reserve_body(&mut *writer, &req).map_err(upload_error)?;
-            let (writer, res) = pump(writer, req.into_body()).await;
+            let (writer, res) = pump(writer, req.into_body(), reg.body_timeout).await;
             res.map_err(upload_error)?;
             reg.commit_upload(name, writer, Expect { digest, size: None })
                 .await
@@ -151,6 +152,8 @@ async fn append(
     if !has_body(&req) {
         return Ok(());
     }
+    // Past max_transfers the client is told to retry; the session stays as it was.
+    let _permit = reg.transfer().map_err(upload_error)?;
     let mut writer = match session.writer.take() {
         Some(w) => w,
         None => reg.new_writer(Algorithm::Sha256).map_err(upload_error)?,
@@ -161,13 +164,12 @@ async fn append(
         if e.kind == ErrorKind::Exhausted {
             drop(writer);
             reg.uploads.close(id, session);
-            tracing::info!(upload = id, repo = %name, error = %e.message, "upload refused");
         } else {
             session.writer = Some(writer);
         }
         return Err(upload_error(e));
     }
-    let (writer, res) = pump(writer, req.into_body()).await;
+    let (writer, res) = pump(writer, req.into_body(), reg.body_timeout).await;
     let appended = writer.written() - offset;
     if let Err(e) = res {
         drop(writer);

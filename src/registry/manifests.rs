@@ -263,6 +263,7 @@ impl Registry {
             Ok(ops)
         })?;
         self.settle().await?;
+        tracing::debug!(repo = %req.repo, digest = %digest, reference = %req.reference, "manifest stored");
         Ok(Stored { digest, subject })
     }
 

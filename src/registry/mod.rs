@@ -29,7 +29,24 @@ pub struct Registry {
     /// With group commit: the longest an acknowledged write may wait for its sync point before
     /// new writes wait for the disk instead (`None` when every write is synced before its answer).
     pub unsynced_bound: Option<std::time::Duration>,
+    /// One permit per blob transfer in progress (a pull's body, an upload's body).
+    transfers: Arc<tokio::sync::Semaphore>,
+    max_transfers: usize,
+    /// A request body silent this long is cut off.
+    pub body_timeout: std::time::Duration,
+    /// Bytes of manifest bodies being received (they are gathered in memory), in KiB permits.
+    manifest_bytes: Arc<tokio::sync::Semaphore>,
 }
+
+/// Manifest bodies in flight at once, in bytes: 16 of the largest allowed.
+const MANIFEST_BUDGET_KIB: usize = 16 * (manifests::MAX_MANIFEST >> 10);
+
+/// Held while a blob transfer runs; dropping it lets the next one in.
+pub type TransferPermit = tokio::sync::OwnedSemaphorePermit;
+
+/// Defaults for a registry built without a configuration (unit tests, tools).
+const DEFAULT_MAX_TRANSFERS: usize = 1024;
+const DEFAULT_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Where a blob read starts and how much it returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,7 +64,53 @@ impl Registry {
             clock: life.clock.clone(),
             life,
             unsynced_bound: None,
+            transfers: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_TRANSFERS)),
+            max_transfers: DEFAULT_MAX_TRANSFERS,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            manifest_bytes: Arc::new(tokio::sync::Semaphore::new(MANIFEST_BUDGET_KIB)),
         }
+    }
+
+    /// Room for a manifest body of `bytes` being received, or `Unavailable` (503) while the
+    /// budget is taken by other manifest pushes.
+    pub fn manifest_budget(&self, bytes: usize) -> Result<TransferPermit> {
+        let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        self.manifest_bytes
+            .clone()
+            .try_acquire_many_owned(kib)
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Unavailable,
+                    "too many manifest bodies are being received; retry shortly",
+                )
+            })
+    }
+
+    /// Sets how many blob transfers may run at once.
+    pub fn with_max_transfers(mut self, n: usize) -> Registry {
+        self.transfers = Arc::new(tokio::sync::Semaphore::new(n));
+        self.max_transfers = n;
+        self
+    }
+
+    /// A permit for one blob transfer, or `Unavailable` (503, retried by clients) when
+    /// `max_transfers` are already running: past the cap a client waits on its side, costing
+    /// hoard nothing.
+    pub fn transfer(&self) -> Result<TransferPermit> {
+        self.transfers.clone().try_acquire_owned().map_err(|_| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "{} blob transfers are in progress (max_transfers); retry shortly",
+                    self.max_transfers
+                ),
+            )
+        })
+    }
+
+    /// Blob transfers running now.
+    pub fn transfers_in_progress(&self) -> usize {
+        self.max_transfers - self.transfers.available_permits()
     }
 
     /// Holds an acknowledgement back while the group commit is too far behind (see
@@ -187,6 +250,7 @@ impl Registry {
         let size = blocking(move || writer.commit(expect)).await?;
         self.record_blob(repo, expect.digest, size)?;
         self.settle().await?;
+        tracing::debug!(repo = %repo, digest = %expect.digest, size, "blob committed");
         Ok(size)
     }
 

@@ -81,6 +81,7 @@ impl Uploads {
             touched: now,
             closed: false,
         };
+        tracing::debug!(upload = %id, repo = %repo, "upload session started");
         let entry = Entry {
             repo,
             session: Arc::new(tokio::sync::Mutex::new(session)),
@@ -154,118 +155,178 @@ fn unknown(id: &str) -> Error {
 
 /// Bodies up to this size are gathered in memory and written with one blocking call.
 const SMALL_BODY: usize = 1 << 20;
+/// Received bytes queued while a write step runs; past this the body is not read until the step
+/// ends (the client's sends then wait in its socket, not in hoard's memory).
+const QUEUE_AHEAD: usize = 1 << 20;
 
-/// Streams a request body into `writer` on the blocking pool, receiving and writing in parallel.
-/// Returns the writer back with the outcome: on error (client cut off, disk full) the caller
-/// decides whether to drop the upload.
+type Step = tokio::task::JoinHandle<(Box<dyn BlobWriter>, Result<()>)>;
+
+/// Streams a request body into `writer`. The network side stays async: frames are received
+/// here, and the disk work (hashing, writing) runs in bounded steps on the blocking pool, one at
+/// a time, each taking what arrived while the previous one ran. A stalled client therefore holds
+/// no thread, and a body silent for `idle` is cut off. Returns the writer back with the outcome:
+/// on error (client cut off or stalled, disk full) the caller decides whether to drop the upload.
 pub async fn pump<B>(
-    mut writer: Box<dyn BlobWriter>,
+    writer: Box<dyn BlobWriter>,
     mut body: B,
+    idle: std::time::Duration,
 ) -> (Box<dyn BlobWriter>, Result<()>)
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
     let cut_off = |e: &dyn std::fmt::Display| Error::conflict(format!("upload interrupted: {e}"));
+    let stalled = || {
+        Error::conflict(format!(
+            "upload body stalled: nothing arrived for {} s (body_timeout)",
+            idle.as_secs_f64()
+        ))
+    };
+    let deadline = tokio::time::sleep(idle);
+    tokio::pin!(deadline);
     // Small bodies: gather, then write once.
     let mut head: Vec<Bytes> = Vec::new();
     let mut head_len = 0usize;
     let mut ended = false;
     while head_len < SMALL_BODY {
-        match body.frame().await {
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    head_len += data.len();
-                    head.push(data);
+        tokio::select! {
+            frame = body.frame() => match frame {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        head_len += data.len();
+                        head.push(data);
+                    }
+                    deadline.as_mut().reset(tokio::time::Instant::now() + idle);
                 }
-            }
-            Some(Err(e)) => return (writer, Err(cut_off(&e))),
-            None => {
-                ended = true;
-                break;
-            }
+                Some(Err(e)) => return (writer, Err(cut_off(&e))),
+                None => {
+                    ended = true;
+                    break;
+                }
+            },
+            () = &mut deadline => return (writer, Err(stalled())),
         }
     }
     if ended {
-        return blocking(move || {
-            let mut res = Ok(());
-            for chunk in head {
-                res = writer.write_owned(chunk);
-                if res.is_err() {
-                    break;
-                }
-            }
-            (writer, res)
-        })
-        .await;
+        return write_step(writer, head).await;
     }
-    // Large bodies: a bounded channel to one blocking writer, so the network and the disk (and
-    // the hash) overlap while memory stays bounded. Frames go on as they come until the writer's
-    // I/O thread takes over; past that each is copied into a pooled, block-aligned buffer and let go
-    // (see `store::chunk`), and full buffers go on.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUED_CHUNKS);
+    // Large bodies: frames go on as they come until the writer's I/O thread takes over; past
+    // that each is copied into a pooled, block-aligned buffer (see `store::chunk`) and let go.
     let mut fwd = Forward {
         aligned_from: writer.aligned_from(),
         offset: writer.written(),
         buf: None,
-        tx,
+        queue: Vec::new(),
+        queued: 0,
     };
-    let task = tokio::task::spawn_blocking(move || {
-        let mut res = Ok(());
-        while let Some(chunk) = rx.blocking_recv() {
-            if res.is_ok() {
-                res = writer.write_owned(chunk);
-            }
-        }
-        (writer, res)
-    });
-    let mut recv: Result<()> = Ok(());
-    let mut open = true;
     for chunk in head {
-        open = open && fwd.send(chunk).await;
+        fwd.push(chunk);
     }
-    while open {
-        match body.frame().await {
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    // The writer stopped early (write error): stop sending, report its error.
-                    open = fwd.send(data).await;
+    let mut state = Disk::Idle(writer);
+    let mut recv: Result<()> = Ok(());
+    loop {
+        state = match state {
+            Disk::Idle(w) if fwd.queued > 0 => {
+                let batch = std::mem::take(&mut fwd.queue);
+                fwd.queued = 0;
+                Disk::Busy(tokio::task::spawn_blocking(move || write_all(w, batch)))
+            }
+            s => s,
+        };
+        if ended || recv.is_err() || fwd.queued >= QUEUE_AHEAD {
+            // Finishing, failed, or far enough ahead: wait for the disk. An idle writer here has
+            // nothing queued (it would be busy otherwise), so the body is done or has failed.
+            match state {
+                Disk::Busy(h) => {
+                    let (w, res) = join(h).await;
+                    if res.is_err() {
+                        return (w, res);
+                    }
+                    state = Disk::Idle(w);
+                    deadline.as_mut().reset(tokio::time::Instant::now() + idle);
+                    continue;
                 }
-            }
-            Some(Err(e)) => {
-                recv = Err(cut_off(&e));
-                break;
-            }
-            None => {
-                fwd.flush().await;
-                break;
+                Disk::Idle(w) => return (w, recv),
             }
         }
+        tokio::select! {
+            biased;
+            done = async {
+                match &mut state {
+                    Disk::Busy(h) => join(h).await,
+                    Disk::Idle(_) => std::future::pending().await,
+                }
+            } => {
+                let (w, res) = done;
+                if res.is_err() {
+                    return (w, res);
+                }
+                state = Disk::Idle(w);
+            }
+            frame = body.frame() => {
+                match frame {
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            fwd.push(data);
+                        }
+                    }
+                    Some(Err(e)) => recv = Err(cut_off(&e)),
+                    None => {
+                        fwd.finish();
+                        ended = true;
+                    }
+                }
+                deadline.as_mut().reset(tokio::time::Instant::now() + idle);
+            }
+            () = &mut deadline => recv = Err(stalled()),
+        }
     }
-    drop(fwd);
-    match task.await {
-        Ok((w, res)) => (w, res.and(recv)),
+}
+
+/// The writer of a streamed upload: waiting for bytes, or in a write step on the blocking pool.
+enum Disk {
+    Idle(Box<dyn BlobWriter>),
+    Busy(Step),
+}
+
+fn write_all(mut w: Box<dyn BlobWriter>, batch: Vec<Bytes>) -> (Box<dyn BlobWriter>, Result<()>) {
+    let mut res = Ok(());
+    for chunk in batch {
+        res = w.write_owned(chunk);
+        if res.is_err() {
+            break;
+        }
+    }
+    (w, res)
+}
+
+async fn write_step(
+    w: Box<dyn BlobWriter>,
+    batch: Vec<Bytes>,
+) -> (Box<dyn BlobWriter>, Result<()>) {
+    join(tokio::task::spawn_blocking(move || write_all(w, batch))).await
+}
+
+async fn join<T>(h: impl std::future::Future<Output = Result<T, tokio::task::JoinError>>) -> T {
+    match h.await {
+        Ok(v) => v,
         Err(e) => panic_to_writer(e),
     }
 }
 
-/// Chunks queued for the writer: received frames (at most the HTTP layer's read buffer) or
-/// full 512 KiB upload buffers.
-const QUEUED_CHUNKS: usize = 2;
-
-/// The network side of a streamed upload: passes received bytes to the writer.
+/// The network side of a streamed upload: queues received bytes for the next write step.
 struct Forward {
     aligned_from: Option<u64>,
     /// Upload offset of the next byte received.
     offset: u64,
     /// The aligned buffer being filled, once past `aligned_from`.
     buf: Option<ChunkBuf>,
-    tx: tokio::sync::mpsc::Sender<Bytes>,
+    queue: Vec<Bytes>,
+    queued: usize,
 }
 
 impl Forward {
-    /// False once the writer has stopped.
-    async fn send(&mut self, mut data: Bytes) -> bool {
+    fn push(&mut self, mut data: Bytes) {
         let before = match self.aligned_from {
             Some(at) => at.saturating_sub(self.offset).min(data.len() as u64) as usize,
             None => data.len(),
@@ -273,9 +334,8 @@ impl Forward {
         self.offset += data.len() as u64;
         if before > 0 {
             let head = data.split_to(before);
-            if self.tx.send(head).await.is_err() {
-                return false;
-            }
+            self.queued += head.len();
+            self.queue.push(head);
         }
         let mut rest = &data[..];
         while !rest.is_empty() {
@@ -284,19 +344,20 @@ impl Forward {
             rest = &rest[n..];
             if buf.is_full() {
                 if let Some(full) = self.buf.take() {
-                    if self.tx.send(full.into_bytes()).await.is_err() {
-                        return false;
-                    }
+                    let b = full.into_bytes();
+                    self.queued += b.len();
+                    self.queue.push(b);
                 }
             }
         }
-        true
     }
 
-    /// Sends what is buffered at the end of the body.
-    async fn flush(&mut self) {
+    /// Queues what is buffered at the end of the body.
+    fn finish(&mut self) {
         if let Some(last) = self.buf.take().filter(|b| !b.is_empty()) {
-            let _ = self.tx.send(last.into_bytes()).await;
+            let b = last.into_bytes();
+            self.queued += b.len();
+            self.queue.push(b);
         }
     }
 }

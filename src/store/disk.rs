@@ -29,7 +29,7 @@ use super::{BlobRead, BlobStore, BlobWriter, Expect};
 pub const NO_DIRECT_IO: u64 = u64::MAX;
 /// Direct I/O is switched on by an upload's I/O thread; a smaller switch point would start a
 /// thread for nearly every upload.
-const MIN_DIRECT_IO_ABOVE: u64 = 1 << 20;
+pub const MIN_DIRECT_IO: u64 = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -70,7 +70,7 @@ impl DiskStore {
         match fs::remove_dir_all(&tmp) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("clearing tmp/", e)),
+            Err(e) => return Err(Error::io(format!("clearing {}", tmp.display()), e)),
         }
         for d in [root.join("blobs"), tmp.clone()] {
             fs::create_dir_all(&d)
@@ -82,7 +82,7 @@ impl DiskStore {
                 tmp,
                 durability,
                 direct_after: direct_io_above
-                    .max(MIN_DIRECT_IO_ABOVE)
+                    .max(MIN_DIRECT_IO)
                     .div_ceil(ALIGN as u64)
                     .saturating_mul(ALIGN as u64),
                 dirty: Mutex::new(Vec::new()),
@@ -203,7 +203,7 @@ impl BlobWriter for DiskWriter {
         // `written` counts bytes before this call while they are written: the sink hands over
         // to the I/O thread at a fixed offset.
         self.write_bytes(buf, None)
-            .map_err(|e| Error::io("writing upload data", e))?;
+            .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
         self.written += buf.len() as u64;
         Ok(())
     }
@@ -211,7 +211,7 @@ impl BlobWriter for DiskWriter {
     fn write_owned(&mut self, buf: Bytes) -> Result<()> {
         self.hasher.update(&buf);
         self.write_bytes(&buf, Some(&buf))
-            .map_err(|e| Error::io("writing upload data", e))?;
+            .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
         self.written += buf.len() as u64;
         Ok(())
     }
@@ -236,7 +236,7 @@ impl BlobWriter for DiskWriter {
             Ok(f) => f,
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
-                return Err(Error::io("writing upload data", e));
+                return Err(Error::io(format!("writing {}", tmp.display()), e));
             }
         };
         let result = commit_file(
@@ -289,7 +289,7 @@ fn commit_file(
     let sync = store.durability == Durability::Sync;
     if sync {
         file.sync_data()
-            .map_err(|e| Error::io("syncing upload data", e))?;
+            .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))?;
     }
     drop(file);
     let dest = store.blob_path(&expect.digest);
@@ -298,10 +298,19 @@ fn commit_file(
     // rename wins atomically and readers see one whole file either way.
     if let Err(e) = fs::rename(tmp, &dest) {
         if e.kind() != io::ErrorKind::NotFound {
-            return Err(Error::io("committing blob", e));
+            return Err(Error::io(
+                format!("renaming {} to {}", tmp.display(), dest.display()),
+                e,
+            ));
         }
-        fs::create_dir_all(parent).map_err(|e| Error::io("creating blob directory", e))?;
-        fs::rename(tmp, &dest).map_err(|e| Error::io("committing blob", e))?;
+        fs::create_dir_all(parent)
+            .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+        fs::rename(tmp, &dest).map_err(|e| {
+            Error::io(
+                format!("renaming {} to {}", tmp.display(), dest.display()),
+                e,
+            )
+        })?;
     }
     if sync {
         crate::lifecycle::journal::sync_dir(parent)?;
@@ -321,13 +330,14 @@ fn commit_file(
 }
 
 fn rehash(path: &Path, alg: Algorithm) -> Result<Digest> {
-    let mut f = File::open(path).map_err(|e| Error::io("re-reading upload", e))?;
+    let mut f =
+        File::open(path).map_err(|e| Error::io(format!("re-reading {}", path.display()), e))?;
     let mut h = alg.hasher();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f
             .read(&mut buf)
-            .map_err(|e| Error::io("re-reading upload", e))?;
+            .map_err(|e| Error::io(format!("re-reading {}", path.display()), e))?;
         if n == 0 {
             return Ok(h.finish());
         }
@@ -391,8 +401,8 @@ impl BlobStore for DiskStore {
             // than fail every upload, and never report it as an unknown upload.
             Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(&self.inner.tmp)
                 .and_then(|()| create())
-                .map_err(|e| Error::internal(format!("creating upload file: {e}")))?,
-            r => r.map_err(|e| Error::io("creating upload file", e))?,
+                .map_err(|e| Error::io(format!("creating {}", path.display()), e))?,
+            r => r.map_err(|e| Error::io(format!("creating {}", path.display()), e))?,
         };
         Ok(Box::new(DiskWriter {
             store: self.inner.clone(),
@@ -430,7 +440,8 @@ impl BlobStore for DiskStore {
 
     fn quarantine(&self, d: &Digest) -> Result<()> {
         let dir = self.inner.root.join("quarantine");
-        fs::create_dir_all(&dir).map_err(|e| Error::io("creating quarantine/", e))?;
+        fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let dest = dir.join(format!("{}-{}", d.algorithm().name(), d.hex()));
         match fs::rename(self.inner.blob_path(d), dest) {
             Ok(()) => Ok(()),
@@ -480,9 +491,14 @@ impl BlobStore for DiskStore {
         // mostly idle. A few small files are fsynced each, so a busy shared filesystem is not
         // flushed for a handful of blobs.
         if dirty.len() > 32 || bytes >= EAGER_SYNC_BYTES {
-            let dir = File::open(&self.inner.root).map_err(|e| Error::io("opening data dir", e))?;
-            return rustix::fs::syncfs(&dir)
-                .map_err(|e| Error::io("syncing the data filesystem", e.into()));
+            let dir = File::open(&self.inner.root)
+                .map_err(|e| Error::io(format!("opening {}", self.inner.root.display()), e))?;
+            return rustix::fs::syncfs(&dir).map_err(|e| {
+                Error::io(
+                    format!("syncing the filesystem of {}", self.inner.root.display()),
+                    e.into(),
+                )
+            });
         }
         let mut dirs: Vec<&Path> = Vec::new();
         for path in &dirty {

@@ -14,7 +14,7 @@ use crate::digest::{Algorithm, Digest};
 use crate::error::Result;
 
 /// The bytes of one stored blob, positioned at its start.
-pub trait BlobRead: Read + Seek + Send {
+pub trait BlobRead: Read + Seek + Send + Sync {
     fn size(&self) -> u64;
 }
 

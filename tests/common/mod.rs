@@ -31,7 +31,20 @@ impl Hoard {
 
     /// Starts hoard on `data` (kept by the caller, for restart tests).
     pub fn start_on(data: &Path, extra: &[&str]) -> Hoard {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hoard"));
+        Hoard::start_via(&[], data, extra)
+    }
+
+    /// Starts hoard through a wrapper command (e.g. `setpriv --reuid …` to run it as another
+    /// user).
+    pub fn start_via(wrapper: &[&str], data: &Path, extra: &[&str]) -> Hoard {
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_hoard"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_hoard")),
+        };
         cmd.arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
@@ -89,6 +102,16 @@ impl Hoard {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// A line of the daemon's /proc status ("VmRSS", "Threads"), as its first number.
+    pub fn proc_status(&self, key: &str) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("reading the daemon's /proc status");
+        s.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc status"))
     }
 
     pub fn log(&self) -> String {
@@ -581,4 +604,13 @@ pub fn assert_invariant_1(h: &Hoard, after: &str) -> usize {
         v.text()
     );
     tags
+}
+
+/// Runs a hoard tool subcommand (gc, verify…) to completion.
+pub fn hoard_cmd(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hoard"))
+        .args(args)
+        .env("HOARD_LOG", "warn")
+        .output()
+        .expect("running hoard")
 }
