@@ -4,6 +4,7 @@
 # first, then prints per-measurement ratios (hoard / peer), peak RSS, one core's sha256 speed,
 # and hoard with durability = "sync" against the disk's own `dd conv=fsync` speed.
 #   usage: benches/compare.sh [ROUNDS] [SCALE]      (defaults: 2 rounds, full scale)
+#   PARTS="medium small": only those parts (default: large medium small manifest)
 #   WARM_MB=N: memory recycled before each server's large and medium part (default 3200, what the
 #   large part writes; 0: off)
 set -euo pipefail
@@ -67,7 +68,7 @@ settle() {
 # the same state (a shared host's load changes within a minute); who goes first alternates.
 n=0
 for r in $(seq "$ROUNDS"); do
-  for part in large medium small manifest; do
+  for part in ${PARTS:-large medium small manifest}; do
     n=$((n + 1))
     if [ $((n % 2)) -eq 1 ]; then order="hoard peer"; else order="peer hoard"; fi
     for who in $order; do
@@ -86,7 +87,9 @@ echo "{\"label\":\"hoard\",\"name\":\"peak_rss_kB\",\"value\":$(rss $HPID),\"uni
 echo "{\"label\":\"peer\",\"name\":\"peak_rss_kB\",\"value\":$(rss $PPID_),\"unit\":\"kB\"}" >> "$OUT"
 echo "{\"label\":\"machine\",\"name\":\"sha256_one_core_MBps\",\"value\":$("$HOARD" bench-sha256),\"unit\":\"MB/s\"}" >> "$OUT"
 
-# durability = "sync" against the disk's own fsynced sequential write speed, same filesystem.
+# durability = "sync" against the disk's own fsynced sequential write speed, same filesystem
+# (with the large part only).
+if [[ " ${PARTS:-large} " == *" large "* ]]; then
 SPORT=$(free_port)
 "$HOARD" serve --listen "127.0.0.1:$SPORT" --data-dir "$WORK/hoard-sync" --durability sync 2>"$WORK/hoard-sync.log" &
 pids+=("$!")
@@ -108,6 +111,7 @@ direct_out=$(dd if=/dev/zero of="$WORK/dd.bin" bs=4M count=256 oflag=direct 2>&1
 rm -f "$WORK/dd.bin"
 direct_mbps=$(python3 -c 'import re,sys; m=re.search(r"([0-9.]+) bytes.*copied, ([0-9.]+) s", sys.argv[1]); print(round(float(m.group(1))/float(m.group(2))/1e6))' "$direct_out")
 echo "{\"label\":\"machine\",\"name\":\"dd_direct_MBps\",\"value\":$direct_mbps,\"unit\":\"MB/s\"}" >> "$OUT"
+fi
 
 python3 - "$OUT" <<'PY'
 import json, statistics, sys
@@ -127,14 +131,15 @@ for n in names:
         rounds = " ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(by[("hoard", n)], by[("peer", n)]))
         print(f"{n:28} {h:12.1f} {p:12.1f} {ratio:7.2f}x   {rounds if len(by[('hoard', n)]) > 1 else ''}")
 sha = med[("machine", "sha256_one_core_MBps")]
-dd = med[("machine", "dd_fsync_MBps")]
-big = med[("hoard", "push_1GiB_MBps")]
-sync_big = med[("hoard-sync", "push_1GiB_MBps")]
 print(f"{'sha256 one core (MB/s)':28} {sha:12.1f}")
-print(f"{'1 GiB push / sha256 core':28} {big / sha:12.2f}")
-print(f"{'dd conv=fsync (MB/s)':28} {dd:12.1f}")
-print(f"{'sync 1 GiB push (MB/s)':28} {sync_big:12.1f}  ({sync_big / dd:.2f} of dd)")
-print(f"{'dd oflag=direct (MB/s)':28} {med[('machine', 'dd_direct_MBps')]:12.1f}")
+if ("hoard-sync", "push_1GiB_MBps") in med:
+    dd = med[("machine", "dd_fsync_MBps")]
+    big = med[("hoard", "push_1GiB_MBps")]
+    sync_big = med[("hoard-sync", "push_1GiB_MBps")]
+    print(f"{'1 GiB push / sha256 core':28} {big / sha:12.2f}")
+    print(f"{'dd conv=fsync (MB/s)':28} {dd:12.1f}")
+    print(f"{'sync 1 GiB push (MB/s)':28} {sync_big:12.1f}  ({sync_big / dd:.2f} of dd)")
+    print(f"{'dd oflag=direct (MB/s)':28} {med[('machine', 'dd_direct_MBps')]:12.1f}")
 print(f"{'writes held for the disk':28} {med[('machine', 'hoard_writes_held_for_disk')]:12.0f}  (hoard, group commit over 2 intervals behind)")
 print("(peak_rss_kB ratio = peer / hoard)")
 # CPU the hypervisor gave to other guests during each measurement: on a shared VM a round with

@@ -241,18 +241,20 @@ fn recover(store: &dyn BlobStore, index: &Index) -> Result<()> {
     index.sync_point(|| store.sync())
 }
 
-/// Runs the daemon until SIGINT/SIGTERM. `on_ready` receives the bound address.
-pub async fn serve(config: Config, clock_offset_ms: i64) -> anyhow::Result<()> {
-    let addr = config.listen.clone();
+/// Runs the daemon on `listener` (bound, non-blocking) until SIGINT/SIGTERM.
+pub async fn serve(
+    config: Config,
+    clock_offset_ms: i64,
+    listener: std::net::TcpListener,
+) -> anyhow::Result<()> {
     let grace = config.shutdown_timeout.0;
     let upload_timeout = config.upload_timeout.0;
     let sync_interval = config.disk().1.sync_interval.0;
     let gc_interval = config.gc_interval.0;
-    // The address first: a start that cannot serve fails before it touches the store, so the
-    // store stays marked clean and the next start skips crash recovery.
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    // Bound by the caller before the store is opened: a start that cannot serve fails before
+    // it touches the store, so the store stays marked clean and the next start skips crash
+    // recovery.
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     let local: SocketAddr = listener.local_addr()?;
     let app = {
         let config = config.clone();

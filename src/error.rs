@@ -74,16 +74,19 @@ impl Error {
         Error::new(ErrorKind::Internal, message)
     }
 
-    /// Wraps an I/O error with what was being done. A full disk is a limit the client can act
-    /// on, not an internal failure.
+    /// Wraps an I/O error with what was being done (`context` names the file). A full disk is a
+    /// limit the client can act on, not an internal failure. Kinds whose message reaches clients
+    /// (full, missing) keep paths out of it: those go to the log.
     pub fn io(context: impl fmt::Display, err: std::io::Error) -> Error {
         match err.kind() {
             std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
-                Error::exhausted(format!(
-                    "storage is full ({context}): free space or lower max_size"
-                ))
+                tracing::warn!(%context, error = %err, "storage is full");
+                Error::exhausted("storage is full: free space or lower max_size")
             }
-            std::io::ErrorKind::NotFound => Error::not_found(format!("{context}: {err}")),
+            std::io::ErrorKind::NotFound => {
+                tracing::warn!(%context, error = %err, "stored file missing");
+                Error::not_found("stored data is missing (the hoard log names the file)")
+            }
             _ => Error::internal(format!("{context}: {err}")),
         }
     }

@@ -36,9 +36,9 @@ pub fn empty() -> Body {
 
 /// Bodies this small are read in one blocking call and sent whole.
 const SMALL_READ: u64 = 256 << 10;
-/// Larger bodies stream in chunks of this size, one read when hyper asks for it (hyper itself
-/// queues up to two before it waits for the socket): a pull holds at most about 512 KiB however
-/// large the blob and however slow the client.
+/// Larger bodies stream in chunks of this size with one read ahead (and hyper queues up to two
+/// before it waits for the socket): a pull holds at most about 768 KiB however large the blob
+/// and however slow the client.
 const READ_CHUNK: usize = 256 << 10;
 /// Read buffers kept for reuse once hyper has sent them (8 MiB at most).
 const POOLED_READS: usize = 32;
@@ -75,12 +75,25 @@ fn read_buffer(len: usize) -> Vec<u8> {
     v
 }
 
+/// Reads the next chunk (at most `left` bytes) on the blocking pool.
+fn read_step(mut r: Box<dyn BlobRead>, left: u64) -> ReadStep {
+    let want = left.min(READ_CHUNK as u64) as usize;
+    tokio::task::spawn_blocking(move || {
+        let mut buf = read_buffer(want);
+        let res = r
+            .read_exact(&mut buf)
+            .map(|()| Bytes::from_owner(Pooled(buf)));
+        (r, res)
+    })
+}
+
 /// One chunk being read on the blocking pool; the reader comes back with it.
 type ReadStep = tokio::task::JoinHandle<(Box<dyn BlobRead>, io::Result<Bytes>)>;
 
-/// A blob as a response body. The network side pulls: hyper asks for the next chunk only once
-/// it has room for it, and only then is one chunk read on the blocking pool. A client that stops
-/// reading therefore holds a buffer or two and no thread; the transfer permit goes with the body.
+/// A blob as a response body. The network side pulls: each chunk is read in one step on the
+/// blocking pool, the next one starting when hyper takes the previous, and hyper takes chunks
+/// only as the socket drains. A client that stops reading therefore holds a few buffers and no
+/// thread; the transfer permit goes with the body.
 struct BlobBody {
     reader: Option<Box<dyn BlobRead>>,
     /// A read in progress on the blocking pool.
@@ -109,17 +122,10 @@ impl http_body::Body for BlobBody {
             return Poll::Ready(None);
         }
         if this.reading.is_none() {
-            let Some(mut r) = this.reader.take() else {
+            let Some(r) = this.reader.take() else {
                 return Poll::Ready(Some(Err(io::Error::other("blob reader lost"))));
             };
-            let want = this.remaining.min(READ_CHUNK as u64) as usize;
-            this.reading = Some(tokio::task::spawn_blocking(move || {
-                let mut buf = read_buffer(want);
-                let res = r
-                    .read_exact(&mut buf)
-                    .map(|()| Bytes::from_owner(Pooled(buf)));
-                (r, res)
-            }));
+            this.reading = Some(read_step(r, this.remaining));
         }
         let Some(reading) = this.reading.as_mut() else {
             return Poll::Pending;
@@ -128,8 +134,14 @@ impl http_body::Body for BlobBody {
         this.reading = None;
         match done {
             Ok((r, Ok(b))) => {
-                this.reader = Some(r);
                 this.remaining = this.remaining.saturating_sub(b.len() as u64);
+                // One chunk read ahead while this one is sent, so the disk and the network
+                // overlap; a client that stops reading holds it and nothing more.
+                if this.remaining > 0 {
+                    this.reading = Some(read_step(r, this.remaining));
+                } else {
+                    this.reader = Some(r);
+                }
                 Poll::Ready(Some(Ok(Frame::data(b))))
             }
             Ok((_, Err(e))) => {
@@ -212,6 +224,7 @@ struct Logged {
     bytes_out: u64,
     started: std::time::Instant,
     finished: bool,
+    errored: bool,
 }
 
 impl http_body::Body for Logged {
@@ -229,7 +242,7 @@ impl http_body::Body for Logged {
                     self.bytes_out += d.len() as u64;
                 }
             }
-            Some(Err(_)) => {}
+            Some(Err(_)) => self.errored = true,
             None => self.finished = true,
         }
         Poll::Ready(r)
@@ -246,7 +259,8 @@ impl http_body::Body for Logged {
 
 impl Drop for Logged {
     fn drop(&mut self) {
-        let complete = self.finished || http_body::Body::is_end_stream(&self.inner);
+        let complete =
+            !self.errored && (self.finished || http_body::Body::is_end_stream(&self.inner));
         tracing::info!(
             target: "hoard::access",
             method = %self.method,
@@ -269,7 +283,10 @@ struct SendDeadline {
     io: TcpStream,
     limit: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// The timer runs (it is re-armed lazily: progress only records when it happened, and a
+    /// timer that fires after progress moves its deadline instead of cutting the client).
     armed: bool,
+    progress: tokio::time::Instant,
     peer: SocketAddr,
 }
 
@@ -280,34 +297,38 @@ impl SendDeadline {
             limit,
             timer: Box::pin(tokio::time::sleep(limit)),
             armed: false,
+            progress: tokio::time::Instant::now(),
             peer,
         }
     }
 
     fn progress<T>(&mut self, r: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        match r {
-            Poll::Ready(v) => {
-                self.armed = false;
-                Poll::Ready(v)
+        if r.is_ready() {
+            self.progress = tokio::time::Instant::now();
+            return r;
+        }
+        if !self.armed {
+            self.armed = true;
+            self.progress = tokio::time::Instant::now();
+            let at = self.progress + self.limit;
+            self.timer.as_mut().reset(at);
+        }
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
             }
-            Poll::Pending => {
-                if !self.armed {
-                    self.armed = true;
-                    let at = tokio::time::Instant::now() + self.limit;
-                    self.timer.as_mut().reset(at);
-                }
-                match self.timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        tracing::info!(peer = %self.peer, timeout = ?self.limit,
-                            "client stopped reading; closing its connection");
-                        Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "client read nothing for send_timeout",
-                        )))
-                    }
-                    Poll::Pending => Poll::Pending,
-                }
+            let due = self.progress + self.limit;
+            if due > tokio::time::Instant::now() {
+                // Progress since the timer was set: wait from the last of it.
+                self.timer.as_mut().reset(due);
+                continue;
             }
+            tracing::info!(peer = %self.peer, timeout = ?self.limit,
+                "client stopped reading; closing its connection");
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client read nothing for send_timeout",
+            )));
         }
     }
 }
@@ -409,20 +430,26 @@ pub async fn serve(
                         .headers()
                         .get(http::header::CONTENT_LENGTH)
                         .and_then(|v| v.to_str().ok()?.parse().ok());
+                    let mut line = Logged {
+                        inner: empty(),
+                        method,
+                        path,
+                        // What nginx logs for a client that went away before the answer: the
+                        // line is written if this future is dropped while the handler runs.
+                        status: 499,
+                        peer,
+                        bytes_in,
+                        bytes_out: 0,
+                        started,
+                        finished: false,
+                        errored: true,
+                    };
                     let resp = h(req).await;
-                    let status = resp.status().as_u16();
+                    line.status = resp.status().as_u16();
+                    line.errored = false;
                     Ok(resp.map(|inner| {
-                        BoxBody::new(Logged {
-                            inner,
-                            method,
-                            path,
-                            status,
-                            peer,
-                            bytes_in,
-                            bytes_out: 0,
-                            started,
-                            finished: false,
-                        })
+                        line.inner = inner;
+                        BoxBody::new(line)
                     }))
                 }
             });

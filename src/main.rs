@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -114,6 +115,29 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// A listening socket on `addr` (SO_REUSEADDR, so a restart does not wait out the previous
+/// run's connections in TIME_WAIT).
+fn bind(addr: &str) -> anyhow::Result<std::net::TcpListener> {
+    use std::net::ToSocketAddrs;
+    let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot listen on {addr}: {e}");
+    let sa = addr
+        .to_socket_addrs()
+        .map_err(|e| fail(&e))?
+        .next()
+        .ok_or_else(|| fail(&"the name resolves to no address"))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(sa),
+        socket2::Type::STREAM,
+        None,
+    )
+    .map_err(|e| fail(&e))?;
+    socket.set_reuse_address(true).map_err(|e| fail(&e))?;
+    socket.bind(&sa.into()).map_err(|e| fail(&e))?;
+    socket.listen(1024).map_err(|e| fail(&e))?;
+    socket.set_nonblocking(true).map_err(|e| fail(&e))?;
+    Ok(socket.into())
+}
+
 /// Files hoard creates in a data directory must stay its owner's: a `hoard verify` run as root
 /// on a service's directory must not leave root-owned index files the service cannot open. As
 /// root on a directory another user owns, hoard becomes that user (before any thread starts,
@@ -135,6 +159,15 @@ fn run_as_owner(dir: &std::path::Path) -> anyhow::Result<()> {
         // An unprivileged user writes where the directory's permissions let it (a volume
         // shared through its group, as Kubernetes' fsGroup does), and cannot change owners.
         return Ok(());
+    }
+    // Linux keeps credentials per thread: the switch covers the process only while it has one.
+    let threads = std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
+    if threads != 1 {
+        anyhow::bail!(
+            "cannot switch to the owner of {} with {threads} threads running; run hoard as uid \
+             {uid}",
+            dir.display()
+        );
     }
     let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
     let switched = set_thread_groups(&[g])
@@ -190,8 +223,11 @@ fn main() -> anyhow::Result<()> {
             let (config, offset) = a.config()?;
             init_logging(config.log_format);
             raise_open_files();
+            // The address first (a privileged port needs root), then the owner's identity, then
+            // threads: a start that cannot serve fails before it touches the store.
+            let listener = bind(&config.listen)?;
             run_as_owner(&config.disk().0)?;
-            runtime()?.block_on(hoard::app::serve(config, offset))
+            runtime()?.block_on(hoard::app::serve(config, offset, listener))
         }
         Command::Gc {
             once,
@@ -237,7 +273,7 @@ fn main() -> anyhow::Result<()> {
             let addr = listen
                 .replace("0.0.0.0:", "127.0.0.1:")
                 .replace("[::]:", "[::1]:");
-            let (status, body) = request(&addr, "GET", "/healthz")?;
+            let (status, body) = request(&addr, "GET", "/healthz", Duration::from_secs(5))?;
             if status != 200 {
                 anyhow::bail!("{addr} answered /healthz with {status}: {}", body.trim());
             }
@@ -264,7 +300,10 @@ fn offline_or_daemon(
     // A tool pointed at the wrong directory must say so, not make an empty store there and
     // report it clean.
     let journal = data_dir.join("index").join("journal");
-    if !journal.exists() {
+    let found = journal
+        .try_exists()
+        .map_err(|e| anyhow::anyhow!("cannot look for {}: {e}", journal.display()))?;
+    if !found {
         anyhow::bail!(
             "{} holds no hoard store (no {}): check --data-dir (or store.disk.path)",
             data_dir.display(),
@@ -286,7 +325,8 @@ fn offline_or_daemon(
                 anyhow::anyhow!("{e}; and it has not written {} to be asked", file.display())
             })?;
             let addr = url.trim().trim_start_matches("http://").to_owned();
-            let (status, body) = request(&addr, "POST", path)?;
+            // A pass or a verification of a large store takes a while.
+            let (status, body) = request(&addr, "POST", path, Duration::from_secs(6 * 3600))?;
             Ok((status == 200, body))
         }
         Err(e) => Err(anyhow::anyhow!("{e}")),
@@ -295,10 +335,18 @@ fn offline_or_daemon(
 
 /// A bare HTTP/1.1 request without a body (loopback): enough to reach the daemon's admin and
 /// health endpoints.
-fn request(addr: &str, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr)
-        .map_err(|e| anyhow::anyhow!("cannot reach the daemon at {addr}: {e}"))?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(3600)))?;
+fn request(addr: &str, method: &str, path: &str, wait: Duration) -> anyhow::Result<(u16, String)> {
+    use std::net::ToSocketAddrs;
+    let unreachable =
+        |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot reach the daemon at {addr}: {e}");
+    let sa = addr
+        .to_socket_addrs()
+        .map_err(|e| unreachable(&e))?
+        .next()
+        .ok_or_else(|| unreachable(&"no address"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(5))
+        .map_err(|e| unreachable(&e))?;
+    s.set_read_timeout(Some(wait))?;
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"

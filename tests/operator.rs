@@ -380,5 +380,9 @@ fn the_health_subcommand_answers_for_a_serving_daemon_only() {
     drop(h);
     let out = hoard_cmd(&["health", "--listen", &addr]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("cannot reach the daemon"), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot reach the daemon"),
+        "{}",
+        text(&out)
+    );
 }

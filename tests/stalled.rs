@@ -150,7 +150,9 @@ fn six_hundred_stalled_clients_cost_buffers_not_threads_while_another_pushes_and
 
 #[test]
 fn past_max_transfers_a_pull_gets_503_with_retry_after_and_a_stalled_reader_is_cut_off() {
-    let h = Hoard::start(&["--max-transfers", "2", "--send-timeout", "3s"]);
+    // Past the cap a transfer waits 5 s for a slot before its 503: the stalled readers are
+    // cut off later than the three refusals below take.
+    let h = Hoard::start(&["--max-transfers", "2", "--send-timeout", "25s"]);
     let big = bytes(2, 32 * M);
     let big_d = push_blob(&h, "cap", &big);
     let img = push_image(&h, "cap", "t", None, &[bytes(3, 1000)]);

@@ -106,6 +106,7 @@ pub async fn get(
     } else {
         let permit = reg
             .transfer()
+            .await
             .map_err(|e| OciError::from_error(e, Code::BlobUnknown))?;
         let r = reg
             .open_blob(name, &digest, start)

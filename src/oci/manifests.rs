@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, ETAG, LOCATION};
 use http::{Method, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 
@@ -32,6 +32,38 @@ fn too_large() -> OciError {
     .with_status(StatusCode::PAYLOAD_TOO_LARGE)
 }
 
+/// Gathers a manifest body of at most `MAX_MANIFEST` bytes; a body silent for `idle` is cut off.
+async fn read_manifest_body(
+    mut body: Incoming,
+    idle: std::time::Duration,
+) -> Result<Bytes, OciError> {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Ok(Some(Ok(f))) => f,
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(e))) => {
+                return Err(OciError::new(
+                    Code::ManifestInvalid,
+                    format!("manifest upload interrupted: {e}"),
+                ))
+            }
+            Err(_) => {
+                return Err(OciError::new(
+                    Code::ManifestInvalid,
+                    "manifest body stalled: nothing arrived for body_timeout",
+                ))
+            }
+        };
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > MAX_MANIFEST {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+}
+
 pub async fn put(
     reg: &Registry,
     name: &RepoName,
@@ -54,27 +86,10 @@ pub async fn put(
     // large manifests cannot add up to more than it.
     let _budget = reg
         .manifest_budget(announced.unwrap_or(MAX_MANIFEST))
+        .await
         .map_err(|e| OciError::from_error(e, Code::ManifestInvalid))?;
     let content_type = header(&req, CONTENT_TYPE).map(str::to_owned);
-    let collect = Limited::new(req.into_body(), MAX_MANIFEST).collect();
-    let body: Bytes = match tokio::time::timeout(reg.body_timeout, collect).await {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(too_large());
-        }
-        Ok(Err(e)) => {
-            return Err(OciError::new(
-                Code::ManifestInvalid,
-                format!("manifest upload interrupted: {e}"),
-            ))
-        }
-        Err(_) => {
-            return Err(OciError::new(
-                Code::ManifestInvalid,
-                "manifest body did not arrive within body_timeout",
-            ));
-        }
-    };
+    let body = read_manifest_body(req.into_body(), reg.body_timeout).await?;
     let stored = reg
         .put_manifest(PutManifest {
             repo: name,

@@ -89,7 +89,7 @@ pub async fn start(reg: &Registry, name: &RepoName, req: Request<Incoming>) -> H
         // A digest with no body is a hint some clients send; only an actual body (or the empty
         // blob's own digest) makes this a one-request upload.
         if has_body(&req) || digest == Digest::of(digest.algorithm(), b"") {
-            let _permit = reg.transfer().map_err(upload_error)?;
+            let _permit = reg.transfer().await.map_err(upload_error)?;
             let mut writer = reg.new_writer(digest.algorithm()).map_err(upload_error)?;
             reserve_body(&mut *writer, &req).map_err(upload_error)?;
             let (writer, res) = pump(writer, req.into_body(), reg.body_timeout).await;
@@ -153,7 +153,7 @@ async fn append(
         return Ok(());
     }
     // Past max_transfers the client is told to retry; the session stays as it was.
-    let _permit = reg.transfer().map_err(upload_error)?;
+    let _permit = reg.transfer().await.map_err(upload_error)?;
     let mut writer = match session.writer.take() {
         Some(w) => w,
         None => reg.new_writer(Algorithm::Sha256).map_err(upload_error)?,

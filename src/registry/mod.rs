@@ -38,6 +38,9 @@ pub struct Registry {
     manifest_bytes: Arc<tokio::sync::Semaphore>,
 }
 
+/// How long a transfer waits for a slot before it is answered 503.
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Manifest bodies in flight at once, in bytes: 16 of the largest allowed.
 const MANIFEST_BUDGET_KIB: usize = 16 * (manifests::MAX_MANIFEST >> 10);
 
@@ -71,19 +74,18 @@ impl Registry {
         }
     }
 
-    /// Room for a manifest body of `bytes` being received, or `Unavailable` (503) while the
-    /// budget is taken by other manifest pushes.
-    pub fn manifest_budget(&self, bytes: usize) -> Result<TransferPermit> {
+    /// Room for a manifest body of `bytes` being received; past the budget, a wait of up to
+    /// `SLOT_WAIT`, then `Unavailable` (503).
+    pub async fn manifest_budget(&self, bytes: usize) -> Result<TransferPermit> {
         let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-        self.manifest_bytes
-            .clone()
-            .try_acquire_many_owned(kib)
-            .map_err(|_| {
-                Error::new(
-                    ErrorKind::Unavailable,
-                    "too many manifest bodies are being received; retry shortly",
-                )
-            })
+        let room = self.manifest_bytes.clone().acquire_many_owned(kib);
+        match tokio::time::timeout(SLOT_WAIT, room).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(Error::new(
+                ErrorKind::Unavailable,
+                "too many manifest bodies are being received; retry shortly",
+            )),
+        }
     }
 
     /// Sets how many blob transfers may run at once.
@@ -93,19 +95,22 @@ impl Registry {
         self
     }
 
-    /// A permit for one blob transfer, or `Unavailable` (503, retried by clients) when
-    /// `max_transfers` are already running: past the cap a client waits on its side, costing
-    /// hoard nothing.
-    pub fn transfer(&self) -> Result<TransferPermit> {
-        self.transfers.clone().try_acquire_owned().map_err(|_| {
-            Error::new(
+    /// A permit for one blob transfer. While `max_transfers` are running a request waits up to
+    /// `SLOT_WAIT` for one to end (a request waiting costs a small future, no buffer), then gets
+    /// `Unavailable` (503 + Retry-After). BuildKit retries a 5xx only three times, backing off 1,
+    /// 2 and 4 s, so the wait here stretches what a busy moment may take before a build fails.
+    pub async fn transfer(&self) -> Result<TransferPermit> {
+        let slot = self.transfers.clone().acquire_owned();
+        match tokio::time::timeout(SLOT_WAIT, slot).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(Error::new(
                 ErrorKind::Unavailable,
                 format!(
                     "{} blob transfers are in progress (max_transfers); retry shortly",
                     self.max_transfers
                 ),
-            )
-        })
+            )),
+        }
     }
 
     /// Blob transfers running now.

@@ -182,8 +182,11 @@ where
             idle.as_secs_f64()
         ))
     };
+    // Re-armed lazily: each frame only records when it came, and the deadline, when it fires,
+    // moves to `idle` after the last frame unless the body really went quiet.
     let deadline = tokio::time::sleep(idle);
     tokio::pin!(deadline);
+    let mut last = tokio::time::Instant::now();
     // Small bodies: gather, then write once.
     let mut head: Vec<Bytes> = Vec::new();
     let mut head_len = 0usize;
@@ -196,7 +199,7 @@ where
                         head_len += data.len();
                         head.push(data);
                     }
-                    deadline.as_mut().reset(tokio::time::Instant::now() + idle);
+                    last = tokio::time::Instant::now();
                 }
                 Some(Err(e)) => return (writer, Err(cut_off(&e))),
                 None => {
@@ -204,7 +207,13 @@ where
                     break;
                 }
             },
-            () = &mut deadline => return (writer, Err(stalled())),
+            () = &mut deadline => {
+                if last + idle > tokio::time::Instant::now() {
+                    deadline.as_mut().reset(last + idle);
+                } else {
+                    return (writer, Err(stalled()));
+                }
+            }
         }
     }
     if ended {
@@ -243,7 +252,8 @@ where
                         return (w, res);
                     }
                     state = Disk::Idle(w);
-                    deadline.as_mut().reset(tokio::time::Instant::now() + idle);
+                    // The body was not read while the disk caught up: that wait is not silence.
+                    last = tokio::time::Instant::now();
                     continue;
                 }
                 Disk::Idle(w) => return (w, recv),
@@ -276,9 +286,15 @@ where
                         ended = true;
                     }
                 }
-                deadline.as_mut().reset(tokio::time::Instant::now() + idle);
+                last = tokio::time::Instant::now();
             }
-            () = &mut deadline => recv = Err(stalled()),
+            () = &mut deadline => {
+                if last + idle > tokio::time::Instant::now() {
+                    deadline.as_mut().reset(last + idle);
+                } else {
+                    recv = Err(stalled());
+                }
+            }
         }
     }
 }

@@ -401,7 +401,7 @@ impl BlobStore for DiskStore {
             // than fail every upload, and never report it as an unknown upload.
             Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(&self.inner.tmp)
                 .and_then(|()| create())
-                .map_err(|e| Error::io(format!("creating {}", path.display()), e))?,
+                .map_err(|e| Error::internal(format!("creating {}: {e}", path.display())))?,
             r => r.map_err(|e| Error::io(format!("creating {}", path.display()), e))?,
         };
         Ok(Box::new(DiskWriter {
