@@ -948,14 +948,19 @@ const O_DIRECT: u32 = 0o200000;
 /// Starts an upload in `repo` and sends `data` in PATCHes of `chunk` bytes with `Content-Range`;
 /// returns the session's location, for the final PUT.
 fn patch_in_chunks(h: &Hoard, repo: &str, data: &[u8], chunk: usize) -> String {
-    let mut loc = h
+    let loc = h
         .req("POST", &format!("/v2/{repo}/blobs/uploads/"))
         .send()
         .header("location")
         .unwrap()
         .to_owned();
-    let mut off = 0;
-    for piece in data.chunks(chunk) {
+    patch_from(h, loc, data, 0, chunk)
+}
+
+/// PATCHes `data[from..]` to the session at `loc` in pieces of `chunk`; the next location.
+fn patch_from(h: &Hoard, mut loc: String, data: &[u8], from: usize, chunk: usize) -> String {
+    let mut off = from;
+    for piece in data[from..].chunks(chunk) {
         let r = h
             .req("PATCH", &loc)
             .header(
@@ -971,14 +976,32 @@ fn patch_in_chunks(h: &Hoard, repo: &str, data: &[u8], chunk: usize) -> String {
     loc
 }
 
-/// Names of the daemon's threads (as the kernel keeps them: at most 15 bytes).
-fn thread_names(h: &Hoard) -> Vec<String> {
-    let pid = h.child.id();
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|n| n.trim().to_owned())
-        .collect()
+/// PATCHes `data[from..to]`, pausing after `pause` bytes to run `during` while the request is
+/// in flight (the upload's I/O thread is then at work); the next location and what `during` saw.
+fn patch_pausing<T>(
+    h: &Hoard,
+    loc: &str,
+    data: &[u8],
+    (from, to, pause): (usize, usize, usize),
+    during: impl FnOnce() -> T,
+) -> (String, T) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(h.addr).unwrap();
+    write!(
+        s,
+        "PATCH {loc} HTTP/1.1\r\nHost: x\r\nContent-Range: {from}-{}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        to - 1,
+        to - from
+    )
+    .unwrap();
+    s.write_all(&data[from..from + pause]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let seen = during();
+    s.write_all(&data[from + pause..to]).unwrap();
+    let r = read_response(&mut s, false);
+    assert_eq!(r.status, 202, "{}", r.text());
+    (r.header("location").unwrap().to_owned(), seen)
 }
 
 fn upload_file_flags(h: &Hoard) -> Vec<u32> {
@@ -1024,16 +1047,36 @@ fn uploads_past_direct_io_above_store_exact_bytes() {
     // Chunked in odd sizes: the switch falls inside a PATCH, later PATCHes continue directly.
     let c = bytes(61, (6 << 20) + 7);
     let dc = sha256(&c);
-    let loc = patch_in_chunks(&h, "big", &c, 700_001);
-    // Idle between requests, the upload's file is held by its I/O thread, past the switch
-    // point and so in O_DIRECT mode.
-    let flags = upload_file_flags(&h);
+    let loc = h
+        .req("POST", "/v2/big/blobs/uploads/")
+        .send()
+        .header("location")
+        .unwrap()
+        .to_owned();
+    // While a PATCH past the switch point streams, the upload's I/O thread holds the file in
+    // O_DIRECT mode.
+    let first = (3 << 20) + 5;
+    let (loc, flags) = patch_pausing(&h, &loc, &c, (0, first, (2 << 20) + 3), || {
+        upload_file_flags(&h)
+    });
     assert_eq!(flags.len(), 1, "one open upload file expected: {flags:?}");
     assert!(
         flags[0] & O_DIRECT != 0,
         "upload past direct_io_above is not written with O_DIRECT: flags {:o}",
         flags[0]
     );
+    // Between requests the session holds its file, buffered, and no thread; later PATCHes
+    // start the thread again at an unaligned offset.
+    let idle = upload_file_flags(&h);
+    assert_eq!(idle.len(), 1, "{idle:?}");
+    assert_eq!(
+        idle[0] & O_DIRECT,
+        0,
+        "idle upload file still direct: {:o}",
+        idle[0]
+    );
+    assert!(!thread_names(&h).iter().any(|n| n == "hoard-upload-io"));
+    let loc = patch_from(&h, loc, &c, first, 700_001);
     let r = h.req("PUT", &format!("{loc}?digest={dc}")).send();
     assert_eq!(r.status, 201, "{}", r.text());
     stored.push((dc, c));
@@ -1128,11 +1171,17 @@ fn large_uploads_write_through_the_page_cache_and_store_exact_bytes() {
     let chunked_past_handover = |h: &Hoard, seed: u64, stored: &mut Vec<(String, Vec<u8>)>| {
         let c = bytes(seed, (34 << 20) + 5);
         let dc = sha256(&c);
-        let loc = patch_in_chunks(h, "large", &c, 3_000_001);
-        // The I/O thread's handle, and the write-behind thread's when there is one.
-        let flags = upload_file_flags(h);
+        // The last PATCH pauses past the first MiB: smaller bodies are gathered, then written
+        // in one step.
+        let head = (32 << 20) + 1;
+        let loc = patch_in_chunks(h, "large", &c[..head], 3_000_001);
+        // While the last PATCH streams: the I/O thread's handle, and the write-behind
+        // thread's when there is one.
+        let (loc, (flags, flusher)) = patch_pausing(h, &loc, &c, (head, c.len(), 3 << 19), || {
+            let flusher = thread_names(h).iter().any(|n| n == "hoard-upload-fl");
+            (upload_file_flags(h), flusher)
+        });
         assert!(!flags.is_empty(), "no open upload file");
-        let flusher = thread_names(h).iter().any(|n| n == "hoard-upload-fl");
         assert_eq!(flags.len(), 1 + usize::from(flusher), "{flags:?}");
         let r = h.req("PUT", &format!("{loc}?digest={dc}")).send();
         assert_eq!(r.status, 201, "{}", r.text());

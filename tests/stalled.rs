@@ -161,13 +161,7 @@ fn past_max_transfers_a_pull_gets_503_with_retry_after_and_a_stalled_reader_is_c
     wait_until(
         "both stalled pulls hold a transfer",
         Duration::from_secs(10),
-        || {
-            h.req("GET", &format!("/v2/cap/blobs/{big_d}"))
-                .header("Range", "bytes=0-0")
-                .send()
-                .status
-                == 503
-        },
+        || blob_status(&h, "cap", &big_d) == 503,
     );
     let r = h.req("GET", &format!("/v2/cap/blobs/{big_d}")).send();
     assert_eq!(r.status, 503, "{}", r.text());
@@ -198,13 +192,7 @@ fn past_max_transfers_a_pull_gets_503_with_retry_after_and_a_stalled_reader_is_c
     wait_until(
         "the stalled pulls are cut off",
         Duration::from_secs(30),
-        || {
-            h.req("GET", &format!("/v2/cap/blobs/{big_d}"))
-                .header("Range", "bytes=0-0")
-                .send()
-                .status
-                == 206
-        },
+        || blob_status(&h, "cap", &big_d) == 206,
     );
     assert!(h.log().contains("client stopped reading"), "{}", h.log());
     let r = h.req("PATCH", &loc).body(data.clone()).send();
@@ -303,4 +291,45 @@ fn a_body_that_stops_arriving_is_cut_off_and_its_upload_dropped() {
         .req("PUT", &format!("{loc}?digest={}", sha256(&data)))
         .send();
     assert_eq!(r.status, 201, "{}", r.text());
+}
+
+#[test]
+fn chunked_uploads_between_patches_hold_no_thread_and_store_exact_bytes() {
+    let h = Hoard::start(&[]);
+    // Past 32 MiB an upload writes through its own I/O thread while its body streams.
+    let sessions: Vec<(String, Vec<u8>)> = (0..4u64)
+        .map(|i| {
+            let r = h.req("POST", "/v2/chunks/blobs/uploads/").send();
+            let loc = r.header("location").unwrap().to_owned();
+            (loc, bytes(50 + i, 38 * M + 1000 + i as usize))
+        })
+        .collect();
+    let first = 33 * M + 777;
+    let mut next = Vec::new();
+    for (loc, data) in &sessions {
+        let r = h
+            .req("PATCH", loc)
+            .header("Content-Range", &format!("0-{}", first - 1))
+            .body(data[..first].to_vec())
+            .send();
+        assert_eq!(r.status, 202, "{}", r.text());
+        next.push(r.header("location").unwrap().to_owned());
+    }
+    // Four sessions idle between chunks, each past the I/O thread's start: none keeps one.
+    assert_eq!(h.threads_named("hoard-upload-io"), 0);
+    for (loc, (_, data)) in next.iter().zip(&sessions) {
+        let r = h
+            .req("PATCH", loc)
+            .header("Content-Range", &format!("{first}-{}", data.len() - 1))
+            .body(data[first..].to_vec())
+            .send();
+        assert_eq!(r.status, 202, "{}", r.text());
+        let loc = r.header("location").unwrap().to_owned();
+        let d = sha256(data);
+        let r = h.req("PUT", &format!("{loc}?digest={d}")).send();
+        assert_eq!(r.status, 201, "{}", r.text());
+        let r = h.req("GET", &format!("/v2/chunks/blobs/{d}")).send();
+        assert_eq!(sha256(&r.body), d);
+    }
+    assert_eq!(h.threads_named("hoard-upload-io"), 0);
 }

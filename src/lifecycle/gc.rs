@@ -835,6 +835,13 @@ impl BlobWriter for ReservedWriter {
         self.inner.as_ref().and_then(|w| w.aligned_from())
     }
 
+    fn park(&mut self) -> Result<()> {
+        match self.inner.as_mut() {
+            Some(w) => w.park(),
+            None => Ok(()),
+        }
+    }
+
     fn reserve(&mut self, total: u64) -> Result<()> {
         self.ensure(total, true)
     }

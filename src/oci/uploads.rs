@@ -129,6 +129,7 @@ async fn append(
     id: &str,
     req: Request<Incoming>,
     session: &mut Held,
+    park: bool,
 ) -> Result<(), OciError> {
     let offset = session.offset();
     let expected_len = match header(&req, "content-range") {
@@ -171,6 +172,22 @@ async fn append(
     }
     let (writer, res) = pump(writer, req.into_body(), reg.body_timeout).await;
     let appended = writer.written() - offset;
+    // Between chunks a session holds its bytes and hash state, never a thread (a writer past
+    // `aligned_from` may have started one). A PUT commits right after: nothing to park.
+    let may_hold_thread = writer
+        .aligned_from()
+        .is_some_and(|at| writer.written() > at);
+    let (writer, res) = match res {
+        Ok(()) if park && may_hold_thread => {
+            let mut w = writer;
+            crate::registry::blocking(move || {
+                let r = w.park();
+                (w, r)
+            })
+            .await
+        }
+        other => (writer, other),
+    };
     if let Err(e) = res {
         drop(writer);
         reg.uploads.close(id, session);
@@ -200,7 +217,7 @@ pub async fn patch(
     req: Request<Incoming>,
 ) -> HandlerResult {
     let mut session = reg.uploads.hold(name, id).await.map_err(upload_error)?;
-    append(reg, name, id, req, &mut session).await?;
+    append(reg, name, id, req, &mut session, true).await?;
     reg.uploads.touch(&mut session);
     Ok(empty_response(
         StatusCode::ACCEPTED,
@@ -229,7 +246,7 @@ pub async fn put(
             return Err(e);
         }
     };
-    append(reg, name, id, req, &mut session).await?;
+    append(reg, name, id, req, &mut session, false).await?;
     let writer = session.writer.take();
     reg.uploads.close(id, &mut session);
     drop(session);

@@ -220,6 +220,22 @@ impl BlobWriter for DiskWriter {
         self.written
     }
 
+    fn park(&mut self) -> Result<()> {
+        if !matches!(self.sink, Sink::Thread(_)) {
+            return Ok(());
+        }
+        // Every byte given so far is written; the file comes back, positioned at the end, and
+        // the next write past the threshold starts a new thread from there.
+        let file = self
+            .close()
+            .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
+        self.sink = Sink::Inline {
+            file,
+            may_start_thread: true,
+        };
+        Ok(())
+    }
+
     fn aligned_from(&self) -> Option<u64> {
         // From where the I/O thread takes over: the network side copies frames into pooled
         // buffers and lets them go at once, so the HTTP layer keeps reusing its read buffer.

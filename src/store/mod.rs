@@ -35,6 +35,11 @@ pub trait BlobWriter: Send {
     fn aligned_from(&self) -> Option<u64> {
         None
     }
+    /// Between two requests of a chunked upload: lets go of anything that costs more than the
+    /// bytes and hash state (an I/O thread), to start again with the next bytes. Blocking.
+    fn park(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Announces that the upload will reach `total` bytes, so space can be reserved (and the
     /// upload refused) before its bytes stream. Writers without a budget accept anything.
     fn reserve(&mut self, _total: u64) -> Result<()> {

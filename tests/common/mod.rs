@@ -114,6 +114,11 @@ impl Hoard {
             .unwrap_or_else(|| panic!("no {key} in /proc status"))
     }
 
+    /// How many of the daemon's threads carry this name.
+    pub fn threads_named(&self, name: &str) -> usize {
+        thread_names(self).iter().filter(|n| *n == name).count()
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
@@ -613,4 +618,14 @@ pub fn hoard_cmd(args: &[&str]) -> std::process::Output {
         .env("HOARD_LOG", "warn")
         .output()
         .expect("running hoard")
+}
+
+/// Names of the daemon's threads (as the kernel keeps them: at most 15 bytes).
+pub fn thread_names(h: &Hoard) -> Vec<String> {
+    let pid = h.child.id();
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("reading the daemon's threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect()
 }
