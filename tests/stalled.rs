@@ -134,9 +134,13 @@ fn six_hundred_stalled_clients_cost_buffers_not_threads_while_another_pushes_and
         "{} MiB resident with 600 stalled clients",
         rss / 1024
     );
-    // The stalled uploads are sessions still (their bodies may yet arrive)...
+    // The stalled uploads are sessions still (their bodies may yet arrive), and a status check
+    // answers at once with what was acknowledged rather than waiting behind the stalled PATCH.
     let page = status_page(&h);
     assert!(page.contains("uploads in progress: 300 "), "{page}");
+    let r = h.req("GET", &sessions[0]).send();
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(r.header("range"), Some("0-0"));
     // ...until their clients go: each cut-off body drops its session and its bytes.
     drop(stalled);
     wait_until(
@@ -317,6 +321,9 @@ fn chunked_uploads_between_patches_hold_no_thread_and_store_exact_bytes() {
     }
     // Four sessions idle between chunks, each past the I/O thread's start: none keeps one.
     assert_eq!(h.threads_named("hoard-upload-io"), 0);
+    let r = h.req("GET", &next[0]).send();
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("range"), Some(&*format!("0-{}", first - 1)));
     for (loc, (_, data)) in next.iter().zip(&sessions) {
         let r = h
             .req("PATCH", loc)

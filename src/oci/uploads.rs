@@ -261,10 +261,10 @@ pub async fn put(
 }
 
 pub async fn status(reg: &Registry, name: &RepoName, id: &str) -> HandlerResult {
-    let session = reg.uploads.hold(name, id).await.map_err(upload_error)?;
+    let offset = reg.uploads.offset(name, id).map_err(upload_error)?;
     Ok(empty_response(
         StatusCode::NO_CONTENT,
-        &session_headers(name, id, session.offset()),
+        &session_headers(name, id, offset),
     ))
 }
 

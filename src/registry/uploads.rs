@@ -3,6 +3,7 @@
 //! expire by the daemon's clock). OCI chunked uploads use it today; containerd's `Write` will too.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -23,6 +24,8 @@ pub struct Session {
     /// Finished, cancelled or expired while a request waited for it: that request answers
     /// "unknown upload" instead of working on a session nobody can reach any more.
     closed: bool,
+    /// The offset last answered to the client, readable while a request holds the session.
+    acked: Arc<AtomicU64>,
 }
 
 impl Session {
@@ -40,6 +43,7 @@ pub type Held = tokio::sync::OwnedMutexGuard<Session>;
 struct Entry {
     repo: RepoName,
     session: SessionRef,
+    acked: Arc<AtomicU64>,
 }
 
 pub struct Uploads {
@@ -75,16 +79,19 @@ impl Uploads {
             &h[20..]
         );
         let now = self.clock.now_ms();
+        let acked = Arc::new(AtomicU64::new(0));
         let session = Session {
             writer: None,
             started: now,
             touched: now,
             closed: false,
+            acked: acked.clone(),
         };
         tracing::debug!(upload = %id, repo = %repo, "upload session started");
         let entry = Entry {
             repo,
             session: Arc::new(tokio::sync::Mutex::new(session)),
+            acked,
         };
         self.map().insert(id.clone(), entry);
         id
@@ -112,8 +119,19 @@ impl Uploads {
         self.map().remove(id);
     }
 
+    /// Marks a session used now, with its current offset answered to the client.
     pub fn touch(&self, s: &mut Session) {
         s.touched = self.clock.now_ms();
+        s.acked.store(s.offset(), Ordering::Relaxed);
+    }
+
+    /// The offset of session `id` of `repo` as last answered, without waiting for a request in
+    /// flight on it (a status check must not queue behind a PATCH that may be stalled).
+    pub fn offset(&self, repo: &RepoName, id: &str) -> Result<u64> {
+        match self.map().get(id) {
+            Some(e) if e.repo == *repo => Ok(e.acked.load(Ordering::Relaxed)),
+            _ => Err(unknown(id)),
+        }
     }
 
     /// Drops sessions idle for longer than `idle_ms` (by this daemon's clock; a clock that steps
