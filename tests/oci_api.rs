@@ -948,13 +948,7 @@ const O_DIRECT: u32 = 0o200000;
 /// Starts an upload in `repo` and sends `data` in PATCHes of `chunk` bytes with `Content-Range`;
 /// returns the session's location, for the final PUT.
 fn patch_in_chunks(h: &Hoard, repo: &str, data: &[u8], chunk: usize) -> String {
-    let loc = h
-        .req("POST", &format!("/v2/{repo}/blobs/uploads/"))
-        .send()
-        .header("location")
-        .unwrap()
-        .to_owned();
-    patch_from(h, loc, data, 0, chunk)
+    patch_from(h, start_upload(h, repo), data, 0, chunk)
 }
 
 /// PATCHes `data[from..]` to the session at `loc` in pieces of `chunk`; the next location.
@@ -1047,12 +1041,7 @@ fn uploads_past_direct_io_above_store_exact_bytes() {
     // Chunked in odd sizes: the switch falls inside a PATCH, later PATCHes continue directly.
     let c = bytes(61, (6 << 20) + 7);
     let dc = sha256(&c);
-    let loc = h
-        .req("POST", "/v2/big/blobs/uploads/")
-        .send()
-        .header("location")
-        .unwrap()
-        .to_owned();
+    let loc = start_upload(&h, "big");
     // While a PATCH past the switch point streams, the upload's I/O thread holds the file in
     // O_DIRECT mode.
     let first = (3 << 20) + 5;
@@ -1094,12 +1083,7 @@ fn uploads_past_direct_io_above_store_exact_bytes() {
     stored.push((de, e));
     let f = bytes(63, 4 << 20);
     let df = sha512(&f);
-    let loc = h
-        .req("POST", "/v2/big/blobs/uploads/")
-        .send()
-        .header("location")
-        .unwrap()
-        .to_owned();
+    let loc = start_upload(&h, "big");
     let r = h.req("PATCH", &loc).body(f.clone()).send();
     assert_eq!(r.status, 202, "{}", r.text());
     let r = h.req("PUT", &format!("{loc}?digest={df}")).send();

@@ -28,9 +28,7 @@ fn stalled_get(h: &Hoard, repo: &str, d: &str) -> TcpStream {
 
 /// A PATCH that announces `announced` bytes, sends `sent`, and then sends nothing more.
 fn stalled_patch(h: &Hoard, repo: &str, announced: usize, sent: usize) -> (TcpStream, String) {
-    let r = h.req("POST", &format!("/v2/{repo}/blobs/uploads/")).send();
-    assert_eq!(r.status, 202, "{}", r.text());
-    let loc = r.header("location").expect("location").to_owned();
+    let loc = start_upload(h, repo);
     let mut s = TcpStream::connect(h.addr).expect("connect");
     write!(
         s,
@@ -46,9 +44,7 @@ fn stalled_patch(h: &Hoard, repo: &str, announced: usize, sent: usize) -> (TcpSt
 /// Pushes a blob in two PATCHes and a PUT, then pulls it back whole.
 fn push_and_pull(h: &Hoard, repo: &str, data: &[u8]) {
     let d = sha256(data);
-    let r = h.req("POST", &format!("/v2/{repo}/blobs/uploads/")).send();
-    assert_eq!(r.status, 202, "{}", r.text());
-    let mut loc = r.header("location").expect("location").to_owned();
+    let mut loc = start_upload(h, repo);
     let half = data.len() / 2;
     for (a, b) in [(0, half), (half, data.len())] {
         let r = h
@@ -303,8 +299,7 @@ fn chunked_uploads_between_patches_hold_no_thread_and_store_exact_bytes() {
     // Past 32 MiB an upload writes through its own I/O thread while its body streams.
     let sessions: Vec<(String, Vec<u8>)> = (0..4u64)
         .map(|i| {
-            let r = h.req("POST", "/v2/chunks/blobs/uploads/").send();
-            let loc = r.header("location").unwrap().to_owned();
+            let loc = start_upload(&h, "chunks");
             (loc, bytes(50 + i, 38 * M + 1000 + i as usize))
         })
         .collect();

@@ -373,6 +373,13 @@ pub fn bytes(seed: u64, n: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Starts an upload session in `repo`; its location.
+pub fn start_upload(h: &Hoard, repo: &str) -> String {
+    let r = h.req("POST", &format!("/v2/{repo}/blobs/uploads/")).send();
+    assert_eq!(r.status, 202, "{}", r.text());
+    r.header("location").expect("location").to_owned()
+}
+
 /// Pushes a blob with POST + PUT (what BuildKit does) and asserts 201.
 pub fn push_blob(h: &Hoard, repo: &str, data: &[u8]) -> String {
     let d = sha256(data);
