@@ -14,19 +14,30 @@ use hyper::Response;
 
 use crate::clock::{CacheClock, Clock, SharedClock};
 use crate::config::Config;
+use crate::config::StoreConfig;
 use crate::error::{Error, Result};
 use crate::http::{full, Body, Handler};
 use crate::lifecycle::gc::{human, Lifecycle};
 use crate::lifecycle::index::Index;
 use crate::registry::{blocking, Registry};
 use crate::store::disk::{DiskStore, Durability};
+use crate::store::s3::{Bucket, S3Store};
+use crate::store::tiered::TieredStore;
 use crate::store::BlobStore;
 
 pub struct App {
     pub config: Config,
     pub registry: Arc<Registry>,
     pub index: Arc<Index>,
-    pub store: Arc<DiskStore>,
+    pub store: Arc<dyn BlobStore>,
+    /// Woken when the disk store wants its group commit early (never, for other stores).
+    sync_wanted: Arc<tokio::sync::Notify>,
+    /// The S3 bucket behind the store, if any.
+    pub bucket: Option<Arc<Bucket>>,
+    /// Set by the background probe of the bucket; `/readyz` answers from it.
+    pub ready: Arc<Readiness>,
+    /// The disk tier of a tiered store.
+    pub tiered: Option<Arc<TieredStore>>,
     pub life: Arc<Lifecycle>,
     pub clock: Arc<CacheClock>,
     /// The previous run stopped without closing the index (crash, kill -9, power loss).
@@ -49,11 +60,36 @@ impl App {
         let index_dir = root.join("index");
         let clean_marker = index_dir.join("clean");
         let was_clean = clean_marker.exists();
-        let store = Arc::new(DiskStore::open(
-            &root,
-            disk.durability,
-            disk.direct_io_above(),
-        )?);
+        let (store, sync_wanted, bucket, tiered): (Arc<dyn BlobStore>, _, _, _) =
+            match &config.store {
+                StoreConfig::Disk(_) => {
+                    let d = DiskStore::open(&root, disk.durability, disk.direct_io_above())?;
+                    let wanted = d.sync_wanted();
+                    (Arc::new(d), wanted, None, None)
+                }
+                StoreConfig::S3(s3) => {
+                    let b = Arc::new(Bucket::new(s3, tokio::runtime::Handle::current())?);
+                    let store = Arc::new(S3Store::new(b.clone()));
+                    (store, Default::default(), Some(b), None)
+                }
+                StoreConfig::Tiered { fast, slow } => {
+                    let b = Arc::new(Bucket::new(slow, tokio::runtime::Handle::current())?);
+                    let path = fast.path.clone().unwrap_or_else(|| root.join("fast"));
+                    let d = DiskStore::open(&path, Durability::Group, disk.direct_io_above())?;
+                    let t = Arc::new(TieredStore::new(
+                        d,
+                        S3Store::new(b.clone()),
+                        fast.max_size.0,
+                        !was_clean,
+                    )?);
+                    (
+                        t.clone() as Arc<dyn BlobStore>,
+                        Default::default(),
+                        Some(b),
+                        Some(t),
+                    )
+                }
+            };
         let started = std::time::Instant::now();
         let (index, records) = Index::open(&index_dir, disk.durability == Durability::Sync)?;
         let index = Arc::new(index);
@@ -72,7 +108,7 @@ impl App {
             );
         }
         let was_unclean = !was_clean && records > 0;
-        if was_unclean {
+        if was_unclean && !store.durable_on_commit() {
             recover(&*store, &index)?;
         }
         let floor = index.read().clock_floor;
@@ -82,15 +118,15 @@ impl App {
             store.clone() as Arc<dyn BlobStore>,
             clock.clone() as SharedClock,
             config.policy(),
-            Some(root.clone()),
+            bucket.is_none().then(|| root.clone()),
         ));
-        if was_unclean {
+        if was_unclean && bucket.is_none() {
             // Files renamed but never journaled, or journaled gone but not yet unlinked.
             life.sweep_files()?;
         }
         let mut registry = Registry::new(life.clone()).with_max_transfers(config.max_transfers);
         registry.body_timeout = config.body_timeout.0;
-        if disk.durability == Durability::Group {
+        if disk.durability == Durability::Group && !store.durable_on_commit() {
             // A sync point normally lands within one interval (plus its own fsync); twice that
             // means the disk is behind the writes, and new ones wait rather than pile up.
             registry.unsynced_bound = Some(disk.sync_interval.0 * 2);
@@ -101,6 +137,10 @@ impl App {
             registry,
             index,
             store,
+            sync_wanted,
+            ready: Arc::new(Readiness::new(bucket.is_none())),
+            bucket,
+            tiered,
             life,
             clock,
             was_unclean,
@@ -143,10 +183,22 @@ impl App {
         let p = &self.life.policy;
         vec![
             ("data_dir", abs.display().to_string()),
-            ("store", "disk".into()),
+            (
+                "store",
+                match &c.store {
+                    StoreConfig::Disk(_) => "disk".into(),
+                    StoreConfig::S3(s3) => format!("s3 ({})", s3.describe()),
+                    StoreConfig::Tiered { fast, slow } => format!(
+                        "tiered (disk tier of {} in front of s3, {})",
+                        human(fast.max_size.0),
+                        slow.describe()
+                    ),
+                },
+            ),
             (
                 "durability",
                 match disk.durability {
+                    _ if self.store.durable_on_commit() => "in S3 before each answer".into(),
                     Durability::Sync => "sync (every blob fsynced before its answer)".into(),
                     Durability::Group => format!(
                         "group (fsync every {})",
@@ -191,6 +243,91 @@ impl App {
             ),
             ("access_log", c.access_log.to_string()),
         ]
+    }
+}
+
+/// Whether the daemon can do its job: the store reachable. `None` is ready; otherwise why not.
+pub struct Readiness(std::sync::Mutex<Option<String>>);
+
+impl Readiness {
+    fn new(ready: bool) -> Readiness {
+        Readiness(std::sync::Mutex::new(
+            (!ready).then(|| "the S3 bucket has not been reached yet".to_owned()),
+        ))
+    }
+    pub fn why_not(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    fn set(&self, why_not: Option<String>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = why_not;
+    }
+}
+
+/// How often the bucket is checked while it is reachable (while it is not: every second).
+const PROBE_EVERY: Duration = Duration::from_secs(10);
+
+/// Checks the bucket until it answers (credentials, the bucket itself, conditional writes), then
+/// keeps checking it, so `/readyz` follows S3 going away and coming back without a restart.
+async fn watch_bucket(app: Arc<App>, bucket: Arc<Bucket>) {
+    let tolerance =
+        i64::try_from(app.config.clock_skew_tolerance.0.as_millis()).unwrap_or(i64::MAX);
+    let mut first = true;
+    let mut warned_skew = false;
+    loop {
+        let was_ready = app.ready.why_not().is_none();
+        // The full probe (conditional writes) once; then one HeadBucket per check.
+        let checked = if first {
+            bucket.probe().await.map(Some)
+        } else {
+            bucket.check().await.map(|()| None)
+        };
+        match checked {
+            Ok(p) => {
+                if !was_ready && !first {
+                    tracing::info!(bucket = %bucket.describe, "S3 bucket reachable again; ready");
+                }
+                if let Some(p) = p {
+                    tracing::info!(
+                        bucket = %bucket.describe,
+                        conditional_writes = p.conditional_writes,
+                        clock_offset_ms = bucket.clock.offset_ms(),
+                        "S3 bucket reachable; ready"
+                    );
+                    if !p.conditional_writes {
+                        tracing::warn!(
+                            bucket = %bucket.describe,
+                            "this S3 service ignores conditional writes (If-None-Match / If-Match): \
+                             hoard runs as the bucket's only writer; do not point a second hoard at it"
+                        );
+                    }
+                    match bucket.sweep_uploads(app.config.upload_timeout.0).await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(removed = n, "removed uploads a previous run left in S3")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot clear old uploads in S3"),
+                    }
+                    first = false;
+                }
+                app.ready.set(None);
+                let off = bucket.clock.offset_ms();
+                if off.abs() > tolerance && !warned_skew {
+                    tracing::warn!(
+                        clock_offset_ms = off,
+                        "this machine's clock is off from the S3 service's by more than clock_skew_tolerance"
+                    );
+                    warned_skew = true;
+                }
+                tokio::time::sleep(PROBE_EVERY).await;
+            }
+            Err(e) => {
+                if was_ready || first {
+                    tracing::error!(error = %e.message, "S3 bucket unreachable; not ready (retrying)");
+                }
+                app.ready.set(Some(e.message));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
     }
 }
 
@@ -275,7 +412,7 @@ pub async fn serve(
 
     let group_commit = {
         let app = app.clone();
-        let wanted = app.store.sync_wanted();
+        let wanted = app.sync_wanted.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(sync_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -311,6 +448,10 @@ pub async fn serve(
             }
         })
     };
+    let watcher = app
+        .bucket
+        .clone()
+        .map(|b| tokio::spawn(watch_bucket(app.clone(), b)));
     let expiry = {
         let reg = app.registry.clone();
         let period = (upload_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
@@ -342,6 +483,9 @@ pub async fn serve(
     group_commit.abort();
     lifecycle.abort();
     expiry.abort();
+    if let Some(w) = watcher {
+        w.abort();
+    }
     let _ = fs::remove_file(&serving);
     let closing = app.clone();
     blocking(move || closing.close()).await?;
@@ -363,6 +507,13 @@ async fn route(app: &Arc<App>, req: hyper::Request<hyper::body::Incoming>) -> Re
     }
     match path {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => match app.ready.why_not() {
+            None => text(StatusCode::OK, "ready\n".into()),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
         "/" => text(StatusCode::OK, status_page(app)),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
@@ -458,6 +609,34 @@ fn status_page(app: &App) -> String {
         lag.as_millis(),
         held,
     );
+    if let Some(why) = app.ready.why_not() {
+        out.push_str(&format!("ready: no ({why})\n"));
+    } else {
+        out.push_str("ready: yes\n");
+    }
+    if let Some(b) = &app.bucket {
+        out.push_str(&format!(
+            "s3 requests: {} ({} answered 5xx)\ns3 clock offset: {} ms ({} samples)\n",
+            b.counters
+                .requests
+                .load(std::sync::atomic::Ordering::Relaxed),
+            b.counters
+                .failures
+                .load(std::sync::atomic::Ordering::Relaxed),
+            b.clock.offset_ms(),
+            b.clock.samples(),
+        ));
+    }
+    if let Some(t) = &app.tiered {
+        let st = t.stats();
+        let (bytes, n) = t.held();
+        out.push_str(&format!(
+            "fast tier: {n} blobs ({bytes} bytes), hits {}, misses {}, evicted {}\n",
+            st.hits.load(std::sync::atomic::Ordering::Relaxed),
+            st.misses.load(std::sync::atomic::Ordering::Relaxed),
+            st.evicted.load(std::sync::atomic::Ordering::Relaxed),
+        ));
+    }
     for (key, value) in app.settings() {
         out.push_str(&format!("{key}: {value}\n"));
     }

@@ -79,23 +79,356 @@ pub enum LogFormat {
     Json,
 }
 
-/// The store tree. Today one leaf; S3 and a tiered store (disk over S3) join as variants.
+/// The store tree: a disk leaf, an S3 leaf, or a disk tier in front of S3.
 ///
 /// ```toml
-/// [store.disk]
+/// [store.disk]             # the original form, still the default
 /// durability = "group"     # or "sync": fsync every blob before answering
 /// sync_interval = "1s"     # group commit period
 /// direct_io_above = "32MiB" # upload bytes past this offset bypass the page cache (default: never)
+///
+/// [store]                  # or: S3 (any S3-compatible service)
+/// type = "s3"
+/// bucket = "hoard"
+/// prefix = "farm/"
+/// region = "us-east-1"
+/// endpoint = "http://127.0.0.1:9000"
+/// path_style = true
+///
+/// [store]                  # or: a size-capped disk tier in front of S3
+/// type = "tiered"
+/// [store.fast]
+/// type = "disk"
+/// max_size = "200GiB"
+/// [store.slow]
+/// type = "s3"
+/// bucket = "hoard"
 /// ```
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
+/// Every key is also `HOARD_STORE_<KEY>` (`HOARD_STORE_FAST_<KEY>`, `HOARD_STORE_SLOW_<KEY>`).
+#[derive(Clone, Debug)]
 pub enum StoreConfig {
     Disk(DiskConfig),
+    S3(S3Config),
+    Tiered { fast: FastConfig, slow: S3Config },
 }
 
 impl Default for StoreConfig {
     fn default() -> StoreConfig {
         StoreConfig::Disk(DiskConfig::default())
+    }
+}
+
+impl<'de> Deserialize<'de> for StoreConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<StoreConfig, D::Error> {
+        let table = toml::Table::deserialize(d)?;
+        StoreConfig::from_table(table).map_err(serde::de::Error::custom)
+    }
+}
+
+impl StoreConfig {
+    /// `[store]` as written: `type = …` with the leaf's keys beside it, or the original
+    /// `[store.disk]` table.
+    fn from_table(mut t: toml::Table) -> Result<StoreConfig, String> {
+        let kind = match t.remove("type") {
+            Some(toml::Value::String(k)) => k,
+            Some(other) => return Err(format!("store.type must be a string, not {other:?}")),
+            None if t.len() == 1 && t.contains_key("disk") => {
+                let disk = t
+                    .remove("disk")
+                    .unwrap_or(toml::Value::Table(Default::default()));
+                return Ok(StoreConfig::Disk(leaf(disk, "store.disk")?));
+            }
+            None if t.is_empty() => return Ok(StoreConfig::default()),
+            None => return Err(
+                "[store] needs type = \"disk\", \"s3\" or \"tiered\" (or the [store.disk] form)"
+                    .into(),
+            ),
+        };
+        match kind.as_str() {
+            "disk" => Ok(StoreConfig::Disk(leaf(toml::Value::Table(t), "store")?)),
+            "s3" => Ok(StoreConfig::S3(leaf(toml::Value::Table(t), "store")?)),
+            "tiered" => {
+                let mut part = |name: &str, want: &str| -> Result<toml::Value, String> {
+                    let mut sub = match t.remove(name) {
+                        Some(toml::Value::Table(sub)) => sub,
+                        Some(_) => return Err(format!("store.{name} must be a table")),
+                        None => {
+                            return Err(format!(
+                                "a tiered store needs [store.{name}] with type = \"{want}\""
+                            ))
+                        }
+                    };
+                    match sub.remove("type") {
+                        Some(toml::Value::String(k)) if k == want => {}
+                        None => {}
+                        Some(other) => {
+                            return Err(format!(
+                                "store.{name}.type must be \"{want}\" (got {other:?})"
+                            ))
+                        }
+                    }
+                    Ok(toml::Value::Table(sub))
+                };
+                let fast = leaf(part("fast", "disk")?, "store.fast")?;
+                let slow = leaf(part("slow", "s3")?, "store.slow")?;
+                if let Some(k) = t.keys().next() {
+                    return Err(format!("unknown key store.{k} in a tiered store"));
+                }
+                Ok(StoreConfig::Tiered { fast, slow })
+            }
+            other => Err(format!(
+                "unknown store type {other:?}: expected \"disk\", \"s3\" or \"tiered\""
+            )),
+        }
+    }
+
+    /// Applies `HOARD_STORE_*` variables (from `vars`) over the file's tree.
+    fn with_env(self, vars: impl Iterator<Item = (String, String)>) -> Result<StoreConfig, String> {
+        let mut set: Vec<(Option<&'static str>, String, String)> = Vec::new();
+        for (k, v) in vars {
+            let Some(rest) = k.strip_prefix("HOARD_STORE_") else {
+                continue;
+            };
+            // HOARD_STORE_PATH is `--store-path`, handled with the flags.
+            if rest == "PATH" {
+                continue;
+            }
+            let (sub, key) = if let Some(r) = rest.strip_prefix("FAST_") {
+                (Some("fast"), r)
+            } else if let Some(r) = rest.strip_prefix("SLOW_") {
+                (Some("slow"), r)
+            } else {
+                (None, rest)
+            };
+            set.push((sub, key.to_ascii_lowercase(), v));
+        }
+        if set.is_empty() {
+            return Ok(self);
+        }
+        let mut t = self.to_table();
+        for (sub, key, v) in set {
+            let value = match key.as_str() {
+                "path_style" => toml::Value::Boolean(
+                    parse_bool(&v)
+                        .map_err(|e| format!("HOARD_STORE_{}: {e}", key.to_ascii_uppercase()))?,
+                ),
+                "parallel_parts" | "retries" => toml::Value::Integer(v.parse().map_err(|_| {
+                    format!(
+                        "HOARD_STORE_{}: not a number: {v}",
+                        key.to_ascii_uppercase()
+                    )
+                })?),
+                _ => toml::Value::String(v),
+            };
+            match sub {
+                None => {
+                    t.insert(key, value);
+                }
+                Some(sub) => {
+                    let entry = t
+                        .entry(sub)
+                        .or_insert_with(|| toml::Value::Table(Default::default()));
+                    if let toml::Value::Table(st) = entry {
+                        st.insert(key, value);
+                    }
+                }
+            }
+        }
+        StoreConfig::from_table(t)
+    }
+
+    /// The tree back as a table (what environment overrides are applied to).
+    fn to_table(&self) -> toml::Table {
+        let mut t = toml::Table::new();
+        match self {
+            StoreConfig::Disk(d) => {
+                t.insert("type".into(), "disk".into());
+                d.fill(&mut t);
+            }
+            StoreConfig::S3(s) => {
+                t.insert("type".into(), "s3".into());
+                s.fill(&mut t);
+            }
+            StoreConfig::Tiered { fast, slow } => {
+                t.insert("type".into(), "tiered".into());
+                let mut f = toml::Table::new();
+                fast.fill(&mut f);
+                let mut sl = toml::Table::new();
+                slow.fill(&mut sl);
+                t.insert("fast".into(), toml::Value::Table(f));
+                t.insert("slow".into(), toml::Value::Table(sl));
+            }
+        }
+        t
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreConfig::Disk(_) => "disk",
+            StoreConfig::S3(_) => "s3",
+            StoreConfig::Tiered { .. } => "tiered",
+        }
+    }
+
+    /// The S3 leaf, where there is one.
+    pub fn s3(&self) -> Option<&S3Config> {
+        match self {
+            StoreConfig::Disk(_) => None,
+            StoreConfig::S3(s) | StoreConfig::Tiered { slow: s, .. } => Some(s),
+        }
+    }
+}
+
+fn leaf<T: serde::de::DeserializeOwned>(v: toml::Value, at: &str) -> Result<T, String> {
+    v.try_into()
+        .map_err(|e: toml::de::Error| format!("{at}: {}", e.message()))
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(format!("expected true or false, got {s:?}")),
+    }
+}
+
+/// An S3 bucket (AWS S3 or any S3-compatible service).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Prepended to every key hoard writes ("farm/" keeps hoard's objects under farm/).
+    #[serde(default)]
+    pub prefix: String,
+    /// Unset: the standard AWS chain (AWS_REGION, profile), else us-east-1.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Any S3-compatible service; unset: AWS.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`), which most S3-compatible services want.
+    #[serde(default)]
+    pub path_style: bool,
+    /// Unset: the standard AWS credential chain (environment, profile, web identity, IMDS).
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+    /// Part size of multipart uploads; blobs up to it go up in one PUT.
+    #[serde(default = "S3Config::default_part_size")]
+    pub part_size: HumanSize,
+    /// Parts of one upload in flight at once.
+    #[serde(default = "S3Config::default_parallel_parts")]
+    pub parallel_parts: usize,
+    /// Attempts of one S3 request (with exponential backoff) before hoard gives up on it.
+    #[serde(default = "S3Config::default_retries")]
+    pub retries: u32,
+}
+
+impl fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Config")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .field("path_style", &self.path_style)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "…"),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3Config {
+    fn default_part_size() -> HumanSize {
+        HumanSize(16 << 20)
+    }
+    fn default_parallel_parts() -> usize {
+        4
+    }
+    fn default_retries() -> u32 {
+        4
+    }
+
+    fn fill(&self, t: &mut toml::Table) {
+        t.insert("bucket".into(), self.bucket.clone().into());
+        t.insert("prefix".into(), self.prefix.clone().into());
+        for (k, v) in [
+            ("region", &self.region),
+            ("endpoint", &self.endpoint),
+            ("access_key_id", &self.access_key_id),
+            ("secret_access_key", &self.secret_access_key),
+        ] {
+            if let Some(v) = v {
+                t.insert(k.into(), v.clone().into());
+            }
+        }
+        t.insert("path_style".into(), self.path_style.into());
+        t.insert("part_size".into(), (self.part_size.0 as i64).into());
+        t.insert("parallel_parts".into(), (self.parallel_parts as i64).into());
+        t.insert("retries".into(), (self.retries as i64).into());
+    }
+
+    /// Where the bucket is, for messages: "bucket hoard at http://127.0.0.1:9000".
+    pub fn describe(&self) -> String {
+        format!(
+            "bucket {}{} at {}",
+            self.bucket,
+            if self.prefix.is_empty() {
+                String::new()
+            } else {
+                format!(" (prefix {})", self.prefix)
+            },
+            self.endpoint.as_deref().unwrap_or("AWS S3")
+        )
+    }
+
+    fn check(&self, at: &str) -> Result<(), String> {
+        if self.bucket.is_empty() {
+            return Err(format!("{at}.bucket must name a bucket"));
+        }
+        if self.access_key_id.is_some() != self.secret_access_key.is_some() {
+            return Err(format!(
+                "{at}: access_key_id and secret_access_key go together (or leave both unset \
+                 for the standard AWS credential chain)"
+            ));
+        }
+        if self.part_size.0 < 5 << 20 || self.part_size.0 > 5 << 30 {
+            return Err(format!(
+                "{at}.part_size must be between 5MiB and 5GiB (S3's multipart limits)"
+            ));
+        }
+        if self.parallel_parts == 0 || self.retries == 0 {
+            return Err(format!(
+                "{at}: parallel_parts and retries must be at least 1"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The disk tier in front of S3: a bounded cache of blobs.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FastConfig {
+    /// Defaults to `data_dir`/fast.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// The tier keeps at most this much; least recently used blobs leave it first (they stay
+    /// in S3).
+    pub max_size: HumanSize,
+}
+
+impl FastConfig {
+    fn fill(&self, t: &mut toml::Table) {
+        t.insert("type".into(), "disk".into());
+        if let Some(p) = &self.path {
+            t.insert("path".into(), p.display().to_string().into());
+        }
+        t.insert("max_size".into(), (self.max_size.0 as i64).into());
     }
 }
 
@@ -112,6 +445,24 @@ pub struct DiskConfig {
 }
 
 impl DiskConfig {
+    fn fill(&self, t: &mut toml::Table) {
+        if let Some(p) = &self.path {
+            t.insert("path".into(), p.display().to_string().into());
+        }
+        let durability = match self.durability {
+            Durability::Sync => "sync",
+            Durability::Group => "group",
+        };
+        t.insert("durability".into(), durability.into());
+        t.insert(
+            "sync_interval".into(),
+            show_duration(self.sync_interval.0).into(),
+        );
+        if let Some(d) = self.direct_io_above {
+            t.insert("direct_io_above".into(), (d.0 as i64).into());
+        }
+    }
+
     pub fn direct_io_above(&self) -> u64 {
         self.direct_io_above
             .map_or(crate::store::disk::NO_DIRECT_IO, |s| s.0)
@@ -275,18 +626,28 @@ impl Config {
         if let Some(v) = l.orphan_grace {
             c.orphan_grace = HumanDuration(v);
         }
-        let StoreConfig::Disk(disk) = &mut c.store;
-        if let Some(v) = &co.store_path {
-            disk.path = Some(v.clone());
-        }
-        if let Some(v) = s.durability {
-            disk.durability = v;
-        }
-        if let Some(v) = s.sync_interval {
-            disk.sync_interval = HumanDuration(v);
-        }
-        if let Some(v) = s.direct_io_above {
-            disk.direct_io_above = Some(HumanSize(v));
+        c.store = std::mem::take(&mut c.store).with_env(std::env::vars())?;
+        match &mut c.store {
+            StoreConfig::Disk(disk) => {
+                if let Some(v) = &co.store_path {
+                    disk.path = Some(v.clone());
+                }
+                if let Some(v) = s.durability {
+                    disk.durability = v;
+                }
+                if let Some(v) = s.sync_interval {
+                    disk.sync_interval = HumanDuration(v);
+                }
+                if let Some(v) = s.direct_io_above {
+                    disk.direct_io_above = Some(HumanSize(v));
+                }
+            }
+            StoreConfig::Tiered { fast, .. } => {
+                if let Some(v) = &co.store_path {
+                    fast.path = Some(v.clone());
+                }
+            }
+            StoreConfig::S3(_) => {}
         }
         c.check()?;
         Ok(c)
@@ -316,6 +677,16 @@ impl Config {
         }
         if self.body_timeout.0.is_zero() || self.send_timeout.0.is_zero() {
             return Err("body_timeout and send_timeout must be greater than zero".into());
+        }
+        match &self.store {
+            StoreConfig::S3(s3) => s3.check("store")?,
+            StoreConfig::Tiered { fast, slow } => {
+                slow.check("store.slow")?;
+                if fast.max_size.0 == 0 {
+                    return Err("store.fast.max_size must be greater than zero".into());
+                }
+            }
+            StoreConfig::Disk(_) => {}
         }
         let (_, disk) = self.disk();
         if disk.sync_interval.0.is_zero() {
@@ -353,9 +724,17 @@ impl Config {
         toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
     }
 
+    /// The local directory (the index, and blobs for a disk store) and the disk settings; with
+    /// S3 the local directory is `data_dir` and the disk settings are the defaults.
     pub fn disk(&self) -> (PathBuf, &DiskConfig) {
-        let StoreConfig::Disk(d) = &self.store;
-        (d.path.clone().unwrap_or_else(|| self.data_dir.clone()), d)
+        static DEFAULT: std::sync::OnceLock<DiskConfig> = std::sync::OnceLock::new();
+        match &self.store {
+            StoreConfig::Disk(d) => (d.path.clone().unwrap_or_else(|| self.data_dir.clone()), d),
+            _ => (
+                self.data_dir.clone(),
+                DEFAULT.get_or_init(DiskConfig::default),
+            ),
+        }
     }
 }
 
@@ -439,7 +818,7 @@ pub fn show_duration(d: Duration) -> String {
     if ms == 0 {
         return "0s".into();
     }
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let mut left = ms / 1000;

@@ -765,7 +765,7 @@ fn every_manifest_shape_buildkit_and_images_use() {
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+zstd", "digest": dz, "size": zst.len()}]
     })).unwrap();
     assert_eq!(put_manifest(&h, "c", "zstd", OCI_MANIFEST, &m).status, 201);
-    // Docker schema 2 image and a multi-arch index of two images (one child sparse).
+    // Docker schema 2 image and a multi-arch index of two images.
     let dcfg = push_blob(&h, "c", b"{\"os\":\"linux\"}");
     let dm = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
@@ -780,16 +780,48 @@ fn every_manifest_shape_buildkit_and_images_use() {
         &dm,
     );
     assert_eq!(r.status, 201, "{}", r.text());
-    let multi = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2, "mediaType": OCI_INDEX,
-        "manifests": [
-            {"mediaType": "application/vnd.docker.distribution.manifest.v2+json", "digest": sha256(&dm), "size": dm.len(), "platform": {"os": "linux", "architecture": "amd64"}},
-            {"mediaType": OCI_MANIFEST, "digest": sha256(b"arm64 not pushed"), "size": 500, "platform": {"os": "linux", "architecture": "arm64"}},
-        ]
-    })).unwrap();
+    let amd64 = serde_json::json!({"mediaType": "application/vnd.docker.distribution.manifest.v2+json", "digest": sha256(&dm), "size": dm.len(), "platform": {"os": "linux", "architecture": "amd64"}});
+    // A child that is stored neither as a manifest nor as a blob here: refused, whatever the
+    // media type its descriptor claims, so the tag could not point at content that is not here.
+    for missing_type in [
+        OCI_MANIFEST,
+        "application/vnd.docker.distribution.manifest.v2+json",
+        OCI_INDEX,
+    ] {
+        let sparse = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX,
+            "manifests": [amd64, {"mediaType": missing_type, "digest": sha256(b"arm64 not pushed"), "size": 16, "platform": {"os": "linux", "architecture": "arm64"}}]
+        })).unwrap();
+        let r = put_manifest(&h, "c", "multi", OCI_INDEX, &sparse);
+        assert_eq!(r.status, 400, "{missing_type}: {}", r.text());
+        assert_eq!(r.code(), "MANIFEST_BLOB_UNKNOWN", "{missing_type}");
+        assert!(
+            r.text().contains(&sha256(b"arm64 not pushed")),
+            "{}",
+            r.text()
+        );
+    }
+    // A manifest pushed to another repository is not this repository's.
+    let only_amd64 = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [amd64]
+    }))
+    .unwrap();
     assert_eq!(
-        put_manifest(&h, "c", "multi", OCI_INDEX, &multi).status,
+        put_manifest(&h, "elsewhere", "multi", OCI_INDEX, &only_amd64).code(),
+        "MANIFEST_BLOB_UNKNOWN"
+    );
+    assert_eq!(
+        put_manifest(&h, "c", "multi", OCI_INDEX, &only_amd64).status,
         201
+    );
+    assert_eq!(
+        h.req("GET", "/v2/c/tags/list").send().json()["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| *t == "multi")
+            .count(),
+        1
     );
     // A missing layer entry in a cache index is refused.
     let broken = serde_json::to_vec(&serde_json::json!({

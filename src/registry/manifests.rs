@@ -181,14 +181,15 @@ impl Registry {
         }
         for m in parsed.manifests.iter().flatten() {
             let (digest, size) = parse_desc(m, "manifests")?;
-            // An index may be sparse (children not pushed, e.g. platforms filtered out), but a
-            // BuildKit cache index lists layers and its cache config as entries: those are blobs
-            // and must be here.
+            // Every child must be here, as a manifest or as a blob: a BuildKit cache index
+            // lists its layers and cache config as entries (blobs), an image index its
+            // platforms' manifests. An index naming content that is not stored would give a tag
+            // that cannot be pulled.
             let manifest = m.media_type.as_deref().is_some_and(is_manifest_type);
             children.push(Child {
                 digest,
                 size,
-                required: !manifest,
+                required: true,
                 manifest,
             });
         }
@@ -423,6 +424,7 @@ impl Registry {
 
 fn blob_unknown(d: &Digest) -> Error {
     Error::not_found(format!(
-        "manifest references blob {d}, which is not in this repository: push it first"
+        "manifest references {d}, which is stored in this repository neither as a manifest nor \
+         as a blob: push it first"
     ))
 }

@@ -4,7 +4,7 @@
 pub mod manifests;
 pub mod uploads;
 
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -158,15 +158,7 @@ impl Registry {
         self.stat_blob(repo, d, false)?;
         let store = self.store.clone();
         let d = *d;
-        blocking(move || {
-            let mut r = store.open(&d)?;
-            if start > 0 {
-                r.seek(SeekFrom::Start(start))
-                    .map_err(|e| Error::io(format!("seeking in {d}"), e))?;
-            }
-            Ok(r)
-        })
-        .await
+        blocking(move || store.open_at(&d, start)).await
     }
 
     /// Reads a whole small blob (manifests, configs) into memory.

@@ -5,6 +5,8 @@
 pub mod chunk;
 pub mod disk;
 mod io_thread;
+pub mod s3;
+pub mod tiered;
 
 use std::io::{Read, Seek};
 
@@ -62,6 +64,15 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Starts a new upload hashed with `alg`.
     fn begin(&self, alg: Algorithm) -> Result<Box<dyn BlobWriter>>;
     fn open(&self, d: &Digest) -> Result<Box<dyn BlobRead>>;
+    /// Opens `d` positioned at `start` (a ranged read fetches only from there).
+    fn open_at(&self, d: &Digest, start: u64) -> Result<Box<dyn BlobRead>> {
+        let mut r = self.open(d)?;
+        if start > 0 {
+            r.seek(std::io::SeekFrom::Start(start))
+                .map_err(|e| crate::error::Error::io(format!("seeking in {d}"), e))?;
+        }
+        Ok(r)
+    }
     fn delete(&self, d: &Digest) -> Result<()>;
     /// Calls `f` for every stored blob (verification and repair; never on a hot path).
     fn walk(&self, f: &mut dyn FnMut(Digest, u64)) -> Result<()>;
@@ -69,6 +80,11 @@ pub trait BlobStore: Send + Sync + 'static {
     fn sync(&self) -> Result<()>;
     /// Moves a blob found corrupt out of the way, kept for inspection but never served.
     fn quarantine(&self, d: &Digest) -> Result<()>;
+    /// A commit is durable when it returns (S3): there is no group commit to wait for and
+    /// nothing to re-verify after an unclean stop.
+    fn durable_on_commit(&self) -> bool {
+        false
+    }
 }
 
 /// Re-hashes a stored blob; `Ok(true)` when its bytes still match its name.

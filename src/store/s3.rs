@@ -1,0 +1,1090 @@
+//! The S3 blob store (AWS S3 or any S3-compatible service). Owns this layout under the bucket's
+//! key prefix:
+//!
+//! ```text
+//! blobs/sha256/ab/ab12…ef     one object per blob, named by its digest (as on disk)
+//! uploads/<random>            multipart uploads in progress, copied to blobs/ when verified
+//! quarantine/sha256/ab12…ef   blobs found corrupt, kept for inspection, never served
+//! probe/<random>              the start-up check of conditional writes (removed again)
+//! ```
+//! The SDK is async and the store traits are blocking (they run on the blocking pool, where the
+//! disk store does its I/O): every S3 call runs as a task on the runtime, and the blocking side
+//! only waits on a channel — bytes stream through bounded channels both ways, so neither side
+//! holds more than a few parts. A blob up to one part goes up in one `PutObject` straight to its
+//! key once its digest is checked; a larger one streams as a multipart upload with parallel
+//! parts while it is hashed, to a temporary key that is copied to its digest's key after the
+//! digest matched. Either way the object is in S3 before the commit returns.
+
+use std::io::{self, Read, Seek, SeekFrom};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_s3::config::{
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::{Bytes, BytesMut};
+
+use crate::config::S3Config;
+use crate::digest::{Algorithm, Digest, Hasher};
+use crate::error::{Error, ErrorKind, Result};
+
+use super::{BlobRead, BlobStore, BlobWriter, Expect};
+
+/// What S3 answers are counted as, for the status page and the benchmark.
+#[derive(Default)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+/// The S3 service's clock as seen in its `Date` headers: offset (service minus ours) in ms.
+#[derive(Default)]
+pub struct ServiceClock {
+    offset_ms: AtomicI64,
+    seen: AtomicU64,
+}
+
+impl ServiceClock {
+    /// Service time minus local time; 0 until a response was seen.
+    pub fn offset_ms(&self) -> i64 {
+        self.offset_ms.load(Ordering::Relaxed)
+    }
+    pub fn samples(&self) -> u64 {
+        self.seen.load(Ordering::Relaxed)
+    }
+    fn observe(&self, date: &str) {
+        let Some(service) = parse_http_date(date) else {
+            return;
+        };
+        let local = crate::clock::SystemClock.now_ms();
+        // A `Date` has one-second resolution and is stamped while the answer is made: it lags
+        // the true time by up to a second, so the offset is kept to whole seconds.
+        let off = service + 500 - local;
+        self.offset_ms.store(off, Ordering::Relaxed);
+        self.seen.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+use crate::clock::Clock as _;
+
+/// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) to Unix milliseconds.
+pub fn parse_http_date(s: &str) -> Option<i64> {
+    let mut it = s.split_whitespace();
+    let _weekday = it.next()?;
+    let day: i64 = it.next()?.parse().ok()?;
+    let month = match it.next()? {
+        "Jan" => 1,
+        "Feb" => 2,
+        "Mar" => 3,
+        "Apr" => 4,
+        "May" => 5,
+        "Jun" => 6,
+        "Jul" => 7,
+        "Aug" => 8,
+        "Sep" => 9,
+        "Oct" => 10,
+        "Nov" => 11,
+        "Dec" => 12,
+        _ => return None,
+    };
+    let year: i64 = it.next()?.parse().ok()?;
+    let mut hms = it.next()?.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
+    if it.next()? != "GMT" {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 24 + h) * 60 + m) * 60_000 + sec * 1000)
+}
+
+/// Counts requests and reads the service's `Date` off every answer.
+#[derive(Debug)]
+struct Watch {
+    counters: Arc<Counters>,
+    clock: Arc<ServiceClock>,
+}
+
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Counters")
+    }
+}
+impl std::fmt::Debug for ServiceClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServiceClock")
+    }
+}
+
+impl aws_sdk_s3::config::Intercept for Watch {
+    fn name(&self) -> &'static str {
+        "hoard-watch"
+    }
+    fn read_before_transmit(
+        &self,
+        _ctx: &aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _rc: &aws_sdk_s3::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> std::result::Result<(), aws_sdk_s3::error::BoxError> {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn read_after_transmit(
+        &self,
+        ctx: &aws_sdk_s3::config::interceptors::BeforeDeserializationInterceptorContextRef<'_>,
+        _rc: &aws_sdk_s3::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> std::result::Result<(), aws_sdk_s3::error::BoxError> {
+        let r = ctx.response();
+        if let Some(date) = r.headers().get("date") {
+            self.clock.observe(date);
+        }
+        if r.status().is_server_error() {
+            self.counters.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// One bucket (and key prefix) and the client that reaches it.
+pub struct Bucket {
+    client: aws_sdk_s3::Client,
+    pub name: String,
+    prefix: String,
+    rt: tokio::runtime::Handle,
+    part_size: usize,
+    parallel: usize,
+    /// "bucket hoard at http://…", for messages.
+    pub describe: String,
+    pub counters: Arc<Counters>,
+    pub clock: Arc<ServiceClock>,
+}
+
+/// What the start-up probe found.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    /// `If-None-Match: *` and `If-Match` on `PutObject` are honoured (a lost race is a 412).
+    pub conditional_writes: bool,
+}
+
+impl Bucket {
+    /// Builds the client; touches the network only on the first request (so a start with S3
+    /// down still serves, not ready).
+    pub fn new(cfg: &S3Config, rt: tokio::runtime::Handle) -> Result<Bucket> {
+        let counters = Arc::new(Counters::default());
+        let clock = Arc::new(ServiceClock::default());
+        let sdk = {
+            let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).region(
+                aws_config::meta::region::RegionProviderChain::first_try(
+                    cfg.region.clone().map(Region::new),
+                )
+                .or_default_provider()
+                .or_else(Region::new("us-east-1")),
+            );
+            if let (Some(ak), Some(sk)) = (&cfg.access_key_id, &cfg.secret_access_key) {
+                loader = loader.credentials_provider(Credentials::new(
+                    ak.clone(),
+                    sk.clone(),
+                    None,
+                    None,
+                    "hoard configuration",
+                ));
+            }
+            // Loading reads the environment and profile files only: no request is sent.
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            rt.spawn(async move {
+                let _ = tx.send(loader.load().await);
+            });
+            rx.recv()
+                .map_err(|_| Error::internal("loading the AWS configuration was cancelled"))?
+        };
+        let retry = aws_sdk_s3::config::retry::RetryConfig::standard()
+            .with_max_attempts(cfg.retries)
+            .with_initial_backoff(Duration::from_millis(100))
+            .with_max_backoff(Duration::from_secs(2));
+        let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .build();
+        let mut b = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(cfg.path_style)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .retry_config(retry)
+            .timeout_config(timeouts)
+            .interceptor(Watch {
+                counters: counters.clone(),
+                clock: clock.clone(),
+            });
+        if let Some(e) = &cfg.endpoint {
+            b = b.endpoint_url(e.clone());
+        }
+        Ok(Bucket {
+            client: aws_sdk_s3::Client::from_conf(b.build()),
+            name: cfg.bucket.clone(),
+            prefix: cfg.prefix.clone(),
+            rt,
+            part_size: cfg.part_size.0 as usize,
+            parallel: cfg.parallel_parts,
+            describe: cfg.describe(),
+            counters,
+            clock,
+        })
+    }
+
+    pub fn key(&self, rest: &str) -> String {
+        format!("{}{rest}", self.prefix)
+    }
+
+    fn blob_key(&self, d: &Digest) -> String {
+        let hex = d.hex();
+        self.key(&format!(
+            "blobs/{}/{}/{hex}",
+            d.algorithm().name(),
+            &hex[..2]
+        ))
+    }
+
+    /// Runs `fut` on the runtime and waits for it from this (blocking-pool) thread.
+    fn wait<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv()
+            .map_err(|_| Error::new(ErrorKind::Unavailable, "S3 request was cancelled"))
+    }
+
+    /// Checks the bucket is there and reachable with these credentials, then whether it honours
+    /// conditional writes. Errors name the bucket and endpoint.
+    /// The bucket answers with these credentials (one `HeadBucket`). Errors name the bucket
+    /// and the endpoint, and say what is wrong.
+    pub async fn check(&self) -> Result<()> {
+        match self.client.head_bucket().bucket(&self.name).send().await {
+            Ok(_) => {}
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                let why = match status {
+                    Some(404) => "the bucket does not exist".to_owned(),
+                    Some(403) | Some(401) => {
+                        "access denied: check the credentials (access_key_id / \
+                         secret_access_key, or the AWS credential chain)"
+                            .to_owned()
+                    }
+                    Some(s) => format!("HEAD bucket answered {s}"),
+                    None => format!("cannot reach the service: {}", detail(&e)),
+                };
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!("{}: {why}", self.describe),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn probe(&self) -> Result<Probe> {
+        self.check().await?;
+        let key = self.key(&format!("probe/{}", random_name()));
+        let put = |cond: Cond| self.put(&key, Bytes::from_static(b"probe"), cond);
+        put(Cond::Create).await.map_err(|e| {
+            Error::new(
+                e.kind,
+                format!("{}: writing a probe object: {}", self.describe, e.message),
+            )
+        })?;
+        let second = put(Cond::Create).await;
+        let wrong_etag = put(Cond::Match("\"00000000000000000000000000000000\"".into())).await;
+        let _ = self.delete_key(&key).await;
+        let refused = |r: &Result<String>| matches!(r, Err(e) if e.kind == ErrorKind::Conflict);
+        Ok(Probe {
+            conditional_writes: refused(&second) && refused(&wrong_etag),
+        })
+    }
+
+    /// Writes a small object. `Conflict` when the condition does not hold.
+    pub async fn put(&self, key: &str, body: Bytes, cond: Cond) -> Result<String> {
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.name)
+            .key(key)
+            .content_length(body.len() as i64)
+            .body(ByteStream::from(body));
+        req = match cond {
+            Cond::None => req,
+            Cond::Create => req.if_none_match("*"),
+            Cond::Match(etag) => req.if_match(etag),
+        };
+        let out = req.send().await.map_err(|e| s3_error(key, e))?;
+        Ok(out.e_tag().unwrap_or_default().to_owned())
+    }
+
+    /// A small object's bytes and ETag; `NotFound` when absent.
+    pub async fn get_small(&self, key: &str) -> Result<(Bytes, String)> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.name)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| s3_error(key, e))?;
+        let etag = out.e_tag().unwrap_or_default().to_owned();
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| unavailable(key, e))?
+            .into_bytes();
+        Ok((body, etag))
+    }
+
+    pub async fn delete_key(&self, key: &str) -> Result<()> {
+        self.client
+            .delete_object()
+            .bucket(&self.name)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| s3_error(key, e))?;
+        Ok(())
+    }
+
+    /// Size of an object, `None` when absent.
+    pub async fn head(&self, key: &str) -> Result<Option<u64>> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.name)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(o) => Ok(Some(o.content_length().unwrap_or(0).max(0) as u64)),
+            Err(e) => match s3_error(key, e) {
+                e if e.is_not_found() => Ok(None),
+                e => Err(e),
+            },
+        }
+    }
+
+    /// Keys (after the prefix) and sizes under `under`, in key order.
+    pub async fn list(&self, under: &str, f: &mut (dyn FnMut(&str, u64) + Send)) -> Result<()> {
+        let full = self.key(under);
+        let mut token = None;
+        loop {
+            let out = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.name)
+                .prefix(&full)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| s3_error(&full, e))?;
+            for o in out.contents() {
+                if let Some(k) = o.key() {
+                    let rest = k.strip_prefix(&self.prefix).unwrap_or(k);
+                    f(rest, o.size().unwrap_or(0).max(0) as u64);
+                }
+            }
+            match out.next_continuation_token() {
+                Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Copies `from` to `to` inside the bucket (server side).
+    async fn copy(&self, from: &str, to: &str, size: u64) -> Result<()> {
+        const COPY_LIMIT: u64 = 5 << 30;
+        let source = format!("{}/{}", self.name, from);
+        if size <= COPY_LIMIT {
+            self.client
+                .copy_object()
+                .bucket(&self.name)
+                .key(to)
+                .copy_source(source)
+                .send()
+                .await
+                .map_err(|e| s3_error(to, e))?;
+            return Ok(());
+        }
+        // Past CopyObject's limit: a multipart copy in part-sized ranges.
+        let id = self.create_multipart(to).await?;
+        let range = self.part_size.max(512 << 20) as u64;
+        let mut parts = Vec::new();
+        let mut start = 0u64;
+        let mut n = 1;
+        let result: Result<()> = async {
+            while start < size {
+                let end = (start + range).min(size) - 1;
+                let out = self
+                    .client
+                    .upload_part_copy()
+                    .bucket(&self.name)
+                    .key(to)
+                    .upload_id(&id)
+                    .part_number(n)
+                    .copy_source(&source)
+                    .copy_source_range(format!("bytes={start}-{end}"))
+                    .send()
+                    .await
+                    .map_err(|e| s3_error(to, e))?;
+                let etag = out
+                    .copy_part_result()
+                    .and_then(|r| r.e_tag())
+                    .unwrap_or_default();
+                parts.push(CompletedPart::builder().part_number(n).e_tag(etag).build());
+                n += 1;
+                start = end + 1;
+            }
+            self.complete(to, &id, parts).await
+        }
+        .await;
+        if result.is_err() {
+            self.abort(to, &id).await;
+        }
+        result
+    }
+
+    async fn create_multipart(&self, key: &str) -> Result<String> {
+        let out = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.name)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| s3_error(key, e))?;
+        out.upload_id()
+            .map(str::to_owned)
+            .ok_or_else(|| Error::internal(format!("S3 gave no upload id for {key}")))
+    }
+
+    async fn complete(&self, key: &str, id: &str, mut parts: Vec<CompletedPart>) -> Result<()> {
+        parts.sort_by_key(|p| p.part_number());
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.name)
+            .key(key)
+            .upload_id(id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| s3_error(key, e))?;
+        Ok(())
+    }
+
+    async fn abort(&self, key: &str, id: &str) {
+        if let Err(e) = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.name)
+            .key(key)
+            .upload_id(id)
+            .send()
+            .await
+        {
+            tracing::warn!(key, error = %detail(&e), "aborting a multipart upload failed (a bucket lifecycle rule for incomplete uploads cleans it)");
+        }
+    }
+
+    /// Removes what uploads a crashed run left: multipart uploads and temporary objects under
+    /// `uploads/` begun more than `older_than` ago by the S3 service's clock (younger ones may
+    /// be another replica's, still streaming).
+    pub async fn sweep_uploads(&self, older_than: Duration) -> Result<u64> {
+        let under = self.key("uploads/");
+        let now_s = (crate::clock::SystemClock.now_ms() + self.clock.offset_ms()) / 1000;
+        let cutoff = now_s - older_than.as_secs() as i64;
+        let mut n = 0;
+        let out = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.name)
+            .prefix(&under)
+            .send()
+            .await
+            .map_err(|e| s3_error(&under, e))?;
+        for u in out.uploads() {
+            let old = u.initiated().is_some_and(|t| t.secs() < cutoff);
+            if let (Some(k), Some(id), true) = (u.key(), u.upload_id(), old) {
+                self.abort(k, id).await;
+                n += 1;
+            }
+        }
+        let mut token = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.name)
+                .prefix(&under)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| s3_error(&under, e))?;
+            for o in page.contents() {
+                let old = o.last_modified().is_some_and(|t| t.secs() < cutoff);
+                if let (Some(k), true) = (o.key(), old) {
+                    self.delete_key(k).await?;
+                    n += 1;
+                }
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                _ => return Ok(n),
+            }
+        }
+    }
+}
+
+/// The condition of a write.
+#[derive(Clone, Debug)]
+pub enum Cond {
+    None,
+    /// `If-None-Match: *`: only if no object has this key.
+    Create,
+    /// `If-Match: <etag>`: only if the object is unchanged since it was read.
+    Match(String),
+}
+
+fn random_name() -> String {
+    let mut b = [0u8; 12];
+    let _ = getrandom::getrandom(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn detail<E: std::error::Error>(e: &E) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+fn unavailable(key: &str, e: impl std::error::Error) -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        format!("S3 is unavailable ({key}): {}", detail(&e)),
+    )
+}
+
+/// An SDK failure as hoard's kinds: absent → `NotFound`, a failed condition → `Conflict`,
+/// everything else (unreachable, 5xx after retries, throttling, access) → `Unavailable`.
+fn s3_error<E, R>(key: &str, e: SdkError<E, R>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let status = match &e {
+        SdkError::ServiceError(s) => {
+            let code = s.err().code().unwrap_or_default();
+            match code {
+                "NoSuchKey" | "NotFound" | "NoSuchUpload" => Some(404),
+                "PreconditionFailed" | "ConditionalRequestConflict" => Some(412),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    let raw = match &e {
+        SdkError::ServiceError(s) => format!("{:?}", s.raw()),
+        _ => String::new(),
+    };
+    let status = status.or_else(|| {
+        // HEAD answers carry no error code: read the status off the raw response.
+        raw.split("status: StatusCode(")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+            .and_then(|s| s.parse().ok())
+    });
+    match status {
+        Some(404) => Error::not_found(format!("{key} is not in S3")),
+        Some(412) | Some(409) => {
+            Error::conflict(format!("S3 refused a conditional write of {key}"))
+        }
+        _ => {
+            let msg = match &e {
+                SdkError::ServiceError(s) => format!(
+                    "{} {}",
+                    s.err().code().unwrap_or("error"),
+                    s.err().message().unwrap_or_default()
+                ),
+                other => detail(other),
+            };
+            Error::new(
+                ErrorKind::Unavailable,
+                format!("S3 is unavailable ({key}): {msg}"),
+            )
+        }
+    }
+}
+
+pub struct S3Store {
+    bucket: Arc<Bucket>,
+}
+
+impl S3Store {
+    pub fn new(bucket: Arc<Bucket>) -> S3Store {
+        S3Store { bucket }
+    }
+    pub fn bucket(&self) -> &Arc<Bucket> {
+        &self.bucket
+    }
+}
+
+impl BlobStore for S3Store {
+    fn begin(&self, alg: Algorithm) -> Result<Box<dyn BlobWriter>> {
+        Ok(Box::new(S3Writer {
+            bucket: self.bucket.clone(),
+            hasher: alg.hasher(),
+            written: 0,
+            buf: BytesMut::new(),
+            multipart: None,
+        }))
+    }
+
+    fn open(&self, d: &Digest) -> Result<Box<dyn BlobRead>> {
+        self.open_at(d, 0)
+    }
+
+    fn open_at(&self, d: &Digest, start: u64) -> Result<Box<dyn BlobRead>> {
+        let key = self.bucket.blob_key(d);
+        let (size, rx) = start_get(&self.bucket, &key, start)?;
+        Ok(Box::new(S3Read {
+            bucket: self.bucket.clone(),
+            key,
+            size,
+            pos: start,
+            rx: Mutex::new(Some(rx)),
+            cur: Bytes::new(),
+        }))
+    }
+
+    fn delete(&self, d: &Digest) -> Result<()> {
+        let b = self.bucket.clone();
+        let key = b.blob_key(d);
+        self.bucket.wait(async move { b.delete_key(&key).await })?
+    }
+
+    fn walk(&self, f: &mut dyn FnMut(Digest, u64)) -> Result<()> {
+        let b = self.bucket.clone();
+        let found = self.bucket.wait(async move {
+            let mut v = Vec::new();
+            b.list("blobs/", &mut |k, size| v.push((k.to_owned(), size)))
+                .await
+                .map(|()| v)
+        })??;
+        for (k, size) in found {
+            // blobs/<alg>/<xx>/<hex>
+            let mut parts = k.split('/').skip(1);
+            if let (Some(alg), Some(_), Some(hex)) = (parts.next(), parts.next(), parts.next()) {
+                if let Ok(d) = format!("{alg}:{hex}").parse::<Digest>() {
+                    f(d, size);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn quarantine(&self, d: &Digest) -> Result<()> {
+        let b = self.bucket.clone();
+        let from = b.blob_key(d);
+        let to = b.key(&format!("quarantine/{}/{}", d.algorithm().name(), d.hex()));
+        self.bucket.wait(async move {
+            let size = b.head(&from).await?.unwrap_or(0);
+            b.copy(&from, &to, size).await?;
+            b.delete_key(&from).await
+        })?
+    }
+
+    fn durable_on_commit(&self) -> bool {
+        true
+    }
+}
+
+/// Starts a GET of `key` from `start` and waits for its headers: the object's size and a
+/// channel its bytes arrive on.
+fn start_get(
+    bucket: &Arc<Bucket>,
+    key: &str,
+    start: u64,
+) -> Result<(u64, tokio::sync::mpsc::Receiver<io::Result<Bytes>>)> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let b = bucket.clone();
+    let k = key.to_owned();
+    let head = bucket.wait(async move {
+        let mut req = b.client.get_object().bucket(&b.name).key(&k);
+        if start > 0 {
+            req = req.range(format!("bytes={start}-"));
+        }
+        let out = match req.send().await {
+            Ok(o) => o,
+            Err(e) => {
+                let err = s3_error(&k, e);
+                // A range past the end is an empty read of a blob that exists.
+                return Err(err);
+            }
+        };
+        let size = match out.content_range() {
+            Some(r) => r
+                .rsplit('/')
+                .next()
+                .and_then(|t| t.parse::<u64>().ok())
+                .unwrap_or(0),
+            None => out.content_length().unwrap_or(0).max(0) as u64,
+        };
+        let mut body = out.body;
+        tokio::spawn(async move {
+            loop {
+                match body.next().await {
+                    Some(Ok(chunk)) => {
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let _ = tx.send(Err(io::Error::other(detail(&e)))).await;
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        });
+        Ok(size)
+    })??;
+    Ok((head, rx))
+}
+
+pub struct S3Read {
+    bucket: Arc<Bucket>,
+    key: String,
+    size: u64,
+    pos: u64,
+    /// `None` after a seek: the next read starts a GET from `pos`.
+    rx: Mutex<Option<tokio::sync::mpsc::Receiver<io::Result<Bytes>>>>,
+    cur: Bytes,
+}
+
+impl BlobRead for S3Read {
+    fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl Read for S3Read {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() || self.pos >= self.size {
+            return Ok(0);
+        }
+        while self.cur.is_empty() {
+            let rx = self
+                .rx
+                .get_mut()
+                .map_err(|_| io::Error::other("reader poisoned"))?;
+            if rx.is_none() {
+                let (_, fresh) = start_get(&self.bucket, &self.key, self.pos)
+                    .map_err(|e| io::Error::other(e.message))?;
+                *rx = Some(fresh);
+            }
+            let Some(chan) = rx.as_mut() else {
+                continue;
+            };
+            match chan.blocking_recv() {
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(e),
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "S3 ended {} at {} of {} bytes",
+                            self.key, self.pos, self.size
+                        ),
+                    ))
+                }
+            }
+        }
+        let n = out.len().min(self.cur.len());
+        out[..n].copy_from_slice(&self.cur[..n]);
+        let _ = self.cur.split_to(n);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for S3Read {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let target = match to {
+            SeekFrom::Start(p) => p as i128,
+            SeekFrom::Current(d) => self.pos as i128 + d as i128,
+            SeekFrom::End(d) => self.size as i128 + d as i128,
+        };
+        if target < 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start",
+            ));
+        }
+        let target = target as u64;
+        if target != self.pos {
+            self.pos = target;
+            self.cur = Bytes::new();
+            if let Ok(rx) = self.rx.get_mut() {
+                *rx = None;
+            }
+        }
+        Ok(self.pos)
+    }
+}
+
+/// What the writer sends its upload task: parts, then `Finish`. A channel that closes without
+/// `Finish` (the upload was discarded) aborts the multipart upload.
+enum Msg {
+    Part(Bytes),
+    Finish,
+}
+
+struct Multipart {
+    parts: tokio::sync::mpsc::Sender<Msg>,
+    done: std::sync::mpsc::Receiver<Result<()>>,
+    key: String,
+}
+
+pub struct S3Writer {
+    bucket: Arc<Bucket>,
+    hasher: Hasher,
+    written: u64,
+    /// The part being filled.
+    buf: BytesMut,
+    multipart: Option<Multipart>,
+}
+
+impl S3Writer {
+    /// Hands the filled part to the upload task (starting it with the first part); waits
+    /// while `parallel_parts` are already in flight.
+    fn send_part(&mut self) -> Result<()> {
+        let part = self.buf.split().freeze();
+        if self.multipart.is_none() {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(1);
+            let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+            let key = self.bucket.key(&format!("uploads/{}", random_name()));
+            let b = self.bucket.clone();
+            let k = key.clone();
+            self.bucket.rt.spawn(async move {
+                let _ = done_tx.send(upload_parts(b, k, rx).await);
+            });
+            self.multipart = Some(Multipart {
+                parts: tx,
+                done: done_rx,
+                key,
+            });
+        }
+        let Some(m) = &self.multipart else {
+            return Err(Error::internal("multipart upload missing"));
+        };
+        if m.parts.blocking_send(Msg::Part(part)).is_err() {
+            // The upload task ended early: it failed; its error is waiting.
+            let m = self.multipart.take();
+            return Err(match m.map(|m| m.done.recv()) {
+                Some(Ok(Err(e))) => e,
+                _ => Error::new(ErrorKind::Unavailable, "S3 upload stopped"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Creates a multipart upload at `key` and uploads the parts arriving on `rx`, a few at once;
+/// completes it on `Finish`. On any failure, or a channel closed without `Finish`, the upload is
+/// aborted.
+async fn upload_parts(
+    b: Arc<Bucket>,
+    key: String,
+    mut rx: tokio::sync::mpsc::Receiver<Msg>,
+) -> Result<()> {
+    let id = b.create_multipart(&key).await?;
+    let mut running = tokio::task::JoinSet::new();
+    let mut parts = Vec::new();
+    let mut n = 0i32;
+    let result: Result<()> = async {
+        loop {
+            let body = match rx.recv().await {
+                Some(Msg::Part(body)) => body,
+                Some(Msg::Finish) => break,
+                None => return Err(Error::new(ErrorKind::Unavailable, "upload discarded")),
+            };
+            while running.len() >= b.parallel {
+                if let Some(r) = running.join_next().await {
+                    parts.push(joined(r)?);
+                }
+            }
+            n += 1;
+            let (b2, k, id2) = (b.clone(), key.clone(), id.clone());
+            running.spawn(async move {
+                let len = body.len() as i64;
+                let out = b2
+                    .client
+                    .upload_part()
+                    .bucket(&b2.name)
+                    .key(&k)
+                    .upload_id(&id2)
+                    .part_number(n)
+                    .content_length(len)
+                    .body(ByteStream::from(body))
+                    .send()
+                    .await
+                    .map_err(|e| s3_error(&k, e))?;
+                Ok(CompletedPart::builder()
+                    .part_number(n)
+                    .e_tag(out.e_tag().unwrap_or_default())
+                    .build())
+            });
+        }
+        while let Some(r) = running.join_next().await {
+            parts.push(joined(r)?);
+        }
+        b.complete(&key, &id, std::mem::take(&mut parts)).await
+    }
+    .await;
+    if result.is_err() {
+        running.abort_all();
+        b.abort(&key, &id).await;
+    }
+    result
+}
+
+fn joined(
+    r: std::result::Result<Result<CompletedPart>, tokio::task::JoinError>,
+) -> Result<CompletedPart> {
+    r.map_err(|e| Error::internal(format!("S3 part upload task failed: {e}")))?
+}
+
+impl BlobWriter for S3Writer {
+    fn write(&mut self, mut buf: &[u8]) -> Result<()> {
+        self.hasher.update(buf);
+        self.written += buf.len() as u64;
+        while !buf.is_empty() {
+            let room = self.bucket.part_size - self.buf.len();
+            let n = room.min(buf.len());
+            if self.buf.capacity() == 0 {
+                self.buf.reserve(self.bucket.part_size.min(1 << 20));
+            }
+            self.buf.extend_from_slice(&buf[..n]);
+            buf = &buf[n..];
+            // A full part is sent only once more bytes follow: a blob of exactly one part goes
+            // up in one PUT.
+            if self.buf.len() == self.bucket.part_size && !buf.is_empty() {
+                self.send_part()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn written(&self) -> u64 {
+        self.written
+    }
+
+    fn commit(mut self: Box<Self>, expect: Expect) -> Result<u64> {
+        let hasher = std::mem::replace(&mut self.hasher, expect.digest.algorithm().hasher());
+        let got = hasher.finish();
+        let size = self.written;
+        let mismatch = if got != expect.digest {
+            Some(Error::new(
+                ErrorKind::DigestMismatch,
+                format!("uploaded content hashes to {got}, not {}", expect.digest),
+            ))
+        } else if expect.size.is_some_and(|s| s != size) {
+            Some(Error::new(
+                ErrorKind::SizeMismatch,
+                format!(
+                    "uploaded {size} bytes, but {} were declared",
+                    expect.size.unwrap_or(0)
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some(e) = mismatch {
+            return Err(e); // Drop aborts the multipart upload.
+        }
+        let b = self.bucket.clone();
+        let key = b.blob_key(&expect.digest);
+        match self.multipart.take() {
+            None => {
+                let body = self.buf.split().freeze();
+                self.bucket.wait(async move {
+                    match b.put(&key, body, Cond::Create).await {
+                        // Already stored: the same bytes, by their name.
+                        Err(e) if e.kind == ErrorKind::Conflict => Ok(()),
+                        r => r.map(|_| ()),
+                    }
+                })??;
+            }
+            Some(m) => {
+                let last = self.buf.split().freeze();
+                let sent = (last.is_empty() || m.parts.blocking_send(Msg::Part(last)).is_ok())
+                    && m.parts.blocking_send(Msg::Finish).is_ok();
+                if !sent {
+                    return Err(match m.done.recv() {
+                        Ok(Err(e)) => e,
+                        _ => Error::new(ErrorKind::Unavailable, "S3 upload stopped"),
+                    });
+                }
+                drop(m.parts);
+                match m.done.recv() {
+                    Ok(r) => r?,
+                    Err(_) => return Err(Error::new(ErrorKind::Unavailable, "S3 upload stopped")),
+                }
+                let tmp = m.key;
+                self.bucket.wait(async move {
+                    let copied = b.copy(&tmp, &key, size).await;
+                    if let Err(e) = b.delete_key(&tmp).await {
+                        tracing::warn!(key = %tmp, error = %e, "removing an upload's temporary object failed");
+                    }
+                    copied?;
+                    match b.head(&key).await? {
+                        Some(s) if s == size => Ok(()),
+                        other => Err(Error::new(
+                            ErrorKind::Unavailable,
+                            format!("S3 holds {key} with size {other:?} after the copy, not {size}"),
+                        )),
+                    }
+                })??;
+            }
+        }
+        Ok(size)
+    }
+}
+
+impl Drop for S3Writer {
+    fn drop(&mut self) {
+        // A discarded upload: closing the channel without `Finish` makes its task abort the
+        // multipart upload (nothing under uploads/ stays behind).
+        self.multipart.take();
+    }
+}
