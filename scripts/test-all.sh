@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs the real peers the tests talk to
-# (skopeo, buildah, containerd + ctr, Debian's docker-registry for the benchmark, faketime),
-# then checks formatting and lints and runs every test against the release binary.
+# (skopeo, buildah, containerd + ctr, Debian's docker-registry for the benchmark, faketime, and
+# an S3 server in a local venv), then checks formatting and lints and runs every test against
+# the release binary: all of them on the disk store, then the registry and lifecycle suites
+# again on the S3 and the tiered store (the tests start the S3 server themselves).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +21,18 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
 fi
 
+venv=target/peers/venv
+if [ ! -x "$venv/bin/moto_server" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]>=5.1,<6'
+fi
+
 cargo fmt --check
 cargo clippy --release --all-targets --quiet -- -D warnings
-cargo test --release --all-targets 2>&1 | tee "${TMPDIR:-/tmp}/hoard-test.log"
+log="${TMPDIR:-/tmp}/hoard-test.log"
+cargo test --release --all-targets 2>&1 | tee "$log"
+for store in s3 tiered; do
+  echo "== the registry and lifecycle suites on the $store store"
+  HOARD_TEST_STORE=$store cargo test --release \
+    --test oci_api --test clients --test buildkit_replay --test lifecycle --test invariants 2>&1 | tee -a "$log"
+done

@@ -38,6 +38,9 @@ pub struct App {
     pub ready: Arc<Readiness>,
     /// The disk tier of a tiered store.
     pub tiered: Option<Arc<TieredStore>>,
+    /// True once blobs a crash left in the store without an index record are removed (at
+    /// once for a disk store; for S3 by a walk of the bucket in the background).
+    pub swept: tokio::sync::watch::Sender<bool>,
     pub life: Arc<Lifecycle>,
     pub clock: Arc<CacheClock>,
     /// The previous run stopped without closing the index (crash, kill -9, power loss).
@@ -68,12 +71,12 @@ impl App {
                     (Arc::new(d), wanted, None, None)
                 }
                 StoreConfig::S3(s3) => {
-                    let b = Arc::new(Bucket::new(s3, tokio::runtime::Handle::current())?);
+                    let b = Arc::new(Bucket::new(s3)?);
                     let store = Arc::new(S3Store::new(b.clone()));
                     (store, Default::default(), Some(b), None)
                 }
                 StoreConfig::Tiered { fast, slow } => {
-                    let b = Arc::new(Bucket::new(slow, tokio::runtime::Handle::current())?);
+                    let b = Arc::new(Bucket::new(slow)?);
                     let path = fast.path.clone().unwrap_or_else(|| root.join("fast"));
                     let d = DiskStore::open(&path, Durability::Group, disk.direct_io_above())?;
                     let t = Arc::new(TieredStore::new(
@@ -139,6 +142,7 @@ impl App {
             store,
             sync_wanted,
             ready: Arc::new(Readiness::new(bucket.is_none())),
+            swept: tokio::sync::watch::Sender::new(!(was_unclean && bucket.is_some())),
             bucket,
             tiered,
             life,
@@ -276,11 +280,17 @@ async fn watch_bucket(app: Arc<App>, bucket: Arc<Bucket>) {
     loop {
         let was_ready = app.ready.why_not().is_none();
         // The full probe (conditional writes) once; then one HeadBucket per check.
-        let checked = if first {
-            bucket.probe().await.map(Some)
-        } else {
-            bucket.check().await.map(|()| None)
-        };
+        let b = bucket.clone();
+        let checked = bucket
+            .run(async move {
+                if first {
+                    b.probe().await.map(Some)
+                } else {
+                    b.check().await.map(|()| None)
+                }
+            })
+            .await
+            .and_then(|r| r);
         match checked {
             Ok(p) => {
                 if !was_ready && !first {
@@ -300,7 +310,12 @@ async fn watch_bucket(app: Arc<App>, bucket: Arc<Bucket>) {
                              hoard runs as the bucket's only writer; do not point a second hoard at it"
                         );
                     }
-                    match bucket.sweep_uploads(app.config.upload_timeout.0).await {
+                    let (b, age) = (bucket.clone(), app.config.upload_timeout.0);
+                    match bucket
+                        .run(async move { b.sweep_uploads(age).await })
+                        .await
+                        .and_then(|r| r)
+                    {
                         Ok(0) => {}
                         Ok(n) => {
                             tracing::info!(removed = n, "removed uploads a previous run left in S3")
@@ -452,6 +467,25 @@ pub async fn serve(
         .bucket
         .clone()
         .map(|b| tokio::spawn(watch_bucket(app.clone(), b)));
+    if !*app.swept.borrow() {
+        // After an unclean stop: objects committed to S3 whose record the crash took (their
+        // uploads were never acknowledged). Walking the bucket takes a while, so it runs
+        // beside serving; pins keep uploads in flight out of it.
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                let life = app.life.clone();
+                match blocking(move || life.sweep_files()).await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot walk the bucket for objects a crash left; retrying");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                }
+            }
+            app.swept.send_replace(true);
+        });
+    }
     let expiry = {
         let reg = app.registry.clone();
         let period = (upload_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
@@ -546,6 +580,9 @@ async fn admin(app: &Arc<App>, req: hyper::Request<hyper::body::Incoming>) -> Re
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         },
         "/admin/verify" => {
+            // Unknown objects a crash left count as strays until the start-up walk removed them.
+            let mut swept = app.swept.subscribe();
+            let _ = swept.wait_for(|done| *done).await;
             match blocking(move || crate::lifecycle::verify::verify(&life, repair)).await {
                 Ok(r) => {
                     let status = if r.is_clean() || r.repaired {

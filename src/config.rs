@@ -205,7 +205,16 @@ impl StoreConfig {
         if set.is_empty() {
             return Ok(self);
         }
-        let mut t = self.to_table();
+        // A different type from the environment replaces the file's tree rather than mixing
+        // two stores' keys.
+        let retyped = set
+            .iter()
+            .any(|(sub, k, v)| sub.is_none() && k == "type" && v != self.kind());
+        let mut t = if retyped {
+            toml::Table::new()
+        } else {
+            self.to_table()
+        };
         for (sub, key, v) in set {
             let value = match key.as_str() {
                 "path_style" => toml::Value::Boolean(
@@ -323,6 +332,9 @@ pub struct S3Config {
     /// Attempts of one S3 request (with exponential backoff) before hoard gives up on it.
     #[serde(default = "S3Config::default_retries")]
     pub retries: u32,
+    /// One attempt of one S3 request (until its answer's headers) may take this long.
+    #[serde(default = "S3Config::default_timeout")]
+    pub timeout: HumanDuration,
 }
 
 impl fmt::Debug for S3Config {
@@ -352,6 +364,9 @@ impl S3Config {
     fn default_retries() -> u32 {
         4
     }
+    fn default_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
 
     fn fill(&self, t: &mut toml::Table) {
         t.insert("bucket".into(), self.bucket.clone().into());
@@ -370,6 +385,7 @@ impl S3Config {
         t.insert("part_size".into(), (self.part_size.0 as i64).into());
         t.insert("parallel_parts".into(), (self.parallel_parts as i64).into());
         t.insert("retries".into(), (self.retries as i64).into());
+        t.insert("timeout".into(), show_duration(self.timeout.0).into());
     }
 
     /// Where the bucket is, for messages: "bucket hoard at http://127.0.0.1:9000".
@@ -400,6 +416,9 @@ impl S3Config {
             return Err(format!(
                 "{at}.part_size must be between 5MiB and 5GiB (S3's multipart limits)"
             ));
+        }
+        if self.timeout.0.is_zero() {
+            return Err(format!("{at}.timeout must be greater than zero"));
         }
         if self.parallel_parts == 0 || self.retries == 0 {
             return Err(format!(

@@ -260,6 +260,9 @@ fn main() -> anyhow::Result<()> {
                 "/admin/verify"
             };
             let (ok, text) = offline_or_daemon(config, offset, path, move |app| {
+                if !*app.swept.borrow() {
+                    app.life.sweep_files()?;
+                }
                 let r = hoard::lifecycle::verify::verify(&app.life, repair)?;
                 Ok((r.is_clean() || r.repaired, r.render()))
             })?;

@@ -364,7 +364,7 @@ fn every_route_that_removes_something_keeps_invariant_1() {
     );
     assert!(h4.stop().success());
     let hex = img.blobs[2].trim_start_matches("sha256:");
-    std::fs::write(data.join("blobs/sha256").join(&hex[..2]).join(hex), b"rot").unwrap();
+    corrupt_blob(&data, hex, b"rot");
     let out = hoard_cmd(&["verify", "--repair", "--data-dir", d]);
     assert!(out.status.success(), "{}", stdout(&out));
     let h5 = Hoard::start_on(&data, &[]);

@@ -123,7 +123,7 @@ fn a_write_that_cannot_fit_is_refused_with_507_naming_the_limit_and_harms_nothin
     assert!(status_page(&h).contains("uploads in progress: 0 (0 bytes reserved)"));
     // Nothing else harmed: the existing tag pulls, tmp/ holds nothing.
     assert!(pull(&h, "app", "keep"));
-    assert_eq!(count_files(&h.data.join("tmp")), 0);
+    assert_eq!(h.leftover_uploads(), 0);
     assert_eq!(
         h.req("HEAD", &format!("/v2/app/manifests/{}", img.manifest))
             .send()
@@ -159,6 +159,9 @@ impl Drop for Tmpfs {
 
 #[test]
 fn a_full_disk_evicts_then_refuses_cleanly() {
+    if disk_store_only("a_full_disk_evicts_then_refuses_cleanly") {
+        return;
+    }
     let fs = Tmpfs::new("48m");
     let data = fs.0.join("data");
     let mut h = Hoard::start_on(&data, &["--orphan-grace", "1h"]);
@@ -192,7 +195,7 @@ fn a_full_disk_evicts_then_refuses_cleanly() {
     let blob = bytes(401, 16 << 20);
     let filler = fs.0.join("filler");
     refused_when_disk_fills_mid_upload(&h, &blob, &filler);
-    assert_eq!(count_files(&data.join("tmp")), 0, "no partial upload left");
+    assert_eq!(leftover_uploads(&data), 0, "no partial upload left");
     assert_eq!(
         h.req("HEAD", &format!("/v2/app/blobs/{}", sha256(&blob)))
             .send()
@@ -252,6 +255,9 @@ fn refused_when_disk_fills_mid_upload(h: &Hoard, blob: &[u8], filler: &std::path
 /// O_DIRECT write and reaches the client the same way, leaving nothing behind.
 #[test]
 fn a_disk_filling_during_a_direct_write_is_refused_cleanly() {
+    if disk_store_only("a_disk_filling_during_a_direct_write_is_refused_cleanly") {
+        return;
+    }
     let fs = Tmpfs::new("40m");
     let data = fs.0.join("data");
     let h = Hoard::start_on(&data, &["--direct-io-above", "1MiB"]);
@@ -261,10 +267,10 @@ fn a_disk_filling_during_a_direct_write_is_refused_cleanly() {
     let filler = fs.0.join("filler");
     refused_when_disk_fills_mid_upload(&h, &blob, &filler);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while count_files(&data.join("tmp")) > 0 && Instant::now() < deadline {
+    while leftover_uploads(&data) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(count_files(&data.join("tmp")), 0, "no partial upload left");
+    assert_eq!(leftover_uploads(&data), 0, "no partial upload left");
     let head = |d: &str| h.req("HEAD", &format!("/v2/app/blobs/{d}")).send().status;
     assert_eq!(head(&sha256(&blob)), 404);
     assert_eq!(
@@ -424,18 +430,14 @@ fn gc_once_and_verify_offline_and_against_a_running_daemon() {
     // the manifest that would dangle; the store then verifies clean and starts.
     let layer = &keep.blobs[1];
     let hex = layer.trim_start_matches("sha256:");
-    let path = data.join("blobs/sha256").join(&hex[..2]).join(hex);
-    std::fs::write(&path, b"rotten").unwrap();
+    corrupt_blob(&data, hex, b"rotten");
     let out = hoard_cmd(&["verify", "--data-dir", d]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("corrupt {layer}")));
     let out = hoard_cmd(&["verify", "--repair", "--data-dir", d]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("dropped manifest app@"));
-    assert!(data
-        .join("quarantine")
-        .join(format!("sha256-{hex}"))
-        .exists());
+    assert!(is_quarantined(&data, hex));
     let out = hoard_cmd(&["verify", "--data-dir", d]);
     assert!(
         out.status.success(),

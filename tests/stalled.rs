@@ -145,7 +145,7 @@ fn six_hundred_stalled_clients_cost_buffers_not_threads_while_another_pushes_and
         || status_page(&h).contains("uploads in progress: 0 (0 bytes reserved)"),
     );
     assert_eq!(h.req("GET", &sessions[0]).send().status, 404);
-    assert_eq!(count_files(&h.data.join("tmp")), 0);
+    assert_eq!(h.leftover_uploads(), 0);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! ```text
 //! blobs/sha256/ab/ab12…ef     one object per blob, named by its digest (as on disk)
 //! uploads/<random>            multipart uploads in progress, copied to blobs/ when verified
-//! quarantine/sha256/ab12…ef   blobs found corrupt, kept for inspection, never served
+//! quarantine/sha256-ab12…ef   blobs found corrupt, kept for inspection, never served
 //! probe/<random>              the start-up check of conditional writes (removed again)
 //! ```
 //! The SDK is async and the store traits are blocking (they run on the blocking pool, where the
@@ -156,12 +156,27 @@ impl aws_sdk_s3::config::Intercept for Watch {
     }
 }
 
+/// The runtime S3 requests run on: its own, so that they progress whatever the server's
+/// worker threads are doing (a request handler waiting for a lock held across an S3 call must
+/// not starve the call it waits for).
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            // Allowed from async code too (a plain drop is not).
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// One bucket (and key prefix) and the client that reaches it.
 pub struct Bucket {
     client: aws_sdk_s3::Client,
     pub name: String,
     prefix: String,
     rt: tokio::runtime::Handle,
+    _runtime: OwnRuntime,
     part_size: usize,
     parallel: usize,
     /// "bucket hoard at http://…", for messages.
@@ -180,7 +195,14 @@ pub struct Probe {
 impl Bucket {
     /// Builds the client; touches the network only on the first request (so a start with S3
     /// down still serves, not ready).
-    pub fn new(cfg: &S3Config, rt: tokio::runtime::Handle) -> Result<Bucket> {
+    pub fn new(cfg: &S3Config) -> Result<Bucket> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("s3")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::internal(format!("starting the S3 runtime: {e}")))?;
+        let rt = runtime.handle().clone();
         let counters = Arc::new(Counters::default());
         let clock = Arc::new(ServiceClock::default());
         let sdk = {
@@ -213,7 +235,8 @@ impl Bucket {
             .with_initial_backoff(Duration::from_millis(100))
             .with_max_backoff(Duration::from_secs(2));
         let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
-            .connect_timeout(Duration::from_secs(3))
+            .connect_timeout(Duration::from_secs(3).min(cfg.timeout.0))
+            .operation_attempt_timeout(cfg.timeout.0)
             .build();
         let mut b = aws_sdk_s3::config::Builder::from(&sdk)
             .force_path_style(cfg.path_style)
@@ -233,6 +256,7 @@ impl Bucket {
             name: cfg.bucket.clone(),
             prefix: cfg.prefix.clone(),
             rt,
+            _runtime: OwnRuntime(Some(runtime)),
             part_size: cfg.part_size.0 as usize,
             parallel: cfg.parallel_parts,
             describe: cfg.describe(),
@@ -254,7 +278,18 @@ impl Bucket {
         ))
     }
 
-    /// Runs `fut` on the runtime and waits for it from this (blocking-pool) thread.
+    /// Runs `fut` on the S3 runtime, awaited from any other runtime.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T> {
+        self.rt
+            .spawn(fut)
+            .await
+            .map_err(|_| Error::new(ErrorKind::Unavailable, "S3 request was cancelled"))
+    }
+
+    /// Runs `fut` on the S3 runtime and waits for it from this (blocking) thread.
     fn wait<T: Send + 'static>(
         &self,
         fut: impl std::future::Future<Output = T> + Send + 'static,
@@ -715,7 +750,7 @@ impl BlobStore for S3Store {
     fn quarantine(&self, d: &Digest) -> Result<()> {
         let b = self.bucket.clone();
         let from = b.blob_key(d);
-        let to = b.key(&format!("quarantine/{}/{}", d.algorithm().name(), d.hex()));
+        let to = b.key(&format!("quarantine/{}-{}", d.algorithm().name(), d.hex()));
         self.bucket.wait(async move {
             let size = b.head(&from).await?.unwrap_or(0);
             b.copy(&from, &to, size).await?;
@@ -1010,9 +1045,22 @@ impl BlobWriter for S3Writer {
     }
 
     fn commit(mut self: Box<Self>, expect: Expect) -> Result<u64> {
-        let hasher = std::mem::replace(&mut self.hasher, expect.digest.algorithm().hasher());
-        let got = hasher.finish();
+        let alg = expect.digest.algorithm();
+        let hasher = std::mem::replace(&mut self.hasher, alg.hasher());
         let size = self.written;
+        // Hashed as the upload began (sha256) but named with another algorithm at the end: the
+        // bytes are hashed again, in memory or as they stand in S3.
+        let rehash_in_s3 = hasher.algorithm() != alg && self.multipart.is_some();
+        let got = if hasher.algorithm() == alg {
+            hasher.finish()
+        } else if !rehash_in_s3 {
+            let mut h = alg.hasher();
+            h.update(&self.buf);
+            h.finish()
+        } else {
+            // Placeholder; checked after the upload completes below.
+            expect.digest
+        };
         let mismatch = if got != expect.digest {
             Some(Error::new(
                 ErrorKind::DigestMismatch,
@@ -1061,6 +1109,18 @@ impl BlobWriter for S3Writer {
                     Err(_) => return Err(Error::new(ErrorKind::Unavailable, "S3 upload stopped")),
                 }
                 let tmp = m.key;
+                if rehash_in_s3 {
+                    let got = rehash(&self.bucket, &tmp, alg, size)?;
+                    if got != expect.digest {
+                        let b2 = b.clone();
+                        let t2 = tmp.clone();
+                        let _ = self.bucket.wait(async move { b2.delete_key(&t2).await });
+                        return Err(Error::new(
+                            ErrorKind::DigestMismatch,
+                            format!("uploaded content hashes to {got}, not {}", expect.digest),
+                        ));
+                    }
+                }
                 self.bucket.wait(async move {
                     let copied = b.copy(&tmp, &key, size).await;
                     if let Err(e) = b.delete_key(&tmp).await {
@@ -1078,6 +1138,30 @@ impl BlobWriter for S3Writer {
             }
         }
         Ok(size)
+    }
+}
+
+/// Hashes the object at `key` with `alg`, streaming it.
+fn rehash(bucket: &Arc<Bucket>, key: &str, alg: Algorithm, size: u64) -> Result<Digest> {
+    let (_, rx) = start_get(bucket, key, 0)?;
+    let mut r = S3Read {
+        bucket: bucket.clone(),
+        key: key.to_owned(),
+        size,
+        pos: 0,
+        rx: Mutex::new(Some(rx)),
+        cur: Bytes::new(),
+    };
+    let mut h = alg.hasher();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r
+            .read(&mut buf)
+            .map_err(|e| Error::new(ErrorKind::Unavailable, format!("reading {key}: {e}")))?;
+        if n == 0 {
+            return Ok(h.finish());
+        }
+        h.update(&buf[..n]);
     }
 }
 

@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+pub mod s3;
+pub use s3::{on_disk, store_kind, StoreKind};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -51,6 +54,7 @@ impl Hoard {
             .arg("--data-dir")
             .arg(data)
             .args(extra)
+            .envs(suite_store_env(data, extra))
             .env("HOARD_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -94,6 +98,22 @@ impl Hoard {
             data: data.to_path_buf(),
             _tmp: None,
         }
+    }
+
+    /// Blobs the store holds: files on disk, objects in the bucket.
+    pub fn stored_blobs(&self) -> usize {
+        match store_kind() {
+            StoreKind::Disk => count_files(&self.data.join("blobs")),
+            _ => s3::shared()
+                .list(&s3::bucket_for(&self.data), "hoard/blobs/")
+                .len(),
+        }
+    }
+
+    /// What uploads in progress (or abandoned) hold: files in tmp/ (the disk tier's too) and,
+    /// on S3, temporary objects and open multipart uploads.
+    pub fn leftover_uploads(&self) -> usize {
+        leftover_uploads(&self.data)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -620,8 +640,16 @@ pub fn assert_invariant_1(h: &Hoard, after: &str) -> usize {
 
 /// Runs a hoard tool subcommand (gc, verify…) to completion.
 pub fn hoard_cmd(args: &[&str]) -> std::process::Output {
+    // A tool pointed at a data directory gets that directory's store, as the daemon did.
+    let store = args
+        .iter()
+        .position(|a| *a == "--data-dir")
+        .and_then(|i| args.get(i + 1))
+        .map(|d| suite_store_env(Path::new(d), args))
+        .unwrap_or_default();
     Command::new(env!("CARGO_BIN_EXE_hoard"))
         .args(args)
+        .envs(store)
         .env("HOARD_LOG", "warn")
         .output()
         .expect("running hoard")
@@ -635,4 +663,73 @@ pub fn thread_names(h: &Hoard) -> Vec<String> {
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
         .map(|n| n.trim().to_owned())
         .collect()
+}
+
+/// What puts a daemon on the suite's store: nothing for disk; for S3 and tiered, the shared S3
+/// server and this data directory's bucket (created here). A test that names its own store
+/// (`--config`, `HOARD_STORE_*` of its own) is left alone.
+fn suite_store_env(data: &Path, extra: &[&str]) -> Vec<(String, String)> {
+    let kind = store_kind();
+    if kind == StoreKind::Disk || extra.contains(&"--config") {
+        return Vec::new();
+    }
+    let server = s3::shared();
+    let bucket = s3::bucket_for(data);
+    server.create_bucket(&bucket);
+    s3::store_env(kind, server, &bucket)
+}
+
+/// For a test of the disk store's own files (torn writes, fsync, O_DIRECT): on another store
+/// it says so and returns true, and the test ends there (it ran in the disk pass).
+pub fn disk_store_only(what: &str) -> bool {
+    if on_disk() {
+        return false;
+    }
+    eprintln!("{what}: a test of the disk store's files; it runs in the disk pass");
+    true
+}
+
+/// `Hoard::leftover_uploads` for a data directory.
+pub fn leftover_uploads(data: &Path) -> usize {
+    let local = count_files(&data.join("tmp")) + count_files(&data.join("fast/tmp"));
+    if on_disk() {
+        return local;
+    }
+    let server = s3::shared();
+    let bucket = s3::bucket_for(data);
+    local + server.list(&bucket, "hoard/uploads/").len() + server.multipart_uploads(&bucket)
+}
+
+/// Overwrites a stored blob's bytes behind hoard's back (bit rot, a torn write): its file on
+/// disk (the disk tier's too) and, on S3, its object.
+pub fn corrupt_blob(data: &Path, hex: &str, with: &[u8]) {
+    let mut done = false;
+    for root in [data.to_path_buf(), data.join("fast")] {
+        let path = root.join("blobs/sha256").join(&hex[..2]).join(hex);
+        if path.is_file() {
+            std::fs::write(&path, with).unwrap();
+            done = true;
+        }
+    }
+    if !on_disk() {
+        let key = format!("hoard/blobs/sha256/{}/{hex}", &hex[..2]);
+        s3::shared().put_signed(&s3::bucket_for(data), &key, with);
+        done = true;
+    }
+    assert!(done, "blob {hex} is not stored under {}", data.display());
+}
+
+/// Whether the store set blob `hex` aside as corrupt (a file on disk, an object in S3).
+pub fn is_quarantined(data: &Path, hex: &str) -> bool {
+    if on_disk() {
+        return data
+            .join("quarantine")
+            .join(format!("sha256-{hex}"))
+            .exists();
+    }
+    let key = format!("hoard/quarantine/sha256-{hex}");
+    s3::shared()
+        .list(&s3::bucket_for(data), &key)
+        .iter()
+        .any(|(k, _)| *k == key)
 }
