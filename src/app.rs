@@ -71,12 +71,12 @@ impl App {
                     (Arc::new(d), wanted, None, None)
                 }
                 StoreConfig::S3(s3) => {
-                    let b = Arc::new(Bucket::new(s3)?);
+                    let b = Arc::new(Bucket::new(s3, local_clock(clock_offset_ms))?);
                     let store = Arc::new(S3Store::new(b.clone()));
                     (store, Default::default(), Some(b), None)
                 }
                 StoreConfig::Tiered { fast, slow } => {
-                    let b = Arc::new(Bucket::new(slow)?);
+                    let b = Arc::new(Bucket::new(slow, local_clock(clock_offset_ms))?);
                     let path = fast.path.clone().unwrap_or_else(|| root.join("fast"));
                     let d = DiskStore::open(&path, Durability::Group, disk.direct_io_above())?;
                     let t = Arc::new(TieredStore::new(
@@ -115,7 +115,22 @@ impl App {
             recover(&*store, &index)?;
         }
         let floor = index.read().clock_floor;
-        let clock = Arc::new(CacheClock::system(clock_offset_ms, floor));
+        let clock = Arc::new(match &bucket {
+            None => CacheClock::system(clock_offset_ms, floor),
+            Some(b) => {
+                // One clock for every replica of the bucket: the S3 service's. Its offset is
+                // measured before cache time starts (and kept up to date by every answer), so
+                // a machine whose clock is hours off ages nothing by it.
+                if let Err(e) = b.check_within(Duration::from_secs(3)) {
+                    tracing::warn!(error = %e.message, "cannot reach S3 at start; cache time follows this machine's clock until it answers");
+                }
+                CacheClock::new(
+                    b.clock.clone() as SharedClock,
+                    Arc::new(crate::clock::MonoClock::new()),
+                    floor,
+                )
+            }
+        });
         let life = Arc::new(Lifecycle::new(
             index.clone(),
             store.clone() as Arc<dyn BlobStore>,
@@ -250,6 +265,15 @@ impl App {
     }
 }
 
+/// This machine's wall clock, skewed by the test hook.
+fn local_clock(offset_ms: i64) -> SharedClock {
+    if offset_ms == 0 {
+        Arc::new(crate::clock::SystemClock)
+    } else {
+        Arc::new(crate::clock::OffsetClock(offset_ms))
+    }
+}
+
 /// Whether the daemon can do its job: the store reachable. `None` is ready; otherwise why not.
 pub struct Readiness(std::sync::Mutex<Option<String>>);
 
@@ -329,7 +353,8 @@ async fn watch_bucket(app: Arc<App>, bucket: Arc<Bucket>) {
                 if off.abs() > tolerance && !warned_skew {
                     tracing::warn!(
                         clock_offset_ms = off,
-                        "this machine's clock is off from the S3 service's by more than clock_skew_tolerance"
+                        "this machine's clock is off from the S3 service's by more than \
+                         clock_skew_tolerance; hoard ages everything by the S3 service's clock"
                     );
                     warned_skew = true;
                 }
@@ -663,6 +688,9 @@ fn status_page(app: &App) -> String {
             b.clock.offset_ms(),
             b.clock.samples(),
         ));
+        for (op, n) in b.counters.by_operation() {
+            out.push_str(&format!("s3 requests {op}: {n}\n"));
+        }
     }
     if let Some(t) = &app.tiered {
         let st = t.stats();

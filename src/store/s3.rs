@@ -34,21 +34,47 @@ use crate::error::{Error, ErrorKind, Result};
 
 use super::{BlobRead, BlobStore, BlobWriter, Expect};
 
-/// What S3 answers are counted as, for the status page and the benchmark.
+/// S3 requests sent (every attempt), by operation, and answers that were 5xx: for the status
+/// page, the tests and the benchmark.
 #[derive(Default)]
 pub struct Counters {
     pub requests: AtomicU64,
     pub failures: AtomicU64,
+    by_operation: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
-/// The S3 service's clock as seen in its `Date` headers: offset (service minus ours) in ms.
-#[derive(Default)]
+impl Counters {
+    /// Requests per operation name (`PutObject`, `GetObject`, …).
+    pub fn by_operation(&self) -> Vec<(String, u64)> {
+        let m = self.by_operation.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+}
+
+/// The S3 service's clock as seen in its `Date` headers: offset (service minus this machine's)
+/// in ms. As a `Clock` it reads the service's time: this machine's clock plus the offset.
 pub struct ServiceClock {
+    /// This machine's wall clock (with the test hook's skew).
+    local: crate::clock::SharedClock,
     offset_ms: AtomicI64,
     seen: AtomicU64,
 }
 
+impl crate::clock::Clock for ServiceClock {
+    fn now_ms(&self) -> crate::clock::Millis {
+        self.local.now_ms().saturating_add(self.offset_ms())
+    }
+}
+
 impl ServiceClock {
+    pub fn new(local: crate::clock::SharedClock) -> ServiceClock {
+        ServiceClock {
+            local,
+            offset_ms: AtomicI64::new(0),
+            seen: AtomicU64::new(0),
+        }
+    }
+
     /// Service time minus local time; 0 until a response was seen.
     pub fn offset_ms(&self) -> i64 {
         self.offset_ms.load(Ordering::Relaxed)
@@ -60,16 +86,18 @@ impl ServiceClock {
         let Some(service) = parse_http_date(date) else {
             return;
         };
-        let local = crate::clock::SystemClock.now_ms();
+        let local = self.local.now_ms();
         // A `Date` has one-second resolution and is stamped while the answer is made: it lags
         // the true time by up to a second, so the offset is kept to whole seconds.
         let off = service + 500 - local;
-        self.offset_ms.store(off, Ordering::Relaxed);
-        self.seen.fetch_add(1, Ordering::Relaxed);
+        // Readings scatter by up to a second (the header's resolution, network time): only a
+        // real change moves the offset, so cache time does not jitter with every answer.
+        let cur = self.offset_ms.load(Ordering::Relaxed);
+        if self.seen.fetch_add(1, Ordering::Relaxed) == 0 || (off - cur).abs() > 1500 {
+            self.offset_ms.store(off, Ordering::Relaxed);
+        }
     }
 }
-
-use crate::clock::Clock as _;
 
 /// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) to Unix milliseconds.
 pub fn parse_http_date(s: &str) -> Option<i64> {
@@ -134,9 +162,18 @@ impl aws_sdk_s3::config::Intercept for Watch {
         &self,
         _ctx: &aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
         _rc: &aws_sdk_s3::config::RuntimeComponents,
-        _cfg: &mut aws_sdk_s3::config::ConfigBag,
+        cfg: &mut aws_sdk_s3::config::ConfigBag,
     ) -> std::result::Result<(), aws_sdk_s3::error::BoxError> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let op = cfg
+            .load::<aws_smithy_runtime_api::client::orchestrator::Metadata>()
+            .map_or("unknown", |m| m.name());
+        let mut m = self
+            .counters
+            .by_operation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *m.entry(op.to_owned()).or_insert(0) += 1;
         Ok(())
     }
     fn read_after_transmit(
@@ -195,7 +232,8 @@ pub struct Probe {
 impl Bucket {
     /// Builds the client; touches the network only on the first request (so a start with S3
     /// down still serves, not ready).
-    pub fn new(cfg: &S3Config) -> Result<Bucket> {
+    /// `local`: this machine's wall clock, which the service's `Date` headers are compared with.
+    pub fn new(cfg: &S3Config, local: crate::clock::SharedClock) -> Result<Bucket> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("s3")
@@ -204,7 +242,7 @@ impl Bucket {
             .map_err(|e| Error::internal(format!("starting the S3 runtime: {e}")))?;
         let rt = runtime.handle().clone();
         let counters = Arc::new(Counters::default());
-        let clock = Arc::new(ServiceClock::default());
+        let clock = Arc::new(ServiceClock::new(local));
         let sdk = {
             let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).region(
                 aws_config::meta::region::RegionProviderChain::first_try(
@@ -276,6 +314,21 @@ impl Bucket {
             d.algorithm().name(),
             &hex[..2]
         ))
+    }
+
+    /// From a blocking thread: one `HeadBucket` bounded by `within`, which also measures the
+    /// service's clock. `Err` when the bucket did not answer in time.
+    pub fn check_within(self: &Arc<Self>, within: Duration) -> Result<()> {
+        let b = self.clone();
+        self.wait(async move {
+            match tokio::time::timeout(within, b.check()).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!("{}: no answer within {within:?}", b.describe),
+                )),
+            }
+        })?
     }
 
     /// Runs `fut` on the S3 runtime, awaited from any other runtime.
@@ -547,7 +600,7 @@ impl Bucket {
     /// be another replica's, still streaming).
     pub async fn sweep_uploads(&self, older_than: Duration) -> Result<u64> {
         let under = self.key("uploads/");
-        let now_s = (crate::clock::SystemClock.now_ms() + self.clock.offset_ms()) / 1000;
+        let now_s = crate::clock::Clock::now_ms(&*self.clock) / 1000;
         let cutoff = now_s - older_than.as_secs() as i64;
         let mut n = 0;
         let out = self
@@ -630,30 +683,20 @@ fn unavailable(key: &str, e: impl std::error::Error) -> Error {
 fn s3_error<E, R>(key: &str, e: SdkError<E, R>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + RawStatus,
 {
-    let status = match &e {
-        SdkError::ServiceError(s) => {
-            let code = s.err().code().unwrap_or_default();
-            match code {
-                "NoSuchKey" | "NotFound" | "NoSuchUpload" => Some(404),
-                "PreconditionFailed" | "ConditionalRequestConflict" => Some(412),
-                _ => None,
-            }
-        }
+    let code = match &e {
+        SdkError::ServiceError(s) => s.err().code().map(str::to_owned),
         _ => None,
     };
-    let raw = match &e {
-        SdkError::ServiceError(s) => format!("{:?}", s.raw()),
-        _ => String::new(),
+    let status = match code.as_deref() {
+        Some("NoSuchKey" | "NotFound" | "NoSuchUpload") => Some(404),
+        Some("PreconditionFailed" | "ConditionalRequestConflict") => Some(412),
+        // A missing bucket is the operator's problem, not a miss.
+        Some(_) => None,
+        // HEAD answers carry no error code: the status says it.
+        None => e.raw_response().map(RawStatus::status_code),
     };
-    let status = status.or_else(|| {
-        // HEAD answers carry no error code: read the status off the raw response.
-        raw.split("status: StatusCode(")
-            .nth(1)
-            .and_then(|r| r.split(')').next())
-            .and_then(|s| s.parse().ok())
-    });
     match status {
         Some(404) => Error::not_found(format!("{key} is not in S3")),
         Some(412) | Some(409) => {
@@ -662,9 +705,13 @@ where
         _ => {
             let msg = match &e {
                 SdkError::ServiceError(s) => format!(
-                    "{} {}",
+                    "{} {}{}",
+                    s.raw().status_code(),
                     s.err().code().unwrap_or("error"),
-                    s.err().message().unwrap_or_default()
+                    s.err()
+                        .message()
+                        .map(|m| format!(": {m}"))
+                        .unwrap_or_default()
                 ),
                 other => detail(other),
             };
@@ -673,6 +720,17 @@ where
                 format!("S3 is unavailable ({key}): {msg}"),
             )
         }
+    }
+}
+
+/// The HTTP status of a raw response (the SDK's error carries one).
+trait RawStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl RawStatus for aws_smithy_runtime_api::http::Response {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
     }
 }
 

@@ -40,6 +40,21 @@ impl Hoard {
     /// Starts hoard through a wrapper command (e.g. `setpriv --reuid …` to run it as another
     /// user).
     pub fn start_via(wrapper: &[&str], data: &Path, extra: &[&str]) -> Hoard {
+        let env = suite_store_env(data, extra);
+        Hoard::start_full(wrapper, data, extra, &env)
+    }
+
+    /// Starts hoard on `data` with this environment (a store of the test's own choosing).
+    pub fn start_env(data: &Path, extra: &[&str], env: &[(String, String)]) -> Hoard {
+        Hoard::start_full(&[], data, extra, env)
+    }
+
+    fn start_full(
+        wrapper: &[&str],
+        data: &Path,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Hoard {
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -54,7 +69,7 @@ impl Hoard {
             .arg("--data-dir")
             .arg(data)
             .args(extra)
-            .envs(suite_store_env(data, extra))
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("HOARD_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -102,6 +117,7 @@ impl Hoard {
 
     /// Blobs the store holds: files on disk, objects in the bucket.
     pub fn stored_blobs(&self) -> usize {
+        // (The suite's store; tests of their own S3 server count in their bucket.)
         match store_kind() {
             StoreKind::Disk => count_files(&self.data.join("blobs")),
             _ => s3::shared()
@@ -114,6 +130,25 @@ impl Hoard {
     /// on S3, temporary objects and open multipart uploads.
     pub fn leftover_uploads(&self) -> usize {
         leftover_uploads(&self.data)
+    }
+
+    /// A number the status page shows after `key: ` (0 when it shows none).
+    pub fn status_number(&self, key: &str) -> u64 {
+        let page = status_page(self);
+        page.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(": "))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// S3 requests sent so far, except the readiness checks (HeadBucket).
+    pub fn s3_requests(&self) -> u64 {
+        let page = status_page(self);
+        page.lines()
+            .filter_map(|l| l.strip_prefix("s3 requests "))
+            .filter(|l| !l.starts_with("HeadBucket"))
+            .filter_map(|l| l.split(": ").nth(1)?.trim().parse::<u64>().ok())
+            .sum()
     }
 
     pub fn url(&self, path: &str) -> String {

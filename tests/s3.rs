@@ -1,0 +1,468 @@
+//! hoard on S3 and on the tiered store, against a real S3-protocol server on loopback that each
+//! test starts for itself (so it can stop, freeze and restart it): readiness, credentials, the
+//! service unreachable and back, S3 requests per pushed and pulled blob, single-flight fills of
+//! the disk tier, multipart uploads, and ages measured in the S3 service's clock.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::s3::{store_env, S3Server};
+use common::*;
+
+const K: usize = 1024;
+
+fn env(
+    kind: StoreKind,
+    s3: &S3Server,
+    bucket: &str,
+    more: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let mut e = store_env(kind, s3, bucket);
+    let leaf = if kind == StoreKind::Tiered {
+        "HOARD_STORE_SLOW_"
+    } else {
+        "HOARD_STORE_"
+    };
+    for (k, v) in more {
+        let name = if k.starts_with("FAST_") {
+            format!("HOARD_STORE_{k}")
+        } else {
+            format!("{leaf}{k}")
+        };
+        e.push((name, v.to_string()));
+    }
+    e
+}
+
+fn readyz(h: &Hoard) -> (u16, String) {
+    let r = h.req("GET", "/readyz").send();
+    (r.status, r.text())
+}
+
+fn wait_ready(h: &Hoard, want: u16, within: Duration) -> String {
+    let end = Instant::now() + within;
+    loop {
+        let (status, text) = readyz(h);
+        if status == want {
+            return text;
+        }
+        assert!(
+            Instant::now() < end,
+            "/readyz still {status} ({text}) after {within:?}; log:\n{}",
+            h.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Pushes `data` monolithically; the status and body text.
+fn push_mono(h: &Hoard, repo: &str, data: &[u8]) -> (u16, String) {
+    let r = h
+        .req(
+            "POST",
+            &format!("/v2/{repo}/blobs/uploads/?digest={}", sha256(data)),
+        )
+        .body(data.to_vec())
+        .send();
+    (r.status, r.text())
+}
+
+#[test]
+fn a_missing_bucket_is_named_at_start_and_readiness_follows_it_without_a_restart() {
+    let s3 = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hoard::start_env(
+        &tmp.path().join("d"),
+        &[],
+        &env(StoreKind::S3, &s3, "not-made-yet", &[("RETRIES", "1")]),
+    );
+    wait_until("/readyz to say why", Duration::from_secs(10), || {
+        readyz(&h).1.contains("does not exist")
+    });
+    let text = wait_ready(&h, 503, Duration::from_secs(1));
+    assert!(text.contains("bucket not-made-yet"), "{text}");
+    assert!(text.contains(&s3.endpoint()), "names the endpoint: {text}");
+    assert!(text.contains("does not exist"), "{text}");
+    wait_until(
+        "the start-up error in the log",
+        Duration::from_secs(5),
+        || h.log().contains("S3 bucket unreachable") && h.log().contains("not-made-yet"),
+    );
+    // A push meanwhile: a clear 503 with the OCI error body, nothing stored.
+    let data = bytes(1, 4 * K);
+    let (status, body) = push_mono(&h, "app", &data);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"UNAVAILABLE\""), "{body}");
+    assert_eq!(blob_status(&h, "app", &sha256(&data)), 404);
+    // The operator creates the bucket: ready within a check, no restart.
+    s3.create_bucket("not-made-yet");
+    wait_ready(&h, 200, Duration::from_secs(5));
+    let (status, body) = push_mono(&h, "app", &data);
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(blob_status(&h, "app", &sha256(&data)), 206);
+}
+
+#[test]
+fn wrong_credentials_are_named_at_start_and_readyz_says_not_ready() {
+    // The server checks signatures after its first request (which creates the bucket); no key
+    // is known to it, so hoard's is refused.
+    let s3 = S3Server::start_env(&[("INITIAL_NO_AUTH_ACTION_COUNT", "1")]);
+    s3.create_bucket("locked");
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hoard::start_env(
+        &tmp.path().join("d"),
+        &[],
+        &env(StoreKind::S3, &s3, "locked", &[("RETRIES", "1")]),
+    );
+    wait_until("/readyz to say why", Duration::from_secs(10), || {
+        readyz(&h).1.contains("credentials")
+    });
+    let text = wait_ready(&h, 503, Duration::from_secs(1));
+    assert!(text.contains("bucket locked"), "{text}");
+    assert!(text.contains("credentials"), "says what to check: {text}");
+    let (status, body) = push_mono(&h, "app", &bytes(2, 100));
+    assert_eq!(status, 503, "{body}");
+}
+
+#[test]
+fn s3_requests_per_pushed_and_pulled_blob() {
+    let s3 = S3Server::start();
+    s3.create_bucket("count");
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hoard::start_env(
+        &tmp.path().join("d"),
+        &[],
+        &env(StoreKind::S3, &s3, "count", &[]),
+    );
+    wait_ready(&h, 200, Duration::from_secs(10));
+    let mut pushed = Vec::new();
+    for i in 0..5 {
+        let data = bytes(10 + i, 4 * K);
+        let before = h.s3_requests();
+        let (status, body) = push_mono(&h, "app", &data);
+        assert_eq!(status, 201, "{body}");
+        let n = h.s3_requests() - before;
+        assert!(n <= 3, "a small blob push took {n} S3 requests");
+        pushed.push(data);
+    }
+    for data in &pushed {
+        let before = h.s3_requests();
+        let r = h
+            .req("GET", &format!("/v2/app/blobs/{}", sha256(data)))
+            .send();
+        assert_eq!(r.status, 200);
+        assert!(r.body == *data);
+        assert_eq!(h.s3_requests() - before, 1, "one GET per pulled blob");
+    }
+    // A ranged pull is one ranged GET too.
+    let before = h.s3_requests();
+    let r = h
+        .req("GET", &format!("/v2/app/blobs/{}", sha256(&pushed[0])))
+        .header("Range", "bytes=100-199")
+        .send();
+    assert_eq!(r.status, 206);
+    assert!(r.body == pushed[0][100..200]);
+    assert_eq!(h.s3_requests() - before, 1);
+    // HEAD is answered from the index.
+    let before = h.s3_requests();
+    let r = h
+        .req("HEAD", &format!("/v2/app/blobs/{}", sha256(&pushed[1])))
+        .send();
+    assert_eq!(r.status, 200);
+    assert_eq!(h.s3_requests() - before, 0);
+}
+
+#[test]
+fn tiered_hits_cost_no_s3_request_and_concurrent_misses_share_one_fetch() {
+    let s3 = S3Server::start();
+    s3.create_bucket("tier");
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("d");
+    let e = env(StoreKind::Tiered, &s3, "tier", &[]);
+    let mut h = Hoard::start_env(&data_dir, &[], &e);
+    wait_ready(&h, 200, Duration::from_secs(10));
+    let layer = bytes(20, 3 << 20);
+    let img = push_image(&h, "app", "v1", None, &[layer.clone()]);
+    // Pushed through this replica: in the disk tier already, pulls cost nothing in S3.
+    let before = h.s3_requests();
+    for _ in 0..2 {
+        assert!(pull(&h, "app", "v1"));
+    }
+    assert_eq!(h.s3_requests() - before, 0, "tiered hits sent S3 requests");
+    assert!(h.stop().success());
+
+    // The disk tier emptied (a new machine, or evicted): 8 pulls at once cost one GET.
+    std::fs::remove_dir_all(data_dir.join("fast")).unwrap();
+    let h = Hoard::start_env(&data_dir, &[], &e);
+    wait_ready(&h, 200, Duration::from_secs(10));
+    let d = img.blobs[1].clone();
+    let gets_before = get_objects(&h);
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let f = Hoard::req_at(h.addr);
+            let path = format!("/v2/app/blobs/{d}");
+            std::thread::spawn(move || f("GET", &path, &[], Vec::new()))
+        })
+        .collect();
+    for t in threads {
+        let r = t.join().unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.body == layer, "bytes differ");
+    }
+    assert_eq!(
+        get_objects(&h) - gets_before,
+        1,
+        "8 concurrent misses fetched more than once"
+    );
+    assert_eq!(h.status_number("fast tier").max(1), 1);
+    // And the next pull is a hit.
+    let before = h.s3_requests();
+    assert_eq!(
+        h.req("GET", &format!("/v2/app/blobs/{d}"))
+            .send()
+            .body
+            .len(),
+        layer.len()
+    );
+    assert_eq!(h.s3_requests() - before, 0);
+}
+
+fn get_objects(h: &Hoard) -> u64 {
+    h.status_number("s3 requests GetObject")
+}
+
+#[test]
+fn the_disk_tier_evicts_by_its_own_bound_and_s3_keeps_everything() {
+    let s3 = S3Server::start();
+    s3.create_bucket("small-tier");
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hoard::start_env(
+        &tmp.path().join("d"),
+        &[],
+        &env(
+            StoreKind::Tiered,
+            &s3,
+            "small-tier",
+            &[("FAST_MAX_SIZE", "8MiB")],
+        ),
+    );
+    let blobs: Vec<Vec<u8>> = (0..6).map(|i| bytes(30 + i, 3 << 20)).collect();
+    for b in &blobs {
+        assert_eq!(push_mono(&h, "app", b).0, 201);
+    }
+    let page = status_page(&h);
+    assert!(
+        page.contains("evicted 4") || page.contains("evicted 5"),
+        "{page}"
+    );
+    assert_eq!(
+        s3.list("small-tier", "hoard/blobs/").len(),
+        6,
+        "S3 keeps every blob"
+    );
+    for b in &blobs {
+        let r = h.req("GET", &format!("/v2/app/blobs/{}", sha256(b))).send();
+        assert_eq!(r.status, 200);
+        assert!(r.body == *b);
+    }
+    assert!(
+        count_files(&tmp.path().join("d/fast/blobs")) <= 2,
+        "the disk tier stays within its bound"
+    );
+}
+
+#[test]
+fn multipart_uploads_stream_in_parts_and_a_wrong_digest_leaves_nothing() {
+    let s3 = S3Server::start();
+    s3.create_bucket("parts");
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hoard::start_env(
+        &tmp.path().join("d"),
+        &[],
+        &env(
+            StoreKind::S3,
+            &s3,
+            "parts",
+            &[("PART_SIZE", "5MiB"), ("PARALLEL_PARTS", "3")],
+        ),
+    );
+    // 23 MiB in uneven chunks: five parts, the last one short.
+    let data = bytes(40, (23 << 20) + 777);
+    let loc = start_upload(&h, "big");
+    let mut loc = loc;
+    let mut at = 0;
+    for (i, n) in [(1 << 20) + 3, 7 << 20, 9 << 20, 1].into_iter().enumerate() {
+        let r = h
+            .req("PATCH", &loc)
+            .header("Content-Range", &format!("{at}-{}", at + n - 1))
+            .body(data[at..at + n].to_vec())
+            .send();
+        assert_eq!(r.status, 202, "chunk {i}: {}", r.text());
+        loc = r.header("location").unwrap().to_owned();
+        at += n;
+    }
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = h
+        .req("PUT", &format!("{loc}{sep}digest={}", sha256(&data)))
+        .body(data[at..].to_vec())
+        .send();
+    assert_eq!(r.status, 201, "{}\n{}", r.text(), h.log());
+    assert!(
+        h.status_number("s3 requests UploadPart") >= 5,
+        "{}",
+        status_page(&h)
+    );
+    let got = h
+        .req("GET", &format!("/v2/big/blobs/{}", sha256(&data)))
+        .send();
+    assert!(got.body == data, "bytes differ");
+    assert_eq!(s3.list("parts", "hoard/uploads/").len(), 0);
+    assert_eq!(s3.multipart_uploads("parts"), 0);
+
+    // The wrong digest for 12 MiB: refused, no object and no multipart upload left.
+    let other = bytes(41, 12 << 20);
+    let r = h
+        .req(
+            "POST",
+            &format!(
+                "/v2/big/blobs/uploads/?digest={}",
+                sha256(b"something else")
+            ),
+        )
+        .body(other.clone())
+        .send();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.code(), "DIGEST_INVALID");
+    wait_until("the aborted upload to go", Duration::from_secs(5), || {
+        s3.multipart_uploads("parts") == 0 && s3.list("parts", "hoard/uploads/").is_empty()
+    });
+    assert_eq!(s3.list("parts", "hoard/blobs/").len(), 1);
+}
+
+#[test]
+fn s3_frozen_then_back_gives_503_then_recovers_and_the_disk_tier_keeps_serving() {
+    let mut s3 = S3Server::start();
+    s3.create_bucket("flaky");
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("d");
+    let h = Hoard::start_env(
+        &data_dir,
+        &[],
+        &env(
+            StoreKind::Tiered,
+            &s3,
+            "flaky",
+            &[("TIMEOUT", "1s"), ("RETRIES", "2")],
+        ),
+    );
+    wait_ready(&h, 200, Duration::from_secs(10));
+    let kept = push_image(&h, "app", "v1", None, &[bytes(50, 64 * K)]);
+
+    // Frozen: connections open, nothing answered.
+    s3.freeze();
+    assert!(pull(&h, "app", "v1"), "the disk tier serves what it holds");
+    let fresh = bytes(51, 32 * K);
+    let t = Instant::now();
+    let (status, body) = push_mono(&h, "app", &fresh);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"UNAVAILABLE\""), "{body}");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "bounded retries, took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        blob_status(&h, "app", &sha256(&fresh)),
+        404,
+        "nothing half-written visible"
+    );
+    wait_ready(&h, 503, Duration::from_secs(30));
+    s3.thaw();
+    wait_ready(&h, 200, Duration::from_secs(30));
+    assert_eq!(push_mono(&h, "app", &fresh).0, 201);
+
+    // Gone (connection refused), then a new server on the same address: the bucket is new
+    // and empty, so blobs the disk tier does not hold are misses, never failures.
+    s3.stop();
+    wait_ready(&h, 503, Duration::from_secs(30));
+    let (status, body) = push_mono(&h, "app", &bytes(52, 100));
+    assert_eq!(status, 503, "{body}");
+    assert!(pull(&h, "app", "v1"), "the disk tier still serves");
+    s3.restart();
+    s3.create_bucket("flaky");
+    wait_ready(&h, 200, Duration::from_secs(30));
+    assert_eq!(push_mono(&h, "app", &bytes(53, 100)).0, 201);
+    assert!(pull(&h, "app", &kept.manifest));
+}
+
+/// A replica whose clock is two hours off ages nothing by it: cache time is the S3 service's.
+#[test]
+fn a_clock_two_hours_off_ages_by_the_s3_service_clock() {
+    let s3 = S3Server::start();
+    for (offset, bucket) in [("+2h", "ahead"), ("-2h", "behind")] {
+        s3.create_bucket(bucket);
+        let tmp = tempfile::tempdir().unwrap();
+        let mut e = env(StoreKind::S3, &s3, bucket, &[]);
+        e.push(("HOARD_CLOCK_OFFSET".into(), offset.into()));
+        let h = Hoard::start_env(
+            &tmp.path().join("d"),
+            &[
+                "--ttl",
+                "1h",
+                "--clock-skew-tolerance",
+                "1m",
+                "--gc-interval",
+                "200ms",
+            ],
+            &e,
+        );
+        wait_ready(&h, 200, Duration::from_secs(10));
+        push_image(&h, "app", "fresh", None, &[bytes(60, 4 * K)]);
+        std::thread::sleep(Duration::from_secs(1));
+        let r = h.req("POST", "/admin/gc").send();
+        assert_eq!(r.status, 200);
+        assert!(pull(&h, "app", "fresh"), "{offset}: a fresh tag expired");
+        let page = status_page(&h);
+        let shown: i64 = page
+            .lines()
+            .find_map(|l| l.strip_prefix("s3 clock offset: "))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("the S3 clock offset on the status page");
+        let want = if offset.starts_with('+') {
+            -7_200_000
+        } else {
+            7_200_000
+        };
+        assert!(
+            (shown - want).abs() < 5_000,
+            "{offset}: offset shown {shown}\n{page}"
+        );
+        // Cache time is the service's time, not this machine's skewed one.
+        let cache = page
+            .lines()
+            .find_map(|l| l.strip_prefix("cache time: "))
+            .expect("cache time on the status page")
+            .to_owned();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        // To the minute, allowing two minutes either way.
+        let near = (0..=4).any(|i| {
+            let t = rfc3339_secs(now - 120 + i * 60);
+            cache.get(..16) == t.get(..16)
+        });
+        assert!(
+            near,
+            "{offset}: cache time {cache} is not the service's time"
+        );
+        wait_until("the skew warning", Duration::from_secs(15), || {
+            h.log().contains("clock is off from the S3 service")
+        });
+    }
+}
+
+fn rfc3339_secs(secs: u64) -> String {
+    hoard::clock::rfc3339(secs as i64 * 1000)
+}
