@@ -183,7 +183,7 @@ fn tiered_hits_cost_no_s3_request_and_concurrent_misses_share_one_fetch() {
     let mut h = Hoard::start_env(&data_dir, &[], &e);
     wait_ready(&h, 200, Duration::from_secs(10));
     let layer = bytes(20, 3 << 20);
-    let img = push_image(&h, "app", "v1", None, &[layer.clone()]);
+    let img = push_image(&h, "app", "v1", None, std::slice::from_ref(&layer));
     // Pushed through this replica: in the disk tier already, pulls cost nothing in S3.
     let before = h.s3_requests();
     for _ in 0..2 {
