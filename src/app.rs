@@ -21,7 +21,7 @@ use crate::lifecycle::gc::{human, Lifecycle};
 use crate::lifecycle::index::Index;
 use crate::registry::{blocking, Registry};
 use crate::store::disk::{DiskStore, Durability};
-use crate::store::s3::{Bucket, S3Store};
+use crate::store::s3::{Bucket, LeaseState, S3Store};
 use crate::store::tiered::TieredStore;
 use crate::store::BlobStore;
 
@@ -124,6 +124,10 @@ impl App {
                 if let Err(e) = b.check_within(Duration::from_secs(3)) {
                     tracing::warn!(error = %e.message, "cannot reach S3 at start; cache time follows this machine's clock until it answers");
                 }
+                match b.lease_blocking(&replica_id(&root)?) {
+                    Ok(msg) => tracing::info!("{msg}"),
+                    Err(e) => tracing::warn!(error = %e.message, "no writer lease yet; retrying"),
+                }
                 CacheClock::new(
                     b.clock.clone() as SharedClock,
                     Arc::new(crate::clock::MonoClock::new()),
@@ -179,6 +183,10 @@ impl App {
         fs::write(&marker, b"")
             .map_err(|e| Error::io(format!("writing {}", marker.display()), e))?;
         crate::lifecycle::journal::sync_dir(&self.data_dir.join("index"))?;
+        if let Some(b) = &self.bucket {
+            let b2 = b.clone();
+            let _ = b.wait_on(async move { b2.release_lease().await });
+        }
         tracing::info!(records = n, "index compacted; clean shutdown");
         Ok(())
     }
@@ -265,6 +273,31 @@ impl App {
     }
 }
 
+/// This hoard's name in the bucket's writer lease, kept in the data directory so a restart
+/// (after a crash too) takes its own lease back at once instead of waiting for it to expire.
+pub fn replica_id(root: &Path) -> Result<String> {
+    let path = root.join("replica-id");
+    match fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    }
+    let mut b = [0u8; 6];
+    let _ = getrandom::getrandom(&mut b);
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    let id = format!(
+        "{host}/{}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    );
+    fs::write(&path, format!("{id}\n"))
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    Ok(id)
+}
+
 /// This machine's wall clock, skewed by the test hook.
 fn local_clock(offset_ms: i64) -> SharedClock {
     if offset_ms == 0 {
@@ -291,6 +324,15 @@ impl Readiness {
     }
 }
 
+/// Stops writing before an unrenewed lease could expire (another hoard may then take it).
+fn lease_timeout(bucket: &Bucket, renewed: tokio::time::Instant) {
+    let limit = Duration::from_millis((crate::store::s3::LEASE_MS / 3 * 2) as u64);
+    if bucket.writable() && renewed.elapsed() > limit {
+        tracing::error!(bucket = %bucket.describe, "the writer lease could not be renewed; writes stop until it is");
+        bucket.drop_lease();
+    }
+}
+
 /// How often the bucket is checked while it is reachable (while it is not: every second).
 const PROBE_EVERY: Duration = Duration::from_secs(10);
 
@@ -301,6 +343,16 @@ async fn watch_bucket(app: Arc<App>, bucket: Arc<Bucket>) {
         i64::try_from(app.config.clock_skew_tolerance.0.as_millis()).unwrap_or(i64::MAX);
     let mut first = true;
     let mut warned_skew = false;
+    let me = match replica_id(&app.data_dir) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::error!(error = %e, "no replica id; this hoard cannot take the writer lease");
+            app.ready.set(Some(e.message));
+            return;
+        }
+    };
+    let mut renewed = tokio::time::Instant::now();
+    let mut busy_logged = false;
     loop {
         let was_ready = app.ready.why_not().is_none();
         // The full probe (conditional writes) once; then one HeadBucket per check.
@@ -348,7 +400,40 @@ async fn watch_bucket(app: Arc<App>, bucket: Arc<Bucket>) {
                     }
                     first = false;
                 }
-                app.ready.set(None);
+                let b = bucket.clone();
+                let who = me.clone();
+                match bucket
+                    .run(async move { b.hold_lease(&who).await })
+                    .await
+                    .and_then(|r| r)
+                {
+                    Ok(LeaseState::Held) => {
+                        renewed = tokio::time::Instant::now();
+                        if busy_logged {
+                            tracing::info!(bucket = %bucket.describe, "took the bucket's writer lease");
+                            busy_logged = false;
+                        }
+                        app.ready.set(None);
+                    }
+                    Ok(LeaseState::Busy { holder, expires }) => {
+                        bucket.drop_lease();
+                        let why = format!(
+                            "{} is in use by another hoard ({holder}), whose writer lease runs until \
+                             {}; this version has one writer per bucket and prefix",
+                            bucket.describe,
+                            crate::clock::rfc3339(expires)
+                        );
+                        if !busy_logged {
+                            tracing::warn!("{why}");
+                            busy_logged = true;
+                        }
+                        app.ready.set(Some(why));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e.message, "renewing the writer lease failed");
+                        lease_timeout(&bucket, renewed);
+                    }
+                }
                 let off = bucket.clock.offset_ms();
                 if off.abs() > tolerance && !warned_skew {
                     tracing::warn!(
@@ -365,6 +450,7 @@ async fn watch_bucket(app: Arc<App>, bucket: Arc<Bucket>) {
                     tracing::error!(error = %e.message, "S3 bucket unreachable; not ready (retrying)");
                 }
                 app.ready.set(Some(e.message));
+                lease_timeout(&bucket, renewed);
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }

@@ -466,3 +466,46 @@ fn a_clock_two_hours_off_ages_by_the_s3_service_clock() {
 fn rfc3339_secs(secs: u64) -> String {
     hoard::clock::rfc3339(secs as i64 * 1000)
 }
+
+/// This version has one writer per bucket: a second hoard on the same bucket and prefix waits,
+/// not ready and refusing writes, until the first lets go; a restart after kill -9 takes its own
+/// lease back at once.
+#[test]
+fn a_second_hoard_on_the_same_bucket_waits_for_the_writer_lease() {
+    let s3 = S3Server::start();
+    s3.create_bucket("shared");
+    let tmp = tempfile::tempdir().unwrap();
+    let e = env(StoreKind::S3, &s3, "shared", &[]);
+    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
+    let mut a = Hoard::start_env(&da, &[], &e);
+    wait_ready(&a, 200, Duration::from_secs(10));
+    assert_eq!(push_mono(&a, "app", &bytes(70, 100)).0, 201);
+    // Killed and restarted on its own directory: its lease, at once.
+    a.kill9();
+    let mut a = Hoard::start_env(&da, &[], &e);
+    assert_eq!(push_mono(&a, "app", &bytes(71, 100)).0, 201, "{}", a.log());
+
+    let b = Hoard::start_env(&db, &[], &e);
+    wait_until(
+        "b to say who holds the bucket",
+        Duration::from_secs(10),
+        || readyz(&b).1.contains("in use by another hoard"),
+    );
+    let (status, body) = push_mono(&b, "app", &bytes(72, 100));
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("writer lease"), "{body}");
+    assert_eq!(
+        push_mono(&a, "app", &bytes(73, 100)).0,
+        201,
+        "a keeps writing"
+    );
+    // A clean stop gives the lease up; b takes it at its next check.
+    assert!(a.stop().success());
+    wait_ready(&b, 200, Duration::from_secs(20));
+    assert_eq!(push_mono(&b, "app", &bytes(72, 100)).0, 201);
+    assert!(
+        b.log().contains("took the bucket's writer lease"),
+        "{}",
+        b.log()
+    );
+}

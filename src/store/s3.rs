@@ -220,6 +220,9 @@ pub struct Bucket {
     pub describe: String,
     pub counters: Arc<Counters>,
     pub clock: Arc<ServiceClock>,
+    /// Holds the writer lease (see `LeaseRecord`); writes and deletes are refused without it.
+    writable: std::sync::atomic::AtomicBool,
+    lease_etag: Mutex<Option<String>>,
 }
 
 /// What the start-up probe found.
@@ -300,6 +303,8 @@ impl Bucket {
             describe: cfg.describe(),
             counters,
             clock,
+            writable: std::sync::atomic::AtomicBool::new(false),
+            lease_etag: Mutex::new(None),
         })
     }
 
@@ -329,6 +334,14 @@ impl Bucket {
                 )),
             }
         })?
+    }
+
+    /// `wait` for callers outside this module (blocking threads only).
+    pub fn wait_on<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T> {
+        self.wait(fut)
     }
 
     /// Runs `fut` on the S3 runtime, awaited from any other runtime.
@@ -644,6 +657,156 @@ impl Bucket {
     }
 }
 
+/// The writer lease: one hoard at a time writes to a bucket (and prefix). This version keeps
+/// its index of the bucket on local disk, so a second writer would not see the first one's
+/// records (and its crash sweep would take the other's blobs for strays): a second hoard on
+/// the same bucket waits, not ready, until the lease is free or has expired.
+///
+/// The lease is one small object, `lease/writer`, holding who has it and until when, in the S3
+/// service's clock (`Date` headers), so no replica's own clock matters. It is created with
+/// `If-None-Match: *`, renewed and released with `If-Match` on the ETag last written: a lost
+/// race is a 412, never two holders.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct LeaseRecord {
+    pub holder: String,
+    /// Service time (ms since the epoch) after which the lease is free.
+    pub expires: i64,
+}
+
+/// How long a lease lasts unless renewed; renewed every `PROBE_EVERY` (10 s).
+pub const LEASE_MS: i64 = 30_000;
+/// Slack on top of an expiry before another hoard takes the lease: both read the same service
+/// clock, so this covers only the `Date` header's resolution and network time.
+const LEASE_SLACK_MS: i64 = 5_000;
+
+/// What an attempt to take or keep the lease found.
+#[derive(Debug)]
+pub enum LeaseState {
+    Held,
+    /// Someone else holds it, until `expires` (service time).
+    Busy {
+        holder: String,
+        expires: i64,
+    },
+}
+
+impl Bucket {
+    fn lease_key(&self) -> String {
+        self.key("lease/writer")
+    }
+
+    /// Takes, renews or confirms the lease for `me`.
+    pub async fn hold_lease(&self, me: &str) -> Result<LeaseState> {
+        let key = self.lease_key();
+        let now = crate::clock::Clock::now_ms(&*self.clock);
+        let mine = LeaseRecord {
+            holder: me.to_owned(),
+            expires: now + LEASE_MS,
+        };
+        let body = Bytes::from(serde_json::to_vec(&mine).unwrap_or_default());
+        let cond = match self.get_small(&key).await {
+            Ok((bytes, etag)) => match serde_json::from_slice::<LeaseRecord>(&bytes) {
+                Ok(cur) if cur.holder != me && now <= cur.expires + LEASE_SLACK_MS => {
+                    return Ok(LeaseState::Busy {
+                        holder: cur.holder,
+                        expires: cur.expires,
+                    })
+                }
+                // Ours (renewal), expired, or unreadable: replaced, if unchanged since read.
+                _ => Cond::Match(etag),
+            },
+            Err(e) if e.is_not_found() => Cond::Create,
+            Err(e) => return Err(e),
+        };
+        match self.put(&key, body, cond).await {
+            Ok(etag) => {
+                *self.lease_etag.lock().unwrap_or_else(|p| p.into_inner()) = Some(etag);
+                self.writable.store(true, Ordering::SeqCst);
+                Ok(LeaseState::Held)
+            }
+            // Another hoard got there first: read again next round.
+            Err(e) if e.kind == ErrorKind::Conflict => {
+                self.writable.store(false, Ordering::SeqCst);
+                Ok(LeaseState::Busy {
+                    holder: "another hoard (it just took the lease)".into(),
+                    expires: now + LEASE_MS,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// From a blocking thread (start-up, offline tools): takes the lease once; `Err` names
+    /// the holder when another hoard has it.
+    pub fn lease_blocking(self: &Arc<Self>, me: &str) -> Result<String> {
+        let b = self.clone();
+        let who = me.to_owned();
+        match self.wait(async move { b.hold_lease(&who).await })?? {
+            LeaseState::Held => Ok(format!(
+                "holding the writer lease of {} as {me}",
+                self.describe
+            )),
+            LeaseState::Busy { holder, expires } => Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "{} is in use by another hoard ({holder}) until {}; this version has one \
+                     writer per bucket and prefix",
+                    self.describe,
+                    crate::clock::rfc3339(expires)
+                ),
+            )),
+        }
+    }
+
+    /// Gives the lease up (a clean stop), so the next hoard need not wait for it to expire.
+    pub async fn release_lease(&self) {
+        self.writable.store(false, Ordering::SeqCst);
+        let etag = self
+            .lease_etag
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(etag) = etag {
+            let key = self.lease_key();
+            let r = self
+                .client
+                .delete_object()
+                .bucket(&self.name)
+                .key(&key)
+                .if_match(etag)
+                .send()
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %detail(&e), "releasing the bucket's writer lease failed; it expires by itself");
+            }
+        }
+    }
+
+    /// Stops writing at once (the lease could not be renewed in time).
+    pub fn drop_lease(&self) {
+        self.writable.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether this hoard may write (holds the lease).
+    pub fn writable(&self) -> bool {
+        self.writable.load(Ordering::SeqCst)
+    }
+
+    fn must_write(&self) -> Result<()> {
+        if self.writable() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Unavailable,
+            format!(
+                "this hoard does not hold the writer lease of {} (another hoard writes to it, or \
+                 S3 is unreachable); retry shortly",
+                self.describe
+            ),
+        ))
+    }
+}
+
 /// The condition of a write.
 #[derive(Clone, Debug)]
 pub enum Cond {
@@ -749,6 +912,7 @@ impl S3Store {
 
 impl BlobStore for S3Store {
     fn begin(&self, alg: Algorithm) -> Result<Box<dyn BlobWriter>> {
+        self.bucket.must_write()?;
         Ok(Box::new(S3Writer {
             bucket: self.bucket.clone(),
             hasher: alg.hasher(),
@@ -776,6 +940,7 @@ impl BlobStore for S3Store {
     }
 
     fn delete(&self, d: &Digest) -> Result<()> {
+        self.bucket.must_write()?;
         let b = self.bucket.clone();
         let key = b.blob_key(d);
         self.bucket.wait(async move { b.delete_key(&key).await })?
@@ -806,6 +971,7 @@ impl BlobStore for S3Store {
     }
 
     fn quarantine(&self, d: &Digest) -> Result<()> {
+        self.bucket.must_write()?;
         let b = self.bucket.clone();
         let from = b.blob_key(d);
         let to = b.key(&format!("quarantine/{}-{}", d.algorithm().name(), d.hex()));
@@ -1138,6 +1304,7 @@ impl BlobWriter for S3Writer {
         if let Some(e) = mismatch {
             return Err(e); // Drop aborts the multipart upload.
         }
+        self.bucket.must_write()?;
         let b = self.bucket.clone();
         let key = b.blob_key(&expect.digest);
         match self.multipart.take() {
