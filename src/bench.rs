@@ -521,3 +521,83 @@ pub fn fill(args: FillArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchS3Args {
+    /// The S3 service, e.g. http://127.0.0.1:9000 (path-style addressing).
+    #[arg(long)]
+    pub endpoint: String,
+    #[arg(long)]
+    pub bucket: String,
+    #[arg(long, default_value = "s3-direct")]
+    pub label: String,
+    /// Scale the blob count down, e.g. 0.25.
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+}
+
+/// `bench --only medium` straight against S3: 64 blobs of 16 MiB, 8 at a time, each one PUT
+/// (what hoard sends for a blob of one part), then each one GET.
+pub async fn run_s3(args: BenchS3Args) -> anyhow::Result<()> {
+    use crate::store::s3::{Bucket, Cond};
+    let cfg: crate::config::S3Config = toml::from_str(&format!(
+        "bucket = {:?}\nendpoint = {:?}\npath_style = true\nregion = \"us-east-1\"\n\
+         access_key_id = \"bench\"\nsecret_access_key = \"bench\"\n",
+        args.bucket, args.endpoint
+    ))?;
+    let bucket = Arc::new(
+        Bucket::new(&cfg, Arc::new(crate::clock::SystemClock))
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let n = ((64.0 * args.scale).ceil() as usize).max(1);
+    let tag = std::process::id();
+    let blobs: Arc<Vec<Bytes>> =
+        Arc::new((0..n).map(|i| blob(5000 + i as u64, 16 << 20)).collect());
+    for get in [false, true] {
+        let next = Arc::new(AtomicUsize::new(0));
+        let span = Span::start();
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (b, blobs, next) = (bucket.clone(), blobs.clone(), next.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= blobs.len() {
+                        return Ok::<(), anyhow::Error>(());
+                    }
+                    let key = b.key(&format!("bench-direct/{tag}/{i}"));
+                    let data = blobs[i].clone();
+                    let b2 = b.clone();
+                    let r = b
+                        .run(async move {
+                            if get {
+                                b2.get_small(&key).await.map(|(body, _)| body.len())
+                            } else {
+                                b2.put(&key, data, Cond::None).await.map(|_| 16 << 20)
+                            }
+                        })
+                        .await;
+                    let len = r.and_then(|r| r).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    anyhow::ensure!(len == 16 << 20, "short object");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        let (secs, stolen) = span.end();
+        let name = if get {
+            "pull_16MiB_x8_MBps"
+        } else {
+            "push_16MiB_x8_MBps"
+        };
+        report(
+            &args.label,
+            name,
+            (n * (16 << 20)) as f64 / 1e6 / secs,
+            "MB/s",
+            stolen,
+        );
+    }
+    Ok(())
+}

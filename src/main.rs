@@ -59,6 +59,9 @@ enum Command {
     BenchSha256,
     /// Build a data directory with N blobs in its index and files (for the restart benchmark).
     BenchFill(hoard::bench::FillArgs),
+    /// The same 16 MiB blobs as `bench --only medium`, PUT and GET straight to an S3 bucket
+    /// with a plain SDK client: the S3 service's own speed, for benches/s3.sh.
+    BenchS3(hoard::bench::BenchS3Args),
 }
 
 #[derive(clap::Args)]
@@ -288,6 +291,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::BenchFill(args) => hoard::bench::fill(args),
+        Command::BenchS3(args) => runtime()?.block_on(hoard::bench::run_s3(args)),
     }
 }
 
