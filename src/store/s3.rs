@@ -484,6 +484,15 @@ impl Bucket {
 
     /// Keys (after the prefix) and sizes under `under`, in key order.
     pub async fn list(&self, under: &str, f: &mut (dyn FnMut(&str, u64) + Send)) -> Result<()> {
+        self.list_dated(under, &mut |k, size, _| f(k, size)).await
+    }
+
+    /// `list` with each object's last-modified time (service seconds since the epoch).
+    async fn list_dated(
+        &self,
+        under: &str,
+        f: &mut (dyn FnMut(&str, u64, i64) + Send),
+    ) -> Result<()> {
         let full = self.key(under);
         let mut token = None;
         loop {
@@ -499,7 +508,8 @@ impl Bucket {
             for o in out.contents() {
                 if let Some(k) = o.key() {
                     let rest = k.strip_prefix(&self.prefix).unwrap_or(k);
-                    f(rest, o.size().unwrap_or(0).max(0) as u64);
+                    let modified = o.last_modified().map_or(0, |t| t.secs());
+                    f(rest, o.size().unwrap_or(0).max(0) as u64, modified);
                 }
             }
             match out.next_continuation_token() {
@@ -631,29 +641,18 @@ impl Bucket {
                 n += 1;
             }
         }
-        let mut token = None;
-        loop {
-            let page = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.name)
-                .prefix(&under)
-                .set_continuation_token(token.take())
-                .send()
-                .await
-                .map_err(|e| s3_error(&under, e))?;
-            for o in page.contents() {
-                let old = o.last_modified().is_some_and(|t| t.secs() < cutoff);
-                if let (Some(k), true) = (o.key(), old) {
-                    self.delete_key(k).await?;
-                    n += 1;
-                }
+        let mut old = Vec::new();
+        self.list_dated("uploads/", &mut |k, _, modified| {
+            if modified < cutoff {
+                old.push(k.to_owned());
             }
-            match page.next_continuation_token() {
-                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
-                _ => return Ok(n),
-            }
+        })
+        .await?;
+        for k in old {
+            self.delete_key(&self.key(&k)).await?;
+            n += 1;
         }
+        Ok(n)
     }
 }
 
