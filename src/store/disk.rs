@@ -94,6 +94,16 @@ impl DiskStore {
 
     /// Notified when enough is waiting for the group commit that it should not wait for its
     /// tick (the group-commit loop listens).
+    /// Forgets which files await the group commit without syncing them: for a disk tier that
+    /// only caches (its files are never fsynced and it starts empty after an unclean stop).
+    pub fn forget_unsynced(&self) {
+        let mut d = self.inner.dirty();
+        d.clear();
+        self.inner
+            .dirty_bytes
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn sync_wanted(&self) -> Arc<tokio::sync::Notify> {
         self.inner.sync_wanted.clone()
     }
