@@ -19,9 +19,10 @@ use crate::error::{Error, Result};
 use crate::http::{full, Body, Handler};
 use crate::lifecycle::gc::{human, Lifecycle};
 use crate::lifecycle::index::Index;
+use crate::lifecycle::shared::Shared;
 use crate::registry::{blocking, Registry};
 use crate::store::disk::{DiskStore, Durability};
-use crate::store::s3::{Bucket, LeaseState, S3Store};
+use crate::store::s3::{Bucket, LeaseState, Probe, S3Store};
 use crate::store::tiered::TieredStore;
 use crate::store::BlobStore;
 
@@ -38,6 +39,8 @@ pub struct App {
     pub ready: Arc<Readiness>,
     /// The disk tier of a tiered store.
     pub tiered: Option<Arc<TieredStore>>,
+    /// The bucket shared with other replicas (S3 and tiered stores): the index is its cache.
+    pub shared: Option<Arc<Shared>>,
     /// True once blobs a crash left in the store without an index record are removed (at
     /// once for a disk store; for S3 by a walk of the bucket in the background).
     pub swept: tokio::sync::watch::Sender<bool>,
@@ -115,18 +118,30 @@ impl App {
             recover(&*store, &index)?;
         }
         let floor = index.read().clock_floor;
+        let me = replica_id(&root)?;
         let clock = Arc::new(match &bucket {
             None => CacheClock::system(clock_offset_ms, floor),
             Some(b) => {
                 // One clock for every replica of the bucket: the S3 service's. Its offset is
                 // measured before cache time starts (and kept up to date by every answer), so
                 // a machine whose clock is hours off ages nothing by it.
-                if let Err(e) = b.check_within(Duration::from_secs(3)) {
-                    tracing::warn!(error = %e.message, "cannot reach S3 at start; cache time follows this machine's clock until it answers");
-                }
-                match b.lease_blocking(&replica_id(&root)?) {
-                    Ok(msg) => tracing::info!("{msg}"),
-                    Err(e) => tracing::warn!(error = %e.message, "no writer lease yet; retrying"),
+                let s3 = config.store.s3().cloned();
+                match b.probe_within(Duration::from_secs(3)) {
+                    Ok(p) => {
+                        let single = s3.as_ref().is_some_and(|c| c.single_writer);
+                        allow_writes(b, &p, single)?;
+                        if b.single_writer() {
+                            match b.lease_blocking(&me) {
+                                Ok(msg) => tracing::info!("{msg}"),
+                                Err(e) => {
+                                    tracing::warn!(error = %e.message, "no writer lease yet; retrying")
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e.message, "cannot reach S3 at start; cache time follows this machine's clock until it answers")
+                    }
                 }
                 CacheClock::new(
                     b.clock.clone() as SharedClock,
@@ -142,6 +157,20 @@ impl App {
             config.policy(),
             bucket.is_none().then(|| root.clone()),
         ));
+        let shared = match (&bucket, config.store.s3()) {
+            (Some(b), Some(s3)) => {
+                let s = Arc::new(Shared::new(
+                    b.clone(),
+                    index.clone(),
+                    clock.clone() as SharedClock,
+                    me,
+                    s3.timing(),
+                ));
+                let _ = life.shared.set(s.clone());
+                Some(s)
+            }
+            _ => None,
+        };
         if was_unclean && bucket.is_none() {
             // Files renamed but never journaled, or journaled gone but not yet unlinked.
             life.sweep_files()?;
@@ -161,9 +190,11 @@ impl App {
             store,
             sync_wanted,
             ready: Arc::new(Readiness::new(bucket.is_none())),
-            swept: tokio::sync::watch::Sender::new(!(was_unclean && bucket.is_some())),
+            // On a bucket, what a crash left unrecorded is an orphan for the collector.
+            swept: tokio::sync::watch::Sender::new(true),
             bucket,
             tiered,
+            shared,
             life,
             clock,
             was_unclean,
@@ -183,9 +214,15 @@ impl App {
         fs::write(&marker, b"")
             .map_err(|e| Error::io(format!("writing {}", marker.display()), e))?;
         crate::lifecycle::journal::sync_dir(&self.data_dir.join("index"))?;
+        if let Some(s) = &self.shared {
+            let s2 = s.clone();
+            let _ = s.bucket.wait_on(async move { s2.leave().await });
+        }
         if let Some(b) = &self.bucket {
-            let b2 = b.clone();
-            let _ = b.wait_on(async move { b2.release_lease().await });
+            if b.single_writer() {
+                let b2 = b.clone();
+                let _ = b.wait_on(async move { b2.release_lease().await });
+            }
         }
         tracing::info!(records = n, "index compacted; clean shutdown");
         Ok(())
@@ -193,7 +230,10 @@ impl App {
 
     /// The group-commit tick: queued access records, then the sync point.
     pub fn group_commit(&self) -> Result<()> {
-        self.index.flush_touches(self.clock.now_ms())?;
+        let touched = self.index.flush_touches(self.clock.now_ms())?;
+        if let Some(s) = &self.shared {
+            s.queue_access(&touched);
+        }
         let store = self.store.clone();
         self.index.sync_point(|| store.sync())
     }
@@ -324,7 +364,7 @@ impl Readiness {
     }
 }
 
-/// Stops writing before an unrenewed lease could expire (another hoard may then take it).
+/// Stops writing before an unrenewed writer lease could expire (another hoard may then take it).
 fn lease_timeout(bucket: &Bucket, renewed: tokio::time::Instant) {
     let limit = Duration::from_millis((crate::store::s3::LEASE_MS / 3 * 2) as u64);
     if bucket.writable() && renewed.elapsed() > limit {
@@ -333,33 +373,77 @@ fn lease_timeout(bucket: &Bucket, renewed: tokio::time::Instant) {
     }
 }
 
+/// What the probe of the bucket allows. A service that honours conditional writes is shared
+/// by any number of replicas. One that ignores them is refused, naming what is missing, unless
+/// the operator said it is used by one hoard alone (`single_writer`): then conditions are not
+/// sent and a writer lease (the best such a service allows) keeps a second hoard out.
+pub fn allow_writes(b: &Bucket, p: &Probe, single_writer: bool) -> Result<()> {
+    if p.conditional_writes {
+        b.set_conditions(true);
+        b.set_writable(true);
+        return Ok(());
+    }
+    if !single_writer {
+        b.set_writable(false);
+        return Err(Error::new(
+            crate::error::ErrorKind::Unavailable,
+            format!(
+                "{}: this S3 service ignores conditional writes (If-None-Match: * and If-Match \
+                 on PutObject: it overwrote an object both forbade), which hoard needs to share \
+                 a bucket between replicas without losing updates. Use a service that honours \
+                 them (AWS S3, MinIO, Ceph RGW and Cloudflare R2 do), or, to run exactly one \
+                 hoard on this bucket, set store.single_writer = true \
+                 (HOARD_STORE_SINGLE_WRITER=true)",
+                b.describe
+            ),
+        ));
+    }
+    b.set_conditions(false);
+    tracing::warn!(
+        bucket = %b.describe,
+        "SINGLE WRITER: this S3 service ignores conditional writes; hoard runs as the bucket's \
+         only writer (store.single_writer = true). A second hoard on this bucket and prefix \
+         can lose tag updates and delete blobs the other still needs: do not start one"
+    );
+    Ok(())
+}
+
 /// How often the bucket is checked while it is reachable (while it is not: every second).
 const PROBE_EVERY: Duration = Duration::from_secs(10);
 
 /// Checks the bucket until it answers (credentials, the bucket itself, conditional writes), then
-/// keeps checking it, so `/readyz` follows S3 going away and coming back without a restart.
+/// keeps checking it, so `/readyz` follows S3 going away and coming back without a restart; says
+/// this replica is alive and holds or renews the collector's lease.
 async fn watch_bucket(app: Arc<App>, bucket: Arc<Bucket>) {
     let tolerance =
         i64::try_from(app.config.clock_skew_tolerance.0.as_millis()).unwrap_or(i64::MAX);
+    let single = app.config.store.s3().is_some_and(|c| c.single_writer);
+    // The start-up probe may have settled it already.
+    let mut probed = bucket.writable();
     let mut first = true;
     let mut warned_skew = false;
     let me = match replica_id(&app.data_dir) {
         Ok(id) => id,
         Err(e) => {
-            tracing::error!(error = %e, "no replica id; this hoard cannot take the writer lease");
+            tracing::error!(error = %e, "no replica id; this hoard cannot use the bucket");
             app.ready.set(Some(e.message));
             return;
         }
     };
+    let period = app
+        .shared
+        .as_ref()
+        .map_or(PROBE_EVERY, |s| s.timing.heartbeat.min(PROBE_EVERY));
     let mut renewed = tokio::time::Instant::now();
     let mut busy_logged = false;
+    let mut swept_uploads = false;
     loop {
         let was_ready = app.ready.why_not().is_none();
-        // The full probe (conditional writes) once; then one HeadBucket per check.
         let b = bucket.clone();
+        let full = !probed;
         let checked = bucket
             .run(async move {
-                if first {
+                if full {
                     b.probe().await.map(Some)
                 } else {
                     b.check().await.map(|()| None)
@@ -369,23 +453,25 @@ async fn watch_bucket(app: Arc<App>, bucket: Arc<Bucket>) {
             .and_then(|r| r);
         match checked {
             Ok(p) => {
-                if !was_ready && !first {
-                    tracing::info!(bucket = %bucket.describe, "S3 bucket reachable again; ready");
-                }
                 if let Some(p) = p {
                     tracing::info!(
                         bucket = %bucket.describe,
                         conditional_writes = p.conditional_writes,
                         clock_offset_ms = bucket.clock.offset_ms(),
-                        "S3 bucket reachable; ready"
+                        "S3 bucket reachable"
                     );
-                    if !p.conditional_writes {
-                        tracing::warn!(
-                            bucket = %bucket.describe,
-                            "this S3 service ignores conditional writes (If-None-Match / If-Match): \
-                             hoard runs as the bucket's only writer; do not point a second hoard at it"
-                        );
+                    if let Err(e) = allow_writes(&bucket, &p, single) {
+                        tracing::error!("{}", e.message);
+                        app.ready.set(Some(e.message));
+                        tokio::time::sleep(PROBE_EVERY).await;
+                        continue;
                     }
+                    probed = true;
+                } else if !was_ready && !first {
+                    tracing::info!(bucket = %bucket.describe, "S3 bucket reachable again");
+                }
+                first = false;
+                if !swept_uploads {
                     let (b, age) = (bucket.clone(), app.config.upload_timeout.0);
                     match bucket
                         .run(async move { b.sweep_uploads(age).await })
@@ -398,40 +484,52 @@ async fn watch_bucket(app: Arc<App>, bucket: Arc<Bucket>) {
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot clear old uploads in S3"),
                     }
-                    first = false;
+                    swept_uploads = true;
                 }
-                let b = bucket.clone();
-                let who = me.clone();
-                match bucket
-                    .run(async move { b.hold_lease(&who).await })
-                    .await
-                    .and_then(|r| r)
-                {
-                    Ok(LeaseState::Held) => {
-                        renewed = tokio::time::Instant::now();
-                        if busy_logged {
-                            tracing::info!(bucket = %bucket.describe, "took the bucket's writer lease");
-                            busy_logged = false;
+                if single {
+                    let b = bucket.clone();
+                    let who = me.clone();
+                    match bucket
+                        .run(async move { b.hold_lease(&who).await })
+                        .await
+                        .and_then(|r| r)
+                    {
+                        Ok(LeaseState::Held) => {
+                            renewed = tokio::time::Instant::now();
+                            if busy_logged {
+                                tracing::info!(bucket = %bucket.describe, "took the bucket's writer lease");
+                                busy_logged = false;
+                            }
+                            app.ready.set(None);
                         }
-                        app.ready.set(None);
-                    }
-                    Ok(LeaseState::Busy { holder, expires }) => {
-                        bucket.drop_lease();
-                        let why = format!(
-                            "{} is in use by another hoard ({holder}), whose writer lease runs until \
-                             {}; this version has one writer per bucket and prefix",
-                            bucket.describe,
-                            crate::clock::rfc3339(expires)
-                        );
-                        if !busy_logged {
-                            tracing::warn!("{why}");
-                            busy_logged = true;
+                        Ok(LeaseState::Busy { holder, expires }) => {
+                            bucket.drop_lease();
+                            let why = format!(
+                                "{} is in use by another hoard ({holder}), whose writer lease runs \
+                                 until {}; a single-writer bucket has one hoard at a time",
+                                bucket.describe,
+                                crate::clock::rfc3339(expires)
+                            );
+                            if !busy_logged {
+                                tracing::warn!("{why}");
+                                busy_logged = true;
+                            }
+                            app.ready.set(Some(why));
                         }
-                        app.ready.set(Some(why));
+                        Err(e) => {
+                            tracing::warn!(error = %e.message, "renewing the writer lease failed");
+                            lease_timeout(&bucket, renewed);
+                        }
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e.message, "renewing the writer lease failed");
-                        lease_timeout(&bucket, renewed);
+                } else {
+                    if !was_ready {
+                        tracing::info!(bucket = %bucket.describe, "ready");
+                    }
+                    app.ready.set(None);
+                }
+                if let Some(s) = &app.shared {
+                    if let Err(e) = s.heartbeat().await {
+                        tracing::warn!(error = %e.message, "the heartbeat to the bucket failed");
                     }
                 }
                 let off = bucket.clock.offset_ms();
@@ -443,16 +541,62 @@ async fn watch_bucket(app: Arc<App>, bucket: Arc<Bucket>) {
                     );
                     warned_skew = true;
                 }
-                tokio::time::sleep(PROBE_EVERY).await;
+                tokio::time::sleep(period).await;
             }
             Err(e) => {
                 if was_ready || first {
                     tracing::error!(error = %e.message, "S3 bucket unreachable; not ready (retrying)");
                 }
+                first = false;
                 app.ready.set(Some(e.message));
-                lease_timeout(&bucket, renewed);
+                if single {
+                    lease_timeout(&bucket, renewed);
+                }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+        }
+    }
+}
+
+/// Keeps a replica's cache in line with a shared bucket: re-lists it every `refresh`, reads the
+/// collector's announcements and ships reads every `poll`.
+async fn follow_bucket(app: Arc<App>, s: Arc<Shared>) {
+    let refresh = {
+        let s = s.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                if app.ready.why_not().is_none() {
+                    if let Err(e) = s.refresh().await {
+                        tracing::warn!(error = %e.message, "re-listing the bucket failed; will retry");
+                    }
+                    tokio::time::sleep(s.timing.refresh).await;
+                } else {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        })
+    };
+    let mut last_tidy = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(s.timing.poll).await;
+        if app.ready.why_not().is_some() {
+            continue;
+        }
+        if let Err(e) = s.poll_doomed().await {
+            tracing::debug!(error = %e.message, "reading the collector's announcements failed");
+        }
+        if let Err(e) = s.flush_access().await {
+            tracing::debug!(error = %e.message, "shipping access records failed; kept for the next round");
+        }
+        if s.holds_gc() && last_tidy.elapsed() > Duration::from_secs(30) {
+            last_tidy = tokio::time::Instant::now();
+            if let Err(e) = s.close_abandoned().await {
+                tracing::debug!(error = %e.message, "closing abandoned collections failed");
+            }
+        }
+        if refresh.is_finished() {
+            return;
         }
     }
 }
@@ -578,6 +722,10 @@ pub async fn serve(
         .bucket
         .clone()
         .map(|b| tokio::spawn(watch_bucket(app.clone(), b)));
+    let follower = app
+        .shared
+        .clone()
+        .map(|s| tokio::spawn(follow_bucket(app.clone(), s)));
     if !*app.swept.borrow() {
         // After an unclean stop: objects committed to S3 whose record the crash took (their
         // uploads were never acknowledged). Walking the bucket takes a while, so it runs
@@ -630,6 +778,9 @@ pub async fn serve(
     expiry.abort();
     if let Some(w) = watcher {
         w.abort();
+    }
+    if let Some(f) = follower {
+        f.abort();
     }
     let _ = fs::remove_file(&serving);
     let closing = app.clone();
@@ -777,6 +928,39 @@ fn status_page(app: &App) -> String {
         for (op, n) in b.counters.by_operation() {
             out.push_str(&format!("s3 requests {op}: {n}\n"));
         }
+    }
+    if let Some(sh) = &app.shared {
+        use std::sync::atomic::Ordering::Relaxed;
+        let holder = sh
+            .gc_holder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| "unknown yet".into());
+        out.push_str(&format!(
+            "replica: {}\nreplicas alive: {}\ncollector: {}\nconditional writes: {}\n\
+             bucket re-listings: {} (last took {} ms over {} objects)\n\
+             collections pending: {}\ncollected content spared: {}\n\
+             pushes that waited for a collection: {}\n",
+            sh.me,
+            sh.stats.live_replicas.load(Relaxed).max(1),
+            if sh.holds_gc() {
+                "this replica".to_owned()
+            } else {
+                holder
+            },
+            if sh.bucket.single_writer() {
+                "ignored by the service (single writer)"
+            } else {
+                "honoured"
+            },
+            sh.stats.refreshes.load(Relaxed),
+            sh.stats.last_refresh_ms.load(Relaxed),
+            sh.stats.last_refresh_objects.load(Relaxed),
+            sh.pending_collections(),
+            sh.stats.rescued.load(Relaxed),
+            sh.stats.waited_for_collection.load(Relaxed),
+        ));
     }
     if let Some(t) = &app.tiered {
         let st = t.stats();

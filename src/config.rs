@@ -217,7 +217,7 @@ impl StoreConfig {
         };
         for (sub, key, v) in set {
             let value = match key.as_str() {
-                "path_style" => toml::Value::Boolean(
+                "path_style" | "single_writer" => toml::Value::Boolean(
                     parse_bool(&v)
                         .map_err(|e| format!("HOARD_STORE_{}: {e}", key.to_ascii_uppercase()))?,
                 ),
@@ -335,6 +335,23 @@ pub struct S3Config {
     /// One attempt of one S3 request (until its answer's headers) may take this long.
     #[serde(default = "S3Config::default_timeout")]
     pub timeout: HumanDuration,
+    /// For an S3-compatible service that ignores conditional writes: run one hoard alone on
+    /// the bucket (a writer lease keeps a second one out, as well as it can without them).
+    /// Without this, hoard refuses such a service.
+    #[serde(default)]
+    pub single_writer: bool,
+    /// How often each replica re-lists the bucket to catch what other replicas changed
+    /// (listings, sizes, the collector's plan); reads never wait for it.
+    #[serde(default = "S3Config::default_refresh_interval")]
+    pub refresh_interval: HumanDuration,
+    /// While other replicas are alive, the collector announces what it will delete this long
+    /// before deleting it (they stop offering it, and ship the reads that may spare it).
+    #[serde(default = "S3Config::default_delete_delay")]
+    pub delete_delay: HumanDuration,
+    /// Length of the garbage collector's lease: if its holder stops, another replica takes
+    /// over this long (plus 5 s) after the last renewal, by the S3 service's clock.
+    #[serde(default = "S3Config::default_gc_lease")]
+    pub gc_lease: HumanDuration,
 }
 
 impl fmt::Debug for S3Config {
@@ -367,6 +384,24 @@ impl S3Config {
     fn default_timeout() -> HumanDuration {
         HumanDuration(Duration::from_secs(30))
     }
+    fn default_refresh_interval() -> HumanDuration {
+        HumanDuration(Duration::from_secs(60))
+    }
+    fn default_delete_delay() -> HumanDuration {
+        HumanDuration(Duration::from_secs(5))
+    }
+    fn default_gc_lease() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
+
+    /// How a replica paces its work with the bucket.
+    pub fn timing(&self) -> crate::lifecycle::shared::Timing {
+        crate::lifecycle::shared::Timing::new(
+            self.refresh_interval.0,
+            self.delete_delay.0,
+            self.gc_lease.0,
+        )
+    }
 
     fn fill(&self, t: &mut toml::Table) {
         t.insert("bucket".into(), self.bucket.clone().into());
@@ -386,6 +421,16 @@ impl S3Config {
         t.insert("parallel_parts".into(), (self.parallel_parts as i64).into());
         t.insert("retries".into(), (self.retries as i64).into());
         t.insert("timeout".into(), show_duration(self.timeout.0).into());
+        t.insert("single_writer".into(), self.single_writer.into());
+        t.insert(
+            "refresh_interval".into(),
+            show_duration(self.refresh_interval.0).into(),
+        );
+        t.insert(
+            "delete_delay".into(),
+            show_duration(self.delete_delay.0).into(),
+        );
+        t.insert("gc_lease".into(), show_duration(self.gc_lease.0).into());
     }
 
     /// Where the bucket is, for messages: "bucket hoard at http://127.0.0.1:9000".
@@ -419,6 +464,12 @@ impl S3Config {
         }
         if self.timeout.0.is_zero() {
             return Err(format!("{at}.timeout must be greater than zero"));
+        }
+        if self.refresh_interval.0 < Duration::from_secs(1) {
+            return Err(format!("{at}.refresh_interval must be at least 1s"));
+        }
+        if self.gc_lease.0 < Duration::from_secs(3) {
+            return Err(format!("{at}.gc_lease must be at least 3s"));
         }
         if self.parallel_parts == 0 || self.retries == 0 {
             return Err(format!(

@@ -192,6 +192,15 @@ fn verify_finds_and_mends_a_blob_its_repository_lost_sight_of() {
         .unwrap();
     }
     let out = hoard_cmd(&["verify", "--data-dir", d]);
+    if !on_disk() {
+        // On a bucket the index is a cache of it: verify re-reads the bucket first, where the
+        // link never went, so the cache is mended before anything is judged.
+        assert!(out.status.success(), "{}", stdout(&out));
+        assert!(stdout(&out).contains(" 0 dangling"), "{}", stdout(&out));
+        let h = Hoard::start_on(&data, &[]);
+        assert!(pull(&h, "app", "v1"), "the bucket's link serves the pull");
+        return;
+    }
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     let text = stdout(&out);
     assert!(text.contains("0 corrupt, 0 missing"), "{text}");

@@ -104,9 +104,41 @@ pub struct Report {
     /// Blob files to unlink once the records are durable.
     pub victims: Vec<Digest>,
     pub freed: u64,
+    /// Each removal with its reason and repository (what the tallies add up).
+    pub items: Vec<(Reason, String, Item)>,
+}
+
+/// One thing a pass removes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Item {
+    Tag(String),
+    Manifest(Digest),
+    Blob(Digest, u64),
 }
 
 impl Report {
+    /// Keeps only the removals `keep` confirms (a collection on a shared bucket spares what was
+    /// claimed or read since its plan) and recounts.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str, &Item) -> bool) {
+        self.items.retain(|(_, repo, item)| keep(repo, item));
+        self.tallies.clear();
+        self.victims.clear();
+        self.freed = 0;
+        for (reason, repo, item) in &self.items {
+            let t = self.tallies.entry((*reason, repo.clone())).or_default();
+            match item {
+                Item::Tag(_) => t.tags += 1,
+                Item::Manifest(_) => t.manifests += 1,
+                Item::Blob(d, size) => {
+                    t.blobs += 1;
+                    t.bytes += size;
+                    self.victims.push(*d);
+                    self.freed += size;
+                }
+            }
+        }
+    }
+
     pub fn total(&self) -> Tally {
         let mut t = Tally::default();
         for v in self.tallies.values() {
@@ -228,6 +260,9 @@ impl<'a> Plan<'a> {
                 repo: repo.to_owned(),
                 tag: t.to_owned(),
             });
+            self.report
+                .items
+                .push((reason, repo.to_owned(), Item::Tag(t.to_owned())));
         }
         self.tally(reason, repo).tags += n;
         if self.unreachable(repo, &d) {
@@ -249,6 +284,9 @@ impl<'a> Plan<'a> {
             digest: d,
         });
         self.tally(reason, repo).manifests += 1;
+        self.report
+            .items
+            .push((reason, repo.to_owned(), Item::Manifest(d)));
         let pushed = meta.pushed;
         // Its own bytes, then its children.
         self.unref(d, reason, repo, pushed);
@@ -327,6 +365,9 @@ impl<'a> Plan<'a> {
         let t = self.tally(reason, repo);
         t.blobs += 1;
         t.bytes += size;
+        self.report
+            .items
+            .push((reason, repo.to_owned(), Item::Blob(d, size)));
     }
 
     /// Tagged manifests, least recently used first.
@@ -437,6 +478,22 @@ impl<'a> Plan<'a> {
     }
 }
 
+/// A plan's records as what a shared bucket deletes: tags, manifests, blobs (links go with
+/// their blobs).
+#[allow(clippy::type_complexity)]
+fn split(ops: Vec<Op>) -> (Vec<(String, String)>, Vec<(String, Digest)>, Vec<Digest>) {
+    let (mut tags, mut manifests, mut blobs) = (Vec::new(), Vec::new(), Vec::new());
+    for op in ops {
+        match op {
+            Op::TagDeleted { repo, tag } => tags.push((repo, tag)),
+            Op::ManifestDeleted { repo, digest } => manifests.push((repo, digest)),
+            Op::BlobRemoved { digest } => blobs.push(digest),
+            _ => {}
+        }
+    }
+    (tags, manifests, blobs)
+}
+
 /// Digests between their rename into the store and their index record. A pass never unlinks a
 /// pinned digest's file: the file may already be the new upload's.
 #[derive(Default)]
@@ -489,6 +546,9 @@ pub struct Lifecycle {
     totals: Mutex<BTreeMap<(Reason, String), Tally>>,
     /// Wakes the background pass when an upload pushed usage over the high watermark.
     pub wake: tokio::sync::Notify,
+    /// Set when the store is a bucket shared with other replicas: passes run only in the
+    /// replica holding the collector's lease, and carry out their plan in the bucket.
+    pub shared: std::sync::OnceLock<Arc<crate::lifecycle::shared::Shared>>,
 }
 
 /// Uploads reserve space in steps of this much when they do not announce their size.
@@ -516,6 +576,7 @@ impl Lifecycle {
             running: Mutex::new(()),
             totals: Mutex::new(BTreeMap::new()),
             wake: tokio::sync::Notify::new(),
+            shared: std::sync::OnceLock::new(),
         }
     }
 
@@ -539,29 +600,15 @@ impl Lifecycle {
     /// low one; with a `ceiling` (a reservation waiting on this pass), also down to that many
     /// bytes stored plus reserved. Blocking; one pass runs at a time.
     pub fn pass(&self, ceiling: Option<u64>) -> Result<Report> {
+        if let Some(s) = self.shared.get() {
+            return self.shared_pass(s, ceiling);
+        }
         let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let now = self.clock.now_ms();
         let reserved = self.reserved();
         let mut report = Report::default();
-        let policy = &self.policy;
-        let low = self.low_mark();
-        let high = self.high_mark();
         self.index.commit_if(|state| {
-            let mut plan = Plan::new(state, policy, now);
-            if let Some(ttl) = policy.ttl {
-                plan.expire(ttl);
-            }
-            plan.collect_orphans();
-            let mut target = ceiling;
-            if let (Some(low), Some(high)) = (low, high) {
-                if state.total.saturating_add(reserved) > high {
-                    target = Some(target.map_or(low, |t| t.min(low)));
-                }
-            }
-            if let Some(t) = target {
-                plan.shrink(t, reserved);
-            }
-            let (ops, r) = plan.into_ops();
+            let (ops, r) = self.plan(state, now, ceiling, reserved);
             report = r;
             Ok(ops)
         })?;
@@ -573,6 +620,138 @@ impl Lifecycle {
         self.unlink(&report.victims);
         self.count(&report);
         Ok(report)
+    }
+
+    /// What a pass at `now` would remove from `state`, as records and a report.
+    fn plan(
+        &self,
+        state: &State,
+        now: Millis,
+        ceiling: Option<u64>,
+        reserved: u64,
+    ) -> (Vec<Op>, Report) {
+        let policy = &self.policy;
+        let mut plan = Plan::new(state, policy, now);
+        if let Some(ttl) = policy.ttl {
+            plan.expire(ttl);
+        }
+        plan.collect_orphans();
+        let mut target = ceiling;
+        if let (Some(low), Some(high)) = (self.low_mark(), self.high_mark()) {
+            if state.total.saturating_add(reserved) > high {
+                target = Some(target.map_or(low, |t| t.min(low)));
+            }
+        }
+        if let Some(t) = target {
+            plan.shrink(t, reserved);
+        }
+        plan.into_ops()
+    }
+
+    /// A pass over a bucket other replicas share: only in the replica holding the collector's
+    /// lease (elsewhere it does nothing). The cache is revalidated and every replica's reads
+    /// merged, then planned as on disk; the plan is carried out in the bucket through the
+    /// announcement and claim handshake (lifecycle/shared.rs): tags first, each only if
+    /// unchanged; then the announcement, the wait, a second listing and plan, and the claims;
+    /// only what both plans remove and no claim names goes. The cache then follows the bucket.
+    fn shared_pass(
+        &self,
+        s: &Arc<crate::lifecycle::shared::Shared>,
+        ceiling: Option<u64>,
+    ) -> Result<Report> {
+        let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if !s.holds_gc() {
+            return Ok(Report::default());
+        }
+        let began = std::time::Instant::now();
+        s.block(|s| async move { s.prepare_collection().await })?;
+        let planned_at = self.clock.now_ms();
+        let (ops, mut report) = {
+            let state = self.index.read();
+            self.plan(&state, planned_at, ceiling, self.reserved())
+        };
+        if ops.is_empty() {
+            return Ok(report);
+        }
+        let (tags, manifests, blobs) = split(ops);
+        let (tags_done, intact) = s.block(move |s| async move { s.delete_tags(tags).await })?;
+        let mut done = crate::lifecycle::shared::Carried {
+            tags: tags_done,
+            ..Default::default()
+        };
+        if intact && !(manifests.is_empty() && blobs.is_empty()) {
+            let (m, b) = (manifests.clone(), blobs.clone());
+            let (key, announced) = s.block(move |s| async move { s.announce(m, b).await })?;
+            let swept =
+                self.recheck_and_sweep(s, ceiling, began, &key, announced, manifests, blobs);
+            match swept {
+                Ok(c) => {
+                    done.manifests = c.manifests;
+                    done.blobs = c.blobs;
+                }
+                Err(e) => {
+                    // Close the announcement having deleted nothing more.
+                    let _ = s.block(move |s| async move {
+                        s.sweep(key, Vec::new(), Vec::new(), announced).await
+                    });
+                    return Err(e);
+                }
+            }
+        }
+        report.retain(|repo, item| match item {
+            Item::Tag(t) => done.tags.contains(&(repo.to_owned(), t.clone())),
+            Item::Manifest(d) => done.manifests.contains(&(repo.to_owned(), *d)),
+            Item::Blob(d, _) => done.blobs.contains(d),
+        });
+        s.block(move |s| async move {
+            s.refresh().await?;
+            s.tidy(planned_at).await
+        })?;
+        self.count(&report);
+        Ok(report)
+    }
+
+    /// The announced part of a shared pass: after the wait, the bucket is listed and planned
+    /// again; what the second plan keeps, or a live claim names, is spared.
+    #[allow(clippy::too_many_arguments)]
+    fn recheck_and_sweep(
+        &self,
+        s: &Arc<crate::lifecycle::shared::Shared>,
+        ceiling: Option<u64>,
+        began: std::time::Instant,
+        key: &str,
+        announced: Millis,
+        manifests: Vec<(String, Digest)>,
+        blobs: Vec<Digest>,
+    ) -> Result<crate::lifecycle::shared::Carried> {
+        s.block(|s| async move { s.settle().await })?;
+        let key = key.to_owned();
+        if !s.holds_gc() || began.elapsed() > crate::lifecycle::shared::CLAIM_WINDOW / 2 {
+            tracing::warn!(announcement = %key, "calling off a collection (lease lost, or too slow)");
+            return Ok(Default::default());
+        }
+        // Claims first, then the listing: a push whose claim is gone by now committed before
+        // the listing begins, so the second plan sees its manifest.
+        let claimed = s.block(|s| async move { s.claimed().await })?;
+        s.block(|s| async move { s.prepare_collection().await })?;
+        let (ops, _) = {
+            let state = self.index.read();
+            self.plan(&state, self.clock.now_ms(), ceiling, self.reserved())
+        };
+        let (_, again_m, again_b) = split(ops);
+        let again_m: HashSet<(String, Digest)> = again_m.into_iter().collect();
+        let again_b: HashSet<Digest> = again_b.into_iter().collect();
+        let total = manifests.len() + blobs.len();
+        let manifests: Vec<(String, Digest)> = manifests
+            .into_iter()
+            .filter(|m| again_m.contains(m) && !claimed.contains(&m.1))
+            .collect();
+        let blobs: Vec<Digest> = blobs
+            .into_iter()
+            .filter(|d| again_b.contains(d) && !claimed.contains(d))
+            .collect();
+        s.note_spared(total - manifests.len() - blobs.len());
+        s.block(move |s| async move { s.sweep(key, manifests, blobs, announced).await })
     }
 
     fn unlink(&self, victims: &[Digest]) {
@@ -743,14 +922,21 @@ impl Lifecycle {
         f(&strays)
     }
 
-    /// How many blob files the index does not know.
+    /// How many blob files the index does not know. (On a shared bucket, other replicas'
+    /// uploads in flight are not strays: there, unreferenced blobs are the collector's orphans.)
     pub fn count_strays(&self) -> Result<u64> {
+        if self.shared.get().is_some() {
+            return Ok(0);
+        }
         self.with_strays(|s| Ok(s.len() as u64))
     }
 
     /// Removes files in the store that the index does not know (left by a crash between a
     /// rename and its record, or between a record and an unlink). Blocking; walks the store.
     pub fn sweep_files(&self) -> Result<u64> {
+        if self.shared.get().is_some() {
+            return Ok(0);
+        }
         let removed = self.with_strays(|strays| {
             let mut removed = 0;
             for chunk in strays.chunks(1024) {

@@ -625,16 +625,19 @@ impl Index {
     }
 
     /// Journals the queued access records, and a `ClockMark` when cache time moved on.
-    pub fn flush_touches(&self, now: Millis) -> Result<()> {
+    /// Returns the access records it journaled (a shared bucket ships them to the collector).
+    pub fn flush_touches(&self, now: Millis) -> Result<Vec<Op>> {
         let mut ops = std::mem::take(&mut *self.pending());
+        let touched = ops.clone();
         let floor = self.read().clock_floor;
         if now.saturating_sub(floor) >= 10_000 {
             ops.push(Op::ClockMark { at: now });
         }
         if ops.is_empty() {
-            return Ok(());
+            return Ok(touched);
         }
-        self.commit(ops)
+        self.commit(ops)?;
+        Ok(touched)
     }
 }
 
@@ -661,53 +664,61 @@ impl Index {
         }
         let mut report = Vec::new();
         self.commit_if(|state| {
-            let mut gone: HashSet<Digest> = bad.clone();
-            let mut ops = Vec::new();
-            for d in bad {
-                if state.blobs.contains_key(d) {
-                    ops.push(Op::BlobRemoved { digest: *d });
-                }
-            }
-            // Cascade to manifests until nothing more falls.
-            let mut dead_manifests: HashSet<(String, Digest)> = HashSet::new();
-            loop {
-                let mut changed = false;
-                for (name, repo) in &state.repos {
-                    for (md, meta) in &repo.manifests {
-                        let key = (name.clone(), *md);
-                        if dead_manifests.contains(&key) {
-                            continue;
-                        }
-                        if gone.contains(md) || meta.children.iter().any(|c| gone.contains(c)) {
-                            dead_manifests.insert(key);
-                            gone.insert(*md);
-                            changed = true;
-                        }
-                    }
-                }
-                if !changed {
-                    break;
-                }
-            }
-            for (name, repo) in &state.repos {
-                for d in repo.blobs.iter().filter(|d| gone.contains(d)) {
-                    ops.push(Op::Unlink {
-                        repo: name.clone(),
-                        digest: *d,
-                    });
-                }
-            }
-            for (name, md) in dead_manifests {
-                report.push(format!("{name}@{md}"));
-                ops.push(Op::ManifestDeleted {
-                    repo: name,
-                    digest: md,
-                });
-            }
+            let (ops, r) = plan_drop_blobs(state, bad);
+            report = r;
             Ok(ops)
         })?;
         Ok(report)
     }
+}
+
+/// The records `Index::drop_blobs` commits, and the manifests they remove ("repo@digest").
+pub fn plan_drop_blobs(state: &State, bad: &HashSet<Digest>) -> (Vec<Op>, Vec<String>) {
+    let mut report = Vec::new();
+    let mut gone: HashSet<Digest> = bad.clone();
+    let mut ops = Vec::new();
+    for d in bad {
+        if state.blobs.contains_key(d) {
+            ops.push(Op::BlobRemoved { digest: *d });
+        }
+    }
+    // Cascade to manifests until nothing more falls.
+    let mut dead_manifests: HashSet<(String, Digest)> = HashSet::new();
+    loop {
+        let mut changed = false;
+        for (name, repo) in &state.repos {
+            for (md, meta) in &repo.manifests {
+                let key = (name.clone(), *md);
+                if dead_manifests.contains(&key) {
+                    continue;
+                }
+                if gone.contains(md) || meta.children.iter().any(|c| gone.contains(c)) {
+                    dead_manifests.insert(key);
+                    gone.insert(*md);
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    for (name, repo) in &state.repos {
+        for d in repo.blobs.iter().filter(|d| gone.contains(d)) {
+            ops.push(Op::Unlink {
+                repo: name.clone(),
+                digest: *d,
+            });
+        }
+    }
+    for (name, md) in dead_manifests {
+        report.push(format!("{name}@{md}"));
+        ops.push(Op::ManifestDeleted {
+            repo: name,
+            digest: md,
+        });
+    }
+    (ops, report)
 }
 
 #[cfg(test)]

@@ -76,6 +76,10 @@ impl VerifyReport {
 
 /// Blocking: reads every blob once.
 pub fn verify(life: &Lifecycle, repair: bool) -> Result<VerifyReport> {
+    if let Some(s) = life.shared.get() {
+        // The cache follows the bucket first, so what other replicas wrote is checked too.
+        s.block(|s| async move { s.refresh().await.map(|_| ()) })?;
+    }
     let mut report = VerifyReport::default();
     let blobs: Vec<(Digest, u64)> = life
         .index
@@ -111,6 +115,10 @@ pub fn verify(life: &Lifecycle, repair: bool) -> Result<VerifyReport> {
     if repair && !report.is_clean() {
         // Stored but no longer visible where a manifest needs it: linking it back restores the
         // pull without dropping anything. A tag on no manifest of its repository goes.
+        if let Some(s) = life.shared.get() {
+            let ops = mend.clone();
+            s.block(move |s| async move { s.apply_in_bucket(ops).await })?;
+        }
         life.index.commit(mend)?;
         for d in &report.corrupt {
             life.store.quarantine(d)?;
@@ -124,7 +132,18 @@ pub fn verify(life: &Lifecycle, repair: bool) -> Result<VerifyReport> {
             .collect();
         // A child the index holds no bytes for: whatever lists it goes, as for a missing blob.
         bad.extend(unstored_children(&life.index.read()));
-        report.dropped_manifests = life.index.drop_blobs(&bad)?;
+        report.dropped_manifests = match life.shared.get() {
+            None => life.index.drop_blobs(&bad)?,
+            Some(s) => {
+                // In the bucket first (every replica's truth), then this cache.
+                let (ops, dropped) =
+                    crate::lifecycle::index::plan_drop_blobs(&life.index.read(), &bad);
+                let o = ops.clone();
+                s.block(move |s| async move { s.apply_in_bucket(o).await })?;
+                life.index.commit(ops)?;
+                dropped
+            }
+        };
         life.index.sync_journal()?;
         life.sweep_files()?;
         report.repaired = true;

@@ -84,6 +84,7 @@ pub async fn get(
     // the blob for the orphan grace period. A GET is a pull and claims nothing.
     let size = reg
         .stat_blob(name, &digest, is_head)
+        .await
         .map_err(|e| OciError::from_error(e, Code::BlobUnknown))?;
     let (status, start, len) = match parse_range(header(req, RANGE), size) {
         RangeReq::Whole => (StatusCode::OK, 0, size),
@@ -142,9 +143,10 @@ pub async fn get(
     Ok(resp)
 }
 
-pub fn delete(reg: &Registry, name: &RepoName, d: &str) -> HandlerResult {
+pub async fn delete(reg: &Registry, name: &RepoName, d: &str) -> HandlerResult {
     let digest = parse_digest(d)?;
     reg.delete_blob(name, &digest)
+        .await
         .map_err(|e| OciError::from_error(e, Code::BlobUnknown))?;
     Ok(empty_response(
         StatusCode::ACCEPTED,

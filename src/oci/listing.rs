@@ -47,10 +47,11 @@ fn with_link(
     resp
 }
 
-pub fn tags(reg: &Registry, name: &RepoName, req: &Request<Incoming>) -> HandlerResult {
+pub async fn tags(reg: &Registry, name: &RepoName, req: &Request<Incoming>) -> HandlerResult {
     let (n, last) = page_params(req)?;
     let (page, more) = reg
         .tags(name, n, last.as_deref())
+        .await
         .map_err(|e| OciError::from_error(e, Code::NameUnknown))?;
     let body = serde_json::json!({ "name": name.as_str(), "tags": page }).to_string();
     Ok(with_link(
@@ -62,9 +63,12 @@ pub fn tags(reg: &Registry, name: &RepoName, req: &Request<Incoming>) -> Handler
     ))
 }
 
-pub fn catalog(reg: &Registry, req: &Request<Incoming>) -> HandlerResult {
+pub async fn catalog(reg: &Registry, req: &Request<Incoming>) -> HandlerResult {
     let (n, last) = page_params(req)?;
-    let (page, more) = reg.catalog(n, last.as_deref());
+    let (page, more) = reg
+        .catalog(n, last.as_deref())
+        .await
+        .map_err(|e| OciError::from_error(e, Code::NameUnknown))?;
     let body = serde_json::json!({ "repositories": page }).to_string();
     Ok(with_link(
         json_response(StatusCode::OK, body),
@@ -75,7 +79,7 @@ pub fn catalog(reg: &Registry, req: &Request<Incoming>) -> HandlerResult {
     ))
 }
 
-pub fn referrers(
+pub async fn referrers(
     reg: &Registry,
     name: &RepoName,
     d: &str,
@@ -86,7 +90,10 @@ pub fn referrers(
         .map_err(|e: Error| OciError::from_error(e, Code::DigestInvalid))?;
     let q = query(req);
     let filter = query_one(&q, "artifactType");
-    let manifests = reg.referrers(name, &subject, filter);
+    let manifests = reg
+        .referrers(name, &subject, filter)
+        .await
+        .map_err(|e| OciError::from_error(e, Code::NameUnknown))?;
     let body = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": OCI_INDEX,

@@ -122,7 +122,10 @@ pub async fn get(
     let reference = parse_reference(r)?;
     let missing = |e: Error| OciError::from_error(e, Code::ManifestUnknown);
     let (digest, meta, body) = if req.method() == Method::HEAD {
-        let (d, m) = reg.resolve_manifest(name, &reference).map_err(missing)?;
+        let (d, m) = reg
+            .resolve_manifest(name, &reference)
+            .await
+            .map_err(missing)?;
         (d, m, None)
     } else {
         let (d, m, b) = reg.get_manifest(name, &reference).await.map_err(missing)?;
@@ -156,9 +159,10 @@ pub async fn get(
     Ok(resp)
 }
 
-pub fn delete(reg: &Registry, name: &RepoName, r: &str) -> HandlerResult {
+pub async fn delete(reg: &Registry, name: &RepoName, r: &str) -> HandlerResult {
     let reference = parse_reference(r)?;
     reg.delete_manifest(name, &reference)
+        .await
         .map_err(|e| OciError::from_error(e, Code::ManifestUnknown))?;
     Ok(empty_response(StatusCode::ACCEPTED, &[]))
 }

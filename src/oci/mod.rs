@@ -64,11 +64,11 @@ async fn dispatch(reg: &Registry, route: Route<'_>, req: Request<Incoming>) -> H
     let method = req.method().clone();
     match (route, method) {
         (Route::Base, Method::GET | Method::HEAD) => Ok(json_response(StatusCode::OK, "{}")),
-        (Route::Catalog, Method::GET) => listing::catalog(reg, &req),
-        (Route::Tags(name), Method::GET) => listing::tags(reg, &name, &req),
-        (Route::Referrers(name, d), Method::GET) => listing::referrers(reg, &name, d, &req),
+        (Route::Catalog, Method::GET) => listing::catalog(reg, &req).await,
+        (Route::Tags(name), Method::GET) => listing::tags(reg, &name, &req).await,
+        (Route::Referrers(name, d), Method::GET) => listing::referrers(reg, &name, d, &req).await,
         (Route::Blob(name, d), Method::GET | Method::HEAD) => blobs::get(reg, &name, d, &req).await,
-        (Route::Blob(name, d), Method::DELETE) => blobs::delete(reg, &name, d),
+        (Route::Blob(name, d), Method::DELETE) => blobs::delete(reg, &name, d).await,
         (Route::UploadStart(name), Method::POST) => uploads::start(reg, &name, req).await,
         (Route::Upload(name, id), Method::PATCH) => uploads::patch(reg, &name, id, req).await,
         (Route::Upload(name, id), Method::PUT) => uploads::put(reg, &name, id, req).await,
@@ -78,7 +78,7 @@ async fn dispatch(reg: &Registry, route: Route<'_>, req: Request<Incoming>) -> H
             manifests::get(reg, &name, r, &req).await
         }
         (Route::Manifest(name, r), Method::PUT) => manifests::put(reg, &name, r, req).await,
-        (Route::Manifest(name, r), Method::DELETE) => manifests::delete(reg, &name, r),
+        (Route::Manifest(name, r), Method::DELETE) => manifests::delete(reg, &name, r).await,
         (_, m) => Err(OciError::new(
             Code::Unsupported,
             format!("method {m} is not supported on this endpoint"),

@@ -79,6 +79,7 @@ pub async fn start(reg: &Registry, name: &RepoName, req: Request<Incoming>) -> H
         };
         if reg
             .mount(name, &digest, from.as_ref())
+            .await
             .map_err(upload_error)?
         {
             return created(name, &digest);

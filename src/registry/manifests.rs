@@ -11,6 +11,7 @@ use super::{paginate, Registry};
 use crate::digest::{Algorithm, Digest};
 use crate::error::{Error, ErrorKind, Result, What};
 use crate::lifecycle::index::{ManifestMeta, Op};
+use crate::lifecycle::shared::TagValue;
 use crate::names::{Reference, RepoName, Tag};
 
 /// Largest manifest accepted (distribution's default; BuildKit reads at most 1 MiB anyway).
@@ -212,16 +213,14 @@ impl Registry {
             .and_then(|a| serde_json::to_string(a).ok());
 
         // Fail fast before writing bytes; checked again atomically with the commit below.
-        self.check_children(req.repo, &children)?;
-        self.put_bytes(req.repo, digest, body.clone()).await?;
-
+        self.check_children(req.repo, &children).await?;
         let now = self.clock.now_ms();
         let mut tags: Vec<&Tag> = req.extra_tags.iter().collect();
         if let Reference::Tag(t) = req.reference {
             tags.push(t);
         }
         let repo = req.repo.to_string();
-        self.index.commit_if(|state| {
+        let meta_for = |state: &crate::lifecycle::index::State| -> Result<ManifestMeta> {
             let r = state.repos.get(&repo);
             let mut kept = Vec::with_capacity(children.len());
             for c in &children {
@@ -237,7 +236,7 @@ impl Registry {
                     return Err(blob_unknown(&c.digest));
                 }
             }
-            let meta = ManifestMeta {
+            Ok(ManifestMeta {
                 size: body.len() as u64,
                 media_type: media_type.clone(),
                 pushed: now,
@@ -247,7 +246,79 @@ impl Registry {
                 children: kept,
                 access: crate::lifecycle::index::Stamp::new(now),
                 rooted: false,
-            };
+            })
+        };
+        if let Some(s) = self.shared.clone() {
+            // The claim handshake (lifecycle/shared.rs): claim, write, wait out announced
+            // collections, check the bucket holds every child, then commit record and tags.
+            let meta = meta_for(&self.index.read())?;
+            let mut digests = vec![digest];
+            digests.extend(meta.children.iter().copied());
+            let mut manifests = vec![(repo.clone(), digest)];
+            manifests.extend(
+                children
+                    .iter()
+                    .filter(|c| c.manifest)
+                    .map(|c| (repo.clone(), c.digest)),
+            );
+            let required: Vec<Digest> = children
+                .iter()
+                .filter(|c| c.required)
+                .map(|c| c.digest)
+                .collect();
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                let claim = s.claim(digests.clone()).await?;
+                let r = async {
+                    self.put_bytes(req.repo, digest, body.clone()).await?;
+                    if s.await_clear(&digests, &manifests).await? {
+                        // A collection finished meanwhile: the bytes may have gone with it.
+                        self.put_bytes(req.repo, digest, body.clone()).await?;
+                    }
+                    let missing = s.missing_blobs(required.clone()).await?;
+                    if let Some(m) = missing.first() {
+                        return Err(blob_unknown(m));
+                    }
+                    s.pause("push-before-commit").await;
+                    if !claim.fresh() {
+                        return Ok(false);
+                    }
+                    s.put_record(&repo, digest, &meta).await?;
+                    for t in &tags {
+                        s.set_tag(
+                            &repo,
+                            t.as_str(),
+                            TagValue {
+                                digest,
+                                size: meta.size,
+                                media_type: media_type.clone(),
+                            },
+                        )
+                        .await?;
+                    }
+                    Ok(true)
+                }
+                .await;
+                s.release(claim);
+                match r {
+                    Ok(true) => break,
+                    Ok(false) if attempts < 3 => continue,
+                    Ok(false) => {
+                        return Err(Error::new(
+                            ErrorKind::Unavailable,
+                            "the push took too long between its claim and its commit; retry",
+                        ))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        } else {
+            self.put_bytes(req.repo, digest, body.clone()).await?;
+        }
+
+        self.index.commit_if(|state| {
+            let meta = meta_for(state)?;
             let mut ops = vec![Op::ManifestPut {
                 repo: repo.clone(),
                 digest,
@@ -263,12 +334,40 @@ impl Registry {
             }
             Ok(ops)
         })?;
+        if let Some(s) = &self.shared {
+            s.cache_manifest(digest, body.clone());
+        }
         self.settle().await?;
         tracing::debug!(repo = %req.repo, digest = %digest, reference = %req.reference, "manifest stored");
         Ok(Stored { digest, subject })
     }
 
-    fn check_children(&self, repo: &RepoName, children: &[Child]) -> Result<()> {
+    /// Every required child is stored and visible in `repo` (on a shared bucket, read through
+    /// for what the cache lacks), and declared sizes match.
+    async fn check_children(&self, repo: &RepoName, children: &[Child]) -> Result<()> {
+        if let Some(s) = &self.shared {
+            let unknown: Vec<&Child> = {
+                let state = self.index.read();
+                let r = state.repos.get(repo.as_str());
+                children
+                    .iter()
+                    .filter(|c| {
+                        !(state.blobs.contains_key(&c.digest)
+                            && r.is_some_and(|r| {
+                                r.blobs.contains(&c.digest) || r.manifests.contains_key(&c.digest)
+                            }))
+                    })
+                    .collect()
+            };
+            for c in unknown {
+                // A child manifest is visible through its record or its bytes' link.
+                let found = s.find_link(repo.as_str(), c.digest).await?.is_some()
+                    || (c.manifest && s.get_manifest(repo.as_str(), c.digest).await?.is_some());
+                if !found && c.required {
+                    return Err(blob_unknown(&c.digest));
+                }
+            }
+        }
         let state = self.index.read();
         let r = state.repos.get(repo.as_str());
         for c in children {
@@ -295,8 +394,80 @@ impl Registry {
         Ok(())
     }
 
-    /// Resolves a tag or digest in `repo` to the manifest's digest and metadata.
-    pub fn resolve_manifest(
+    /// Resolves a tag or digest in `repo` to the manifest's digest and metadata. On a shared
+    /// bucket a tag is always read from the bucket (one request: another replica may have moved
+    /// it), and a digest the cache lacks is read through.
+    pub async fn resolve_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<(Digest, ManifestMeta)> {
+        let unknown =
+            || Error::not_found(format!("manifest {reference} is not in repository {repo}"));
+        let Some(s) = &self.shared else {
+            return self.resolve_cached(repo, reference);
+        };
+        let now = self.clock.now_ms();
+        match reference {
+            Reference::Tag(t) => {
+                let v = match s.get_tag(repo.as_str(), t.as_str()).await {
+                    Ok(v) => v.ok_or_else(unknown)?,
+                    Err(e) if e.kind == ErrorKind::Unavailable => {
+                        // S3 unreachable: the tag as this replica last saw it (stale beats a
+                        // failed build; a disk tier may still hold the content).
+                        return match self.resolve_cached(repo, reference) {
+                            Ok(r) => {
+                                tracing::debug!(repo = %repo, reference = %reference, "S3 unreachable: answering from the cached tag");
+                                Ok(r)
+                            }
+                            Err(_) => Err(e),
+                        };
+                    }
+                    Err(e) => return Err(e),
+                };
+                let state = self.index.read();
+                let cached = state
+                    .repos
+                    .get(repo.as_str())
+                    .and_then(|r| r.manifests.get(&v.digest));
+                let meta = match cached {
+                    Some(m) => {
+                        self.index
+                            .touch_manifest(&state, repo.as_str(), &v.digest, now);
+                        m.clone()
+                    }
+                    None => {
+                        s.note_manifest_read(repo.as_str(), v.digest, now);
+                        ManifestMeta {
+                            size: v.size,
+                            media_type: v.media_type.clone(),
+                            pushed: now,
+                            access: crate::lifecycle::index::Stamp::new(now),
+                            ..ManifestMeta::default()
+                        }
+                    }
+                };
+                Ok((v.digest, meta))
+            }
+            Reference::Digest(d) => {
+                if !s.doomed_manifest(repo.as_str(), d) {
+                    match self.resolve_cached(repo, reference) {
+                        Err(e) if e.is_not_found() => {}
+                        r => return r,
+                    }
+                }
+                let meta = s
+                    .get_manifest(repo.as_str(), *d)
+                    .await?
+                    .ok_or_else(unknown)?;
+                let state = self.index.read();
+                self.index.touch_manifest(&state, repo.as_str(), d, now);
+                Ok((*d, meta))
+            }
+        }
+    }
+
+    fn resolve_cached(
         &self,
         repo: &RepoName,
         reference: &Reference,
@@ -321,68 +492,105 @@ impl Registry {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<(Digest, ManifestMeta, Bytes)> {
-        let (digest, meta) = self.resolve_manifest(repo, reference)?;
-        let bytes = self.read_small(&digest, MAX_MANIFEST as u64 + 1).await?;
+        let (digest, meta) = self.resolve_manifest(repo, reference).await?;
+        if let Some(b) = self
+            .shared
+            .as_ref()
+            .and_then(|s| s.cached_manifest(&digest))
+        {
+            return Ok((digest, meta, b));
+        }
+        let bytes = match self.read_small(&digest, MAX_MANIFEST as u64 + 1).await {
+            Ok(b) => b,
+            Err(e) => {
+                if let (true, Some(s)) = (e.is_not_found(), &self.shared) {
+                    s.forget(&[(repo.to_string(), digest)], &[digest])?;
+                }
+                return Err(e);
+            }
+        };
+        if let Some(s) = &self.shared {
+            s.cache_manifest(digest, bytes.clone());
+        }
         Ok((digest, meta, bytes))
     }
 
     /// By tag: removes the tag only. By digest: removes the manifest and every tag on it.
-    pub fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
-        let name = repo.to_string();
-        self.index.commit_if(|state| {
-            let unknown =
-                || Error::not_found(format!("manifest {reference} is not in repository {repo}"));
-            let r = state.repos.get(&name).ok_or_else(unknown)?;
-            match reference {
-                Reference::Tag(t) => {
-                    if !r.tags.contains_key(t.as_str()) {
-                        return Err(unknown());
-                    }
-                    Ok(vec![Op::TagDeleted {
-                        repo: name.clone(),
-                        tag: t.to_string(),
-                    }])
-                }
-                Reference::Digest(d) => {
-                    if !r.manifests.contains_key(d) {
-                        return Err(unknown());
-                    }
-                    // An index of this repository lists it: deleting it would break that
-                    // index's pull for this platform. (A referrer's subject may go: the
-                    // referrers API allows a subject that is gone.)
-                    if let Some(holder) = r.holder_of(d) {
-                        return Err(Error::in_use(format!(
-                            "manifest {d} is still listed by {holder} in repository {repo}; \
-                             delete that index first"
-                        )));
-                    }
-                    Ok(vec![Op::ManifestDeleted {
-                        repo: name.clone(),
-                        digest: *d,
-                    }])
+    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+        let Some(s) = &self.shared else {
+            return self
+                .index
+                .commit_if(|state| plan_delete_manifest(state, repo, reference));
+        };
+        // Judged on the repository as the bucket has it now.
+        s.refresh_repo(repo.as_str()).await?;
+        let ops = plan_delete_manifest(&self.index.read(), repo, reference)?;
+        match reference {
+            Reference::Tag(t) => {
+                if !s.delete_tag(repo.as_str(), t.as_str()).await? {
+                    return Err(Error::not_found(format!(
+                        "manifest {reference} is not in repository {repo}"
+                    )));
                 }
             }
-        })
+            Reference::Digest(d) => {
+                let tags: Vec<String> = {
+                    let state = self.index.read();
+                    state.repos.get(repo.as_str()).map_or(Vec::new(), |r| {
+                        r.tags
+                            .iter()
+                            .filter(|(_, t)| *t == d)
+                            .map(|(name, _)| name.clone())
+                            .collect()
+                    })
+                };
+                for t in tags {
+                    s.delete_tag(repo.as_str(), &t).await?;
+                }
+                s.delete_record(repo.as_str(), *d).await?;
+            }
+        }
+        self.index.commit(ops)
     }
 
     /// Tags of `repo` in lexical order after `last`, at most `n`; `None` if the repository is
     /// unknown.
-    pub fn tags(
+    pub async fn tags(
         &self,
         repo: &RepoName,
         n: Option<usize>,
         last: Option<&str>,
     ) -> Result<(Vec<String>, bool)> {
+        let unknown = || Error::not_found(format!("repository {repo} is not known"));
+        if let Some(s) = &self.shared {
+            s.refresh_repo(repo.as_str()).await?;
+            let known = self.index.read().repos.contains_key(repo.as_str());
+            if !known {
+                if s.repo_known(repo.as_str()).await? {
+                    return Ok((Vec::new(), false));
+                }
+                return Err(unknown());
+            }
+        }
         let state = self.index.read();
-        let r = state
-            .repos
-            .get(repo.as_str())
-            .ok_or_else(|| Error::not_found(format!("repository {repo} is not known")))?;
+        let r = state.repos.get(repo.as_str()).ok_or_else(unknown)?;
         Ok(paginate(r.tags.keys().map(String::as_str), n, last))
     }
 
     /// Descriptors of the manifests in `repo` whose subject is `subject`.
-    pub fn referrers(
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<serde_json::Value>> {
+        if let Some(s) = &self.shared {
+            s.refresh_repo(repo.as_str()).await?;
+        }
+        Ok(self.referrers_cached(repo, subject, artifact_type))
+    }
+
+    fn referrers_cached(
         &self,
         repo: &RepoName,
         subject: &Digest,
@@ -427,4 +635,45 @@ fn blob_unknown(d: &Digest) -> Error {
         "manifest references {d}, which is stored in this repository neither as a manifest nor \
          as a blob: push it first"
     ))
+}
+
+/// The records deleting `reference` from `repo` takes, or why it may not go: by tag, the tag;
+/// by digest, the manifest and its tags, refused while an index of the repository lists it.
+fn plan_delete_manifest(
+    state: &crate::lifecycle::index::State,
+    repo: &RepoName,
+    reference: &Reference,
+) -> Result<Vec<Op>> {
+    let name = repo.to_string();
+    let unknown = || Error::not_found(format!("manifest {reference} is not in repository {repo}"));
+    let r = state.repos.get(&name).ok_or_else(unknown)?;
+    match reference {
+        Reference::Tag(t) => {
+            if !r.tags.contains_key(t.as_str()) {
+                return Err(unknown());
+            }
+            Ok(vec![Op::TagDeleted {
+                repo: name.clone(),
+                tag: t.to_string(),
+            }])
+        }
+        Reference::Digest(d) => {
+            if !r.manifests.contains_key(d) {
+                return Err(unknown());
+            }
+            // An index of this repository lists it: deleting it would break that index's pull
+            // for this platform. (A referrer's subject may go: the referrers API allows a
+            // subject that is gone.)
+            if let Some(holder) = r.holder_of(d) {
+                return Err(Error::in_use(format!(
+                    "manifest {d} is still listed by {holder} in repository {repo}; \
+                     delete that index first"
+                )));
+            }
+            Ok(vec![Op::ManifestDeleted {
+                repo: name.clone(),
+                digest: *d,
+            }])
+        }
+    }
 }

@@ -14,6 +14,7 @@ use crate::digest::{Algorithm, Digest};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lifecycle::gc::Lifecycle;
 use crate::lifecycle::index::{Index, Op};
+use crate::lifecycle::shared::Shared;
 use crate::names::RepoName;
 use crate::store::{BlobRead, BlobStore, BlobWriter, Expect};
 
@@ -36,6 +37,9 @@ pub struct Registry {
     pub body_timeout: std::time::Duration,
     /// Bytes of manifest bodies being received (they are gathered in memory), in KiB permits.
     manifest_bytes: Arc<tokio::sync::Semaphore>,
+    /// On a bucket shared by several replicas: the bucket is the truth and the index a cache of
+    /// it; misses read through, writes go to the bucket before the cache.
+    pub shared: Option<Arc<Shared>>,
 }
 
 /// How long a transfer waits for a slot before it is answered 503.
@@ -60,6 +64,7 @@ pub struct Span {
 
 impl Registry {
     pub fn new(life: Arc<Lifecycle>) -> Registry {
+        let shared = life.shared.get().cloned();
         Registry {
             store: life.store.clone(),
             index: life.index.clone(),
@@ -71,6 +76,7 @@ impl Registry {
             max_transfers: DEFAULT_MAX_TRANSFERS,
             body_timeout: DEFAULT_BODY_TIMEOUT,
             manifest_bytes: Arc::new(tokio::sync::Semaphore::new(MANIFEST_BUDGET_KIB)),
+            shared,
         }
     }
 
@@ -128,8 +134,34 @@ impl Registry {
     }
 
     /// Size of `d` as `repo` sees it: pushed or mounted there, or one of its manifests. With
-    /// `claim`, stamps the blob as about to be referenced (orphan grace restarts).
-    pub fn stat_blob(&self, repo: &RepoName, d: &Digest, claim: bool) -> Result<u64> {
+    /// `claim`, stamps the blob as about to be referenced (orphan grace restarts). On a shared
+    /// bucket a miss reads through: another replica may have pushed it a moment ago.
+    pub async fn stat_blob(&self, repo: &RepoName, d: &Digest, claim: bool) -> Result<u64> {
+        match self.stat_cached(repo, d, claim) {
+            Err(e) if e.is_not_found() => {}
+            r => return r,
+        }
+        let Some(s) = &self.shared else {
+            return Err(blob_not_in(repo, d));
+        };
+        match s.find_link(repo.as_str(), *d).await? {
+            Some(size) => {
+                if claim {
+                    let state = self.index.read();
+                    self.index.touch_blob(&state, d, self.clock.now_ms());
+                }
+                Ok(size)
+            }
+            None => Err(blob_not_in(repo, d)),
+        }
+    }
+
+    /// `stat_blob` from the index alone.
+    fn stat_cached(&self, repo: &RepoName, d: &Digest, claim: bool) -> Result<u64> {
+        if self.shared.as_ref().is_some_and(|s| s.doomed_blob(d)) {
+            // A collection announced it: offered to no one until it is gone or spared.
+            return Err(blob_not_in(repo, d));
+        }
         let state = self.index.read();
         let visible = state
             .repos
@@ -142,9 +174,7 @@ impl Registry {
                 }
                 Ok(meta.size)
             }
-            _ => Err(Error::not_found(format!(
-                "blob {d} is not in repository {repo}"
-            ))),
+            _ => Err(blob_not_in(repo, d)),
         }
     }
 
@@ -155,10 +185,17 @@ impl Registry {
         d: &Digest,
         start: u64,
     ) -> Result<Box<dyn BlobRead>> {
-        self.stat_blob(repo, d, false)?;
+        self.stat_blob(repo, d, false).await?;
         let store = self.store.clone();
         let d = *d;
-        blocking(move || store.open_at(&d, start)).await
+        let r = blocking(move || store.open_at(&d, start)).await;
+        if let (Err(e), Some(s)) = (&r, &self.shared) {
+            if e.is_not_found() {
+                // Collected through another replica: the cache learns it now.
+                s.forget(&[], &[d])?;
+            }
+        }
+        r
     }
 
     /// Reads a whole small blob (manifests, configs) into memory.
@@ -179,38 +216,67 @@ impl Registry {
     /// Removes `d` from `repo`'s view; the bytes stay while anything else still uses them.
     /// Refused while a manifest of `repo` lists it (its tags would point at a layer that 404s)
     /// or while it is a manifest of `repo` (deleted through `/manifests/` instead).
-    pub fn delete_blob(&self, repo: &RepoName, d: &Digest) -> Result<()> {
-        self.index.commit_if(|state| {
-            let r = state.repos.get(repo.as_str());
-            if let Some(r) = r {
-                if r.manifests.contains_key(d) {
-                    return Err(Error::in_use(format!(
-                        "{d} is a manifest in repository {repo}: delete it with \
-                         DELETE /v2/{repo}/manifests/{d}"
-                    )));
-                }
-                if let Some(holder) = r.holder_of(d) {
-                    return Err(Error::in_use(format!(
-                        "blob {d} is still used by {holder} in repository {repo}; delete that \
-                         manifest first"
-                    )));
-                }
-            }
-            if !r.is_some_and(|r| r.blobs.contains(d)) {
-                return Err(Error::not_found(format!(
-                    "blob {d} is not in repository {repo}"
-                )));
-            }
-            Ok(vec![Op::Unlink {
-                repo: repo.to_string(),
-                digest: *d,
-            }])
-        })
+    pub async fn delete_blob(&self, repo: &RepoName, d: &Digest) -> Result<()> {
+        let Some(s) = &self.shared else {
+            return self
+                .index
+                .commit_if(|state| plan_delete_blob(state, repo, d));
+        };
+        // Judged on the repository as the bucket has it now.
+        s.refresh_repo(repo.as_str()).await?;
+        let ops = plan_delete_blob(&self.index.read(), repo, d)?;
+        s.delete_link(repo.as_str(), *d).await?;
+        self.index.commit(ops)
     }
 
     /// Cross-repository mount: links `d` into `repo` if `from` has it (or, with no `from`, if any
     /// repository has it). `Ok(false)` means the client must upload it.
-    pub fn mount(&self, repo: &RepoName, d: &Digest, from: Option<&RepoName>) -> Result<bool> {
+    pub async fn mount(
+        &self,
+        repo: &RepoName,
+        d: &Digest,
+        from: Option<&RepoName>,
+    ) -> Result<bool> {
+        let Some(s) = &self.shared else {
+            return self.mount_cached(repo, d, from);
+        };
+        if s.doomed_blob(d) {
+            return Ok(false);
+        }
+        let size = match from {
+            Some(f) => match self.stat_blob(f, d, false).await {
+                Ok(n) => Some(n),
+                Err(e) if e.is_not_found() => None,
+                Err(e) => return Err(e),
+            },
+            None => match self.index.blob_size(d) {
+                Some(n) => Some(n),
+                None => s.blob_exists(*d).await?,
+            },
+        };
+        let Some(size) = size else {
+            return Ok(false);
+        };
+        s.put_link(repo.as_str(), *d, size).await?;
+        let now = self.clock.now_ms();
+        self.index.commit_if(|state| {
+            let mut ops = Vec::new();
+            if state.blobs.contains_key(d) {
+                self.index.touch_blob(state, d, now);
+            } else {
+                ops.push(Op::BlobAdded {
+                    digest: *d,
+                    size,
+                    at: now,
+                });
+            }
+            ops.extend(link_ops(state, repo, *d));
+            Ok(ops)
+        })?;
+        Ok(true)
+    }
+
+    fn mount_cached(&self, repo: &RepoName, d: &Digest, from: Option<&RepoName>) -> Result<bool> {
         let mut mounted = false;
         let now = self.clock.now_ms();
         self.index.commit_if(|state| {
@@ -244,7 +310,16 @@ impl Registry {
         // Pinned from before the rename until the record: a concurrent pass must not unlink
         // the new file as the remains of an evicted one.
         let _pin = self.life.pins.pin(expect.digest);
+        if let Some(s) = &self.shared {
+            if s.doomed_blob(&expect.digest) {
+                // Written now, it could be removed by the collection that announced it.
+                s.await_clear(&[expect.digest], &[]).await?;
+            }
+        }
         let size = blocking(move || writer.commit(expect)).await?;
+        if let Some(s) = &self.shared {
+            s.put_link(repo.as_str(), expect.digest, size).await?;
+        }
         self.record_blob(repo, expect.digest, size)?;
         self.settle().await?;
         tracing::debug!(repo = %repo, digest = %expect.digest, size, "blob committed");
@@ -274,7 +349,8 @@ impl Registry {
     /// Stores bytes held in memory as a blob (manifests), skipping the write if already stored.
     pub async fn put_bytes(&self, repo: &RepoName, d: Digest, data: Bytes) -> Result<()> {
         let _pin = self.life.pins.pin(d);
-        if self.index.blob_size(&d).is_some() {
+        // On a shared bucket the cache may be behind a collection: the bytes are written again.
+        if self.shared.is_none() && self.index.blob_size(&d).is_some() {
             return self.record_blob(repo, d, data.len() as u64);
         }
         let size = Some(data.len() as u64);
@@ -288,6 +364,9 @@ impl Registry {
             w.commit(Expect { digest: d, size })
         })
         .await?;
+        if let Some(s) = &self.shared {
+            s.put_link(repo.as_str(), d, writer_result).await?;
+        }
         self.record_blob(repo, d, writer_result)
     }
 
@@ -296,15 +375,69 @@ impl Registry {
         Ok(self.life.reserved_writer(self.store.begin(alg)?))
     }
 
-    pub fn catalog(&self, n: Option<usize>, last: Option<&str>) -> (Vec<String>, bool) {
+    pub async fn catalog(
+        &self,
+        n: Option<usize>,
+        last: Option<&str>,
+    ) -> Result<(Vec<String>, bool)> {
+        let Some(s) = &self.shared else {
+            let state = self.index.read();
+            let names = state
+                .repos
+                .iter()
+                .filter(|(_, r)| !r.is_empty())
+                .map(|(k, _)| k.as_str());
+            return Ok(paginate(names, n, last));
+        };
+        // Every repository the bucket knows, less those the cache knows to be empty.
+        let mut names = s.catalog().await?;
         let state = self.index.read();
-        let names = state
-            .repos
-            .iter()
-            .filter(|(_, r)| !r.is_empty())
-            .map(|(k, _)| k.as_str());
-        paginate(names, n, last)
+        names.extend(
+            state
+                .repos
+                .iter()
+                .filter(|(_, r)| !r.is_empty())
+                .map(|(k, _)| k.clone()),
+        );
+        names.sort();
+        names.dedup();
+        names.retain(|name| state.repos.get(name).is_none_or(|r| !r.is_empty()));
+        Ok(paginate(names.iter().map(String::as_str), n, last))
     }
+}
+
+fn blob_not_in(repo: &RepoName, d: &Digest) -> Error {
+    Error::not_found(format!("blob {d} is not in repository {repo}"))
+}
+
+/// The records deleting blob `d` from `repo`'s view takes, or why it may not go.
+fn plan_delete_blob(
+    state: &crate::lifecycle::index::State,
+    repo: &RepoName,
+    d: &Digest,
+) -> Result<Vec<Op>> {
+    let r = state.repos.get(repo.as_str());
+    if let Some(r) = r {
+        if r.manifests.contains_key(d) {
+            return Err(Error::in_use(format!(
+                "{d} is a manifest in repository {repo}: delete it with \
+                 DELETE /v2/{repo}/manifests/{d}"
+            )));
+        }
+        if let Some(holder) = r.holder_of(d) {
+            return Err(Error::in_use(format!(
+                "blob {d} is still used by {holder} in repository {repo}; delete that \
+                 manifest first"
+            )));
+        }
+    }
+    if !r.is_some_and(|r| r.blobs.contains(d)) {
+        return Err(blob_not_in(repo, d));
+    }
+    Ok(vec![Op::Unlink {
+        repo: repo.to_string(),
+        digest: *d,
+    }])
 }
 
 fn link_ops(state: &crate::lifecycle::index::State, repo: &RepoName, d: Digest) -> Vec<Op> {

@@ -220,9 +220,13 @@ pub struct Bucket {
     pub describe: String,
     pub counters: Arc<Counters>,
     pub clock: Arc<ServiceClock>,
-    /// Holds the writer lease (see `LeaseRecord`); writes and deletes are refused without it.
+    /// Writes and deletes are allowed: the start-up probe passed (and, on a service without
+    /// conditional writes run by one hoard alone, the writer lease is held).
     writable: std::sync::atomic::AtomicBool,
     lease_etag: Mutex<Option<String>>,
+    /// The service honours `If-None-Match` / `If-Match` on writes (what the probe found); when
+    /// it does not (a single-writer bucket), conditions are not sent.
+    conditions: std::sync::atomic::AtomicBool,
 }
 
 /// What the start-up probe found.
@@ -305,6 +309,7 @@ impl Bucket {
             clock,
             writable: std::sync::atomic::AtomicBool::new(false),
             lease_etag: Mutex::new(None),
+            conditions: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -334,6 +339,31 @@ impl Bucket {
                 )),
             }
         })?
+    }
+
+    /// From a blocking thread: the start-up probe (the bucket, credentials, conditional
+    /// writes) bounded by `within`.
+    pub fn probe_within(self: &Arc<Self>, within: Duration) -> Result<Probe> {
+        let b = self.clone();
+        self.wait(async move {
+            match tokio::time::timeout(within, b.probe()).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!("{}: no answer within {within:?}", b.describe),
+                )),
+            }
+        })?
+    }
+
+    /// True on a service without conditional writes run by one hoard alone.
+    pub fn single_writer(&self) -> bool {
+        !self.conditions.load(Ordering::Relaxed)
+    }
+
+    /// Starts `fut` on the S3 runtime without waiting for it.
+    pub fn rt_spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.rt.spawn(fut);
     }
 
     /// `wait` for callers outside this module (blocking threads only).
@@ -399,7 +429,7 @@ impl Bucket {
     pub async fn probe(&self) -> Result<Probe> {
         self.check().await?;
         let key = self.key(&format!("probe/{}", random_name()));
-        let put = |cond: Cond| self.put(&key, Bytes::from_static(b"probe"), cond);
+        let put = |cond: Cond| self.put_with(&key, Bytes::from_static(b"probe"), cond, true);
         put(Cond::Create).await.map_err(|e| {
             Error::new(
                 e.kind,
@@ -415,8 +445,14 @@ impl Bucket {
         })
     }
 
-    /// Writes a small object. `Conflict` when the condition does not hold.
+    /// Writes a small object. `Conflict` when the condition does not hold. On a service that
+    /// ignores conditions (a single-writer bucket) none are sent.
     pub async fn put(&self, key: &str, body: Bytes, cond: Cond) -> Result<String> {
+        let honour = self.conditions.load(Ordering::Relaxed);
+        self.put_with(key, body, cond, honour).await
+    }
+
+    async fn put_with(&self, key: &str, body: Bytes, cond: Cond, honour: bool) -> Result<String> {
         let mut req = self
             .client
             .put_object()
@@ -425,6 +461,7 @@ impl Bucket {
             .content_length(body.len() as i64)
             .body(ByteStream::from(body));
         req = match cond {
+            _ if !honour => req,
             Cond::None => req,
             Cond::Create => req.if_none_match("*"),
             Cond::Match(etag) => req.if_match(etag),
@@ -480,6 +517,162 @@ impl Bucket {
                 e => Err(e),
             },
         }
+    }
+
+    /// An object's size and last-modified time (service ms); `None` when absent.
+    pub async fn stat(&self, key: &str) -> Result<Option<(u64, i64)>> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.name)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(o) => Ok(Some((
+                o.content_length().unwrap_or(0).max(0) as u64,
+                o.last_modified().map_or(0, millis),
+            ))),
+            Err(e) => match s3_error(key, e) {
+                e if e.is_not_found() => Ok(None),
+                e => Err(e),
+            },
+        }
+    }
+
+    /// A small object's bytes, ETag and last-modified time (service ms); `None` when absent.
+    pub async fn fetch(&self, key: &str) -> Result<Option<Fetched>> {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.name)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                return match s3_error(key, e) {
+                    e if e.is_not_found() => Ok(None),
+                    e => Err(e),
+                }
+            }
+        };
+        let etag = out.e_tag().unwrap_or_default().to_owned();
+        let modified = out.last_modified().map_or(0, millis);
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| unavailable(key, e))?
+            .into_bytes();
+        Ok(Some(Fetched {
+            body,
+            etag,
+            modified,
+        }))
+    }
+
+    /// Every object under `under` (after the prefix), with ETag and last-modified time.
+    pub async fn list_objects(&self, under: &str) -> Result<Vec<Listed>> {
+        let full = self.key(under);
+        let mut token = None;
+        let mut out_all = Vec::new();
+        loop {
+            let out = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.name)
+                .prefix(&full)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| s3_error(&full, e))?;
+            for o in out.contents() {
+                if let Some(k) = o.key() {
+                    out_all.push(Listed {
+                        key: k.strip_prefix(&self.prefix).unwrap_or(k).to_owned(),
+                        size: o.size().unwrap_or(0).max(0) as u64,
+                        etag: o.e_tag().unwrap_or_default().to_owned(),
+                        modified: o.last_modified().map_or(0, millis),
+                    });
+                }
+            }
+            match out.next_continuation_token() {
+                Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                _ => return Ok(out_all),
+            }
+        }
+    }
+
+    /// Deletes `key` if its ETag is still `etag` (`Conflict` when it changed); a key already
+    /// gone is not an error. Without conditions (a single-writer bucket) it simply deletes.
+    pub async fn delete_if(&self, key: &str, etag: &str) -> Result<()> {
+        let mut req = self.client.delete_object().bucket(&self.name).key(key);
+        if self.conditions.load(Ordering::Relaxed) && !etag.is_empty() {
+            req = req.if_match(etag);
+        }
+        match req.send().await {
+            Ok(_) => Ok(()),
+            Err(e) => match s3_error(key, e) {
+                e if e.is_not_found() => Ok(()),
+                e => Err(e),
+            },
+        }
+    }
+
+    /// Deletes many keys, a thousand per request.
+    pub async fn delete_keys(&self, keys: &[String]) -> Result<()> {
+        for chunk in keys.chunks(1000) {
+            let objects: Vec<aws_sdk_s3::types::ObjectIdentifier> = chunk
+                .iter()
+                .filter_map(|k| {
+                    aws_sdk_s3::types::ObjectIdentifier::builder()
+                        .key(k)
+                        .build()
+                        .ok()
+                })
+                .collect();
+            let delete = aws_sdk_s3::types::Delete::builder()
+                .set_objects(Some(objects))
+                .quiet(true)
+                .build()
+                .map_err(|e| Error::internal(format!("building a delete request: {e}")))?;
+            let out = self
+                .client
+                .delete_objects()
+                .bucket(&self.name)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|e| s3_error(&chunk[0], e))?;
+            if let Some(e) = out.errors().first() {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "S3 could not delete {}: {}",
+                        e.key().unwrap_or("?"),
+                        e.message().unwrap_or("error")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether conditional writes are sent (see `set_conditions`).
+    pub fn conditions(&self) -> bool {
+        self.conditions.load(Ordering::Relaxed)
+    }
+
+    /// Stops sending conditions (a service that ignores them, run by one hoard alone).
+    pub fn set_conditions(&self, on: bool) {
+        self.conditions.store(on, Ordering::Relaxed);
+    }
+
+    /// Allows (or stops) writes: the probe passed.
+    pub fn set_writable(&self, on: bool) {
+        self.writable.store(on, Ordering::SeqCst);
     }
 
     /// Keys (after the prefix) and sizes under `under`, in key order.
@@ -676,7 +869,7 @@ pub struct LeaseRecord {
 pub const LEASE_MS: i64 = 30_000;
 /// Slack on top of an expiry before another hoard takes the lease: both read the same service
 /// clock, so this covers only the `Date` header's resolution and network time.
-const LEASE_SLACK_MS: i64 = 5_000;
+pub const LEASE_SLACK_MS: i64 = 5_000;
 
 /// What an attempt to take or keep the lease found.
 #[derive(Debug)]
@@ -694,17 +887,34 @@ impl Bucket {
         self.key("lease/writer")
     }
 
-    /// Takes, renews or confirms the lease for `me`.
+    /// Takes, renews or confirms the writer lease for `me`.
     pub async fn hold_lease(&self, me: &str) -> Result<LeaseState> {
         let key = self.lease_key();
+        let state = self
+            .hold_lease_at(&key, me, LEASE_MS, &self.lease_etag)
+            .await?;
+        self.writable
+            .store(matches!(state, LeaseState::Held), Ordering::SeqCst);
+        Ok(state)
+    }
+
+    /// Takes, renews or confirms the lease object at `key` for `me`, for `ms` of the service's
+    /// time; `etag` keeps the ETag of the last record written (renewals and release check it).
+    pub async fn hold_lease_at(
+        &self,
+        key: &str,
+        me: &str,
+        ms: i64,
+        etag: &Mutex<Option<String>>,
+    ) -> Result<LeaseState> {
         let now = crate::clock::Clock::now_ms(&*self.clock);
         let mine = LeaseRecord {
             holder: me.to_owned(),
-            expires: now + LEASE_MS,
+            expires: now + ms,
         };
         let body = Bytes::from(serde_json::to_vec(&mine).unwrap_or_default());
-        let cond = match self.get_small(&key).await {
-            Ok((bytes, etag)) => match serde_json::from_slice::<LeaseRecord>(&bytes) {
+        let cond = match self.get_small(key).await {
+            Ok((bytes, tag)) => match serde_json::from_slice::<LeaseRecord>(&bytes) {
                 Ok(cur) if cur.holder != me && now <= cur.expires + LEASE_SLACK_MS => {
                     return Ok(LeaseState::Busy {
                         holder: cur.holder,
@@ -712,26 +922,32 @@ impl Bucket {
                     })
                 }
                 // Ours (renewal), expired, or unreadable: replaced, if unchanged since read.
-                _ => Cond::Match(etag),
+                _ => Cond::Match(tag),
             },
             Err(e) if e.is_not_found() => Cond::Create,
             Err(e) => return Err(e),
         };
-        match self.put(&key, body, cond).await {
-            Ok(etag) => {
-                *self.lease_etag.lock().unwrap_or_else(|p| p.into_inner()) = Some(etag);
-                self.writable.store(true, Ordering::SeqCst);
+        match self.put(key, body, cond).await {
+            Ok(tag) => {
+                *etag.lock().unwrap_or_else(|p| p.into_inner()) = Some(tag);
                 Ok(LeaseState::Held)
             }
             // Another hoard got there first: read again next round.
-            Err(e) if e.kind == ErrorKind::Conflict => {
-                self.writable.store(false, Ordering::SeqCst);
-                Ok(LeaseState::Busy {
-                    holder: "another hoard (it just took the lease)".into(),
-                    expires: now + LEASE_MS,
-                })
-            }
+            Err(e) if e.kind == ErrorKind::Conflict => Ok(LeaseState::Busy {
+                holder: "another hoard (it just took the lease)".into(),
+                expires: now + ms,
+            }),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Gives up the lease at `key` if it is still the one last written (`etag`).
+    pub async fn release_lease_at(&self, key: &str, etag: &Mutex<Option<String>>) {
+        let tag = etag.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(tag) = tag {
+            if let Err(e) = self.delete_if(key, &tag).await {
+                tracing::warn!(key, error = %e, "releasing a lease failed; it expires by itself");
+            }
         }
     }
 
@@ -760,25 +976,8 @@ impl Bucket {
     /// Gives the lease up (a clean stop), so the next hoard need not wait for it to expire.
     pub async fn release_lease(&self) {
         self.writable.store(false, Ordering::SeqCst);
-        let etag = self
-            .lease_etag
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(etag) = etag {
-            let key = self.lease_key();
-            let r = self
-                .client
-                .delete_object()
-                .bucket(&self.name)
-                .key(&key)
-                .if_match(etag)
-                .send()
-                .await;
-            if let Err(e) = r {
-                tracing::warn!(error = %detail(&e), "releasing the bucket's writer lease failed; it expires by itself");
-            }
-        }
+        let key = self.lease_key();
+        self.release_lease_at(&key, &self.lease_etag).await;
     }
 
     /// Stops writing at once (the lease could not be renewed in time).
@@ -804,6 +1003,30 @@ impl Bucket {
             ),
         ))
     }
+}
+
+/// One object of a listing; `key` is after the bucket's prefix.
+#[derive(Clone, Debug)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+    pub etag: String,
+    /// Last modified, in the S3 service's clock (ms since the epoch).
+    pub modified: i64,
+}
+
+/// A small object read whole.
+#[derive(Clone, Debug)]
+pub struct Fetched {
+    pub body: Bytes,
+    pub etag: String,
+    pub modified: i64,
+}
+
+fn millis(t: &aws_sdk_s3::primitives::DateTime) -> i64 {
+    t.secs()
+        .saturating_mul(1000)
+        .saturating_add(i64::from(t.subsec_nanos() / 1_000_000))
 }
 
 /// The condition of a write.
@@ -1309,13 +1532,10 @@ impl BlobWriter for S3Writer {
         match self.multipart.take() {
             None => {
                 let body = self.buf.split().freeze();
-                self.bucket.wait(async move {
-                    match b.put(&key, body, Cond::Create).await {
-                        // Already stored: the same bytes, by their name.
-                        Err(e) if e.kind == ErrorKind::Conflict => Ok(()),
-                        r => r.map(|_| ()),
-                    }
-                })??;
+                // Unconditional: the same bytes under their name, and a fresh last-modified time
+                // is what tells a collector about to delete this blob that it was pushed again.
+                self.bucket
+                    .wait(async move { b.put(&key, body, Cond::None).await.map(|_| ()) })??;
             }
             Some(m) => {
                 let last = self.buf.split().freeze();

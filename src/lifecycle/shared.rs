@@ -1,0 +1,2030 @@
+//! Several hoard replicas on one bucket. The bucket is the only shared state: blobs, and refs as
+//! small objects changed only by conditional requests. A replica's index is a cache of the
+//! bucket: filled on demand (a miss reads through to S3), revalidated by re-listing the bucket,
+//! and told of deletions by the collector's announcements. Owns this layout under the prefix:
+//!
+//! ```text
+//! repos/<repo>/_tags/<tag>              {"digest","size","media_type"}; If-Match / If-None-Match
+//! repos/<repo>/_manifests/<alg>/<hex>   a manifest's record: media type, size, subject, children
+//! repos/<repo>/_links/<alg>/<hex>       {"size"}: the blob is visible in <repo> (pushed, mounted)
+//! catalog/<repo>                        the repository exists
+//! claims/<ms>-<rand>                    digests a push is about to reference (see below)
+//! doomed/<ms>-<rand>                    what a collection will delete: pending, then done
+//! access/<replica>/<ms>-<rand>          batched last-access records
+//! access-compacted/<ms>-<rand>          access records the collector folded together
+//! replicas/<replica>                    heartbeat: this replica is alive
+//! lease/gc                              which replica collects garbage, until when
+//! ```
+//! (`_` cannot begin a repository path component, so `/_` always ends the repository name.)
+//!
+//! **Invariant 1 across replicas: the claim handshake.** A replica pushing a manifest first
+//! writes a claim naming the manifest and everything it references, then reads the collector's
+//! pending announcements (`doomed/`) and waits out any that name what it needs, then checks
+//! that each referenced blob is in the bucket, and only then writes the manifest's record and
+//! tags, and removes its claim. The collector (one replica, holding `lease/gc`) deletes nothing
+//! it did not first announce in `doomed/`. After announcing it waits `delete_delay` (while other
+//! replicas are alive: they stop offering that content and ship their recent reads), then
+//! re-lists the bucket, plans again and lists the claims: it deletes only what both plans
+//! remove and no live claim names; a blob written again since the announcement stays too. It
+//! deletes records, then blobs, then their links, and only then marks the announcement done.
+//! A push either committed before the re-listing (the second plan sees it), or holds its claim
+//! when the collector lists claims, or wrote its claim after that, and then the announcement is
+//! already there for it to see and wait out: no order lets a manifest be committed over a blob
+//! that is then deleted, whatever the replicas' clocks say. A claim must lead to its commit
+//! within half of `CLAIM_WINDOW` (the pusher's monotonic clock) or the push starts over: the
+//! collector removes claims older than that window.
+//!
+//! Ages come from the S3 service's clock (object last-modified times, and the cache clock that
+//! follows the service's `Date` headers), never from one replica's own.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{Millis, SharedClock};
+use crate::digest::{Digest, DigestMap, DigestSet};
+use crate::error::{Error, ErrorKind, Result};
+use crate::lifecycle::index::{Index, ManifestMeta, Op, Stamp};
+use crate::store::s3::{Bucket, Cond, LeaseState, Listed};
+
+/// A pusher must commit within half of this after writing its claim; the collector removes
+/// claims older than it.
+pub const CLAIM_WINDOW: Duration = Duration::from_secs(600);
+
+/// A finished announcement stays this long, so every replica hears what went.
+const DONE_KEPT_MS: Millis = 10 * 60_000;
+
+/// A link object whose blob is gone is removed by the collector once it is this old (a younger
+/// one may belong to an upload whose blob listing raced it).
+const DANGLING_LINK_MS: Millis = 10 * 60_000;
+
+/// Requests in flight at once when a replica fetches many small objects.
+const FETCH_PARALLEL: usize = 16;
+
+/// Manifest bytes kept in memory (immutable by digest): a pull by tag then costs one request.
+const MANIFEST_CACHE_BYTES: usize = 32 << 20;
+
+/// How a replica paces its work with the bucket.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    /// A full re-listing of the bucket (reads never wait for it; it catches other replicas'
+    /// changes for listings, sizes and the collector's plan).
+    pub refresh: Duration,
+    /// How long the collector waits between announcing deletions and carrying them out, while
+    /// other replicas are alive.
+    pub delete_delay: Duration,
+    /// How often announcements are read and reads are shipped.
+    pub poll: Duration,
+    /// Length of the collector's lease.
+    pub lease_ms: i64,
+    /// How often a replica says it is alive.
+    pub heartbeat: Duration,
+}
+
+impl Timing {
+    pub fn new(refresh: Duration, delete_delay: Duration, lease: Duration) -> Timing {
+        Timing {
+            refresh,
+            delete_delay,
+            poll: (delete_delay / 3).clamp(Duration::from_millis(200), Duration::from_secs(2)),
+            lease_ms: i64::try_from(lease.as_millis()).unwrap_or(30_000),
+            heartbeat: (lease / 3).clamp(Duration::from_secs(1), Duration::from_secs(10)),
+        }
+    }
+}
+
+/// What a tag object holds: enough to answer a HEAD by tag without another request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TagValue {
+    pub digest: Digest,
+    pub size: u64,
+    pub media_type: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ManifestRecord {
+    size: u64,
+    media_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    subject: Option<Digest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    artifact_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    annotations: Option<String>,
+    #[serde(default)]
+    children: Vec<Digest>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LinkObject {
+    size: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ClaimObject {
+    replica: String,
+    digests: Vec<Digest>,
+}
+
+/// A collection's announcement. Pending: what it will delete; done: what it deleted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct DoomRecord {
+    holder: String,
+    /// Service time of the announcement.
+    at: Millis,
+    done: bool,
+    manifests: Vec<(String, Digest)>,
+    blobs: Vec<Digest>,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct AccessBatch {
+    #[serde(default)]
+    blobs: Vec<(Digest, Millis)>,
+    #[serde(default)]
+    manifests: Vec<(String, Digest, Millis)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Heartbeat {
+    replica: String,
+}
+
+/// Something the cache holds, for "changed here since the listing began".
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+enum Key {
+    Blob(Digest),
+    Link(String, Digest),
+    Manifest(String, Digest),
+    Tag(String, String),
+}
+
+/// What a key under `repos/` is.
+#[derive(Debug, PartialEq)]
+enum Entry {
+    Tag(String),
+    Manifest(Digest),
+    Link(Digest),
+}
+
+fn parse_repo_key(rest: &str) -> Option<(&str, Entry)> {
+    let i = rest.find("/_")?;
+    let (repo, tail) = (&rest[..i], &rest[i + 2..]);
+    let entry = if let Some(t) = tail.strip_prefix("tags/") {
+        Entry::Tag(t.to_owned())
+    } else if let Some(d) = tail.strip_prefix("manifests/") {
+        Entry::Manifest(digest_at(d)?)
+    } else if let Some(d) = tail.strip_prefix("links/") {
+        Entry::Link(digest_at(d)?)
+    } else {
+        return None;
+    };
+    (!repo.is_empty()).then_some((repo, entry))
+}
+
+/// `<alg>/<hex>` as a digest.
+fn digest_at(s: &str) -> Option<Digest> {
+    let (alg, hex) = s.split_once('/')?;
+    format!("{alg}:{hex}").parse().ok()
+}
+
+/// `blobs/<alg>/<xx>/<hex>` as a digest.
+fn blob_digest(key: &str) -> Option<Digest> {
+    let mut parts = key.strip_prefix("blobs/")?.split('/');
+    let (alg, _, hex) = (parts.next()?, parts.next()?, parts.next()?);
+    format!("{alg}:{hex}").parse().ok()
+}
+
+fn tag_key(repo: &str, tag: &str) -> String {
+    format!("repos/{repo}/_tags/{tag}")
+}
+fn manifest_key(repo: &str, d: &Digest) -> String {
+    format!(
+        "repos/{repo}/_manifests/{}/{}",
+        d.algorithm().name(),
+        d.hex()
+    )
+}
+fn link_key(repo: &str, d: &Digest) -> String {
+    format!("repos/{repo}/_links/{}/{}", d.algorithm().name(), d.hex())
+}
+fn blob_key(d: &Digest) -> String {
+    let hex = d.hex();
+    format!("blobs/{}/{}/{hex}", d.algorithm().name(), &hex[..2])
+}
+
+fn random_suffix() -> String {
+    let mut b = [0u8; 6];
+    let _ = getrandom::getrandom(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn json<T: Serialize>(v: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(v).unwrap_or_default())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(key: &str, body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body)
+        .map_err(|e| Error::internal(format!("object {key} in the bucket is not readable: {e}")))
+}
+
+/// The collector's pending and finished announcements, as this replica last read them.
+#[derive(Default)]
+struct Doomed {
+    records: HashMap<String, DoomRecord>,
+    /// Finished announcements whose deletions this replica's cache has applied.
+    applied: HashSet<String>,
+    /// What pending announcements name.
+    blobs: DigestSet,
+    manifests: HashSet<(String, Digest)>,
+}
+
+impl Doomed {
+    fn rebuild(&mut self) {
+        self.blobs.clear();
+        self.manifests.clear();
+        for r in self.records.values().filter(|r| !r.done) {
+            self.blobs.extend(r.blobs.iter().copied());
+            self.manifests.extend(r.manifests.iter().cloned());
+        }
+    }
+}
+
+/// Counters for the status page.
+#[derive(Default)]
+pub struct SharedStats {
+    pub refreshes: AtomicU64,
+    pub last_refresh_ms: AtomicU64,
+    pub last_refresh_objects: AtomicU64,
+    pub live_replicas: AtomicU64,
+    pub rescued: AtomicU64,
+    pub waited_for_collection: AtomicU64,
+    pub refreshing: AtomicBool,
+}
+
+/// What a collection in the bucket removed.
+#[derive(Default, Debug)]
+pub struct Carried {
+    pub tags: HashSet<(String, String)>,
+    pub manifests: HashSet<(String, Digest)>,
+    pub blobs: DigestSet,
+}
+
+/// A claim written by a push: its commit must come within half the claim window; the pusher
+/// removes it once committed (or failed).
+pub struct Claim {
+    at: Instant,
+    key: String,
+}
+
+impl Claim {
+    pub fn fresh(&self) -> bool {
+        self.at.elapsed() < CLAIM_WINDOW / 2
+    }
+}
+
+pub struct Shared {
+    pub bucket: Arc<Bucket>,
+    index: Arc<Index>,
+    clock: SharedClock,
+    /// This replica's name (in leases, claims, heartbeats).
+    pub me: String,
+    pub timing: Timing,
+    /// ETags of tag objects as last seen (conditional updates and deletes use them).
+    etags: Mutex<HashMap<(String, String), String>>,
+    /// Repositories whose catalog entry is known to exist.
+    known_repos: Mutex<HashSet<String>>,
+    /// Cache entries changed here, and when: a listing that began before must not undo them.
+    recent: Mutex<HashMap<Key, Instant>>,
+    doomed: RwLock<Doomed>,
+    /// Reads to ship to the bucket (already debounced by the index).
+    access: Mutex<AccessBatch>,
+    /// Access objects the collector has folded into its cache.
+    merged: Mutex<HashSet<String>>,
+    /// Claim objects read (immutable), by key.
+    claims: Mutex<HashMap<String, Vec<Digest>>>,
+    gc_etag: Mutex<Option<String>>,
+    gc_held: AtomicBool,
+    gc_renewed: Mutex<Option<Instant>>,
+    /// Who held the collector's lease when last seen, for the status page.
+    pub gc_holder: Mutex<Option<String>>,
+    manifests: Mutex<lru::LruCache<Digest, Bytes>>,
+    manifest_bytes: AtomicU64,
+    pub stats: SharedStats,
+    /// Test hook (`HOARD_TEST_PAUSE=point=ms,…`): waits at named points, so tests can line up
+    /// a race on purpose.
+    pauses: HashMap<String, u64>,
+}
+
+impl Shared {
+    pub fn new(
+        bucket: Arc<Bucket>,
+        index: Arc<Index>,
+        clock: SharedClock,
+        me: String,
+        timing: Timing,
+    ) -> Shared {
+        let pauses = std::env::var("HOARD_TEST_PAUSE")
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k.trim().to_owned(), v.trim().parse().ok()?))
+            })
+            .collect();
+        Shared {
+            bucket,
+            index,
+            clock,
+            me,
+            timing,
+            etags: Mutex::new(HashMap::new()),
+            known_repos: Mutex::new(HashSet::new()),
+            recent: Mutex::new(HashMap::new()),
+            doomed: RwLock::new(Doomed::default()),
+            access: Mutex::new(AccessBatch::default()),
+            merged: Mutex::new(HashSet::new()),
+            claims: Mutex::new(HashMap::new()),
+            gc_etag: Mutex::new(None),
+            gc_held: AtomicBool::new(false),
+            gc_renewed: Mutex::new(None),
+            gc_holder: Mutex::new(None),
+            manifests: Mutex::new(lru::LruCache::unbounded()),
+            manifest_bytes: AtomicU64::new(0),
+            stats: SharedStats::default(),
+            pauses,
+        }
+    }
+
+    /// Runs `f(self)` on the S3 runtime (from async code).
+    async fn on_s3<T, Fut>(self: &Arc<Self>, f: impl FnOnce(Arc<Shared>) -> Fut) -> Result<T>
+    where
+        Fut: Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let fut = f(self.clone());
+        self.bucket.run(fut).await?
+    }
+
+    /// Runs `f(self)` on the S3 runtime and waits for it (from a blocking thread).
+    pub fn block<T, Fut>(self: &Arc<Self>, f: impl FnOnce(Arc<Shared>) -> Fut) -> Result<T>
+    where
+        Fut: Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let fut = f(self.clone());
+        self.bucket.wait_on(fut)?
+    }
+
+    fn key(&self, rest: &str) -> String {
+        self.bucket.key(rest)
+    }
+
+    fn now(&self) -> Millis {
+        self.clock.now_ms()
+    }
+
+    /// The test hook's pause at `point`, if one is set.
+    pub async fn pause(&self, point: &str) {
+        if let Some(ms) = self.pauses.get(point) {
+            tracing::info!(point, ms, "test hook: pausing");
+            tokio::time::sleep(Duration::from_millis(*ms)).await;
+        }
+    }
+
+    fn mark(&self, keys: impl IntoIterator<Item = Key>) {
+        let now = Instant::now();
+        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        for k in keys {
+            r.insert(k, now);
+        }
+    }
+
+    fn recent_since(&self, t: Instant) -> HashSet<Key> {
+        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        // Nothing older than a listing that could still be running matters.
+        let keep = self.timing.refresh * 4 + Duration::from_secs(60);
+        r.retain(|_, at| at.elapsed() < keep);
+        r.iter()
+            .filter(|(_, at)| **at >= t)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    // ----- what the collector has announced ------------------------------------------------
+
+    /// True while a pending announcement names blob `d`: it is about to go, so it is offered
+    /// to no one (a HEAD is a miss, a mount does not happen).
+    pub fn doomed_blob(&self, d: &Digest) -> bool {
+        let g = self.doomed.read().unwrap_or_else(|p| p.into_inner());
+        g.blobs.contains(d)
+    }
+
+    pub fn doomed_manifest(&self, repo: &str, d: &Digest) -> bool {
+        let g = self.doomed.read().unwrap_or_else(|p| p.into_inner());
+        g.manifests.contains(&(repo.to_owned(), *d)) || g.blobs.contains(d)
+    }
+
+    /// Pending announcements now.
+    pub fn pending_collections(&self) -> usize {
+        let g = self.doomed.read().unwrap_or_else(|p| p.into_inner());
+        g.records.values().filter(|r| !r.done).count()
+    }
+
+    /// Reads `doomed/` (new announcements, finished ones) and applies finished deletions to
+    /// the cache.
+    pub async fn poll_doomed(self: &Arc<Self>) -> Result<()> {
+        self.on_s3(|s| async move { s.poll_doomed_().await }).await
+    }
+
+    async fn poll_doomed_(self: &Arc<Self>) -> Result<()> {
+        let listed = self.bucket.list_objects("doomed/").await?;
+        let known: HashMap<String, bool> = {
+            let g = self.doomed.read().unwrap_or_else(|p| p.into_inner());
+            g.records.iter().map(|(k, r)| (k.clone(), r.done)).collect()
+        };
+        let mut fetched = Vec::new();
+        for l in &listed {
+            // A pending record is re-read until it is done (it is rewritten in place).
+            if known.get(&l.key) != Some(&true) {
+                if let Some(f) = self.bucket.fetch(&self.key(&l.key)).await? {
+                    fetched.push((l.key.clone(), parse::<DoomRecord>(&l.key, &f.body)?));
+                }
+            }
+        }
+        let listed: HashSet<&str> = listed.iter().map(|l| l.key.as_str()).collect();
+        let mut apply = Vec::new();
+        {
+            let mut g = self.doomed.write().unwrap_or_else(|p| p.into_inner());
+            g.records.retain(|k, _| listed.contains(k.as_str()));
+            let Doomed {
+                records, applied, ..
+            } = &mut *g;
+            applied.retain(|k| records.contains_key(k));
+            for (k, r) in fetched {
+                g.records.insert(k, r);
+            }
+            for (k, r) in &g.records {
+                if r.done && !g.applied.contains(k) {
+                    apply.push((k.clone(), r.clone()));
+                }
+            }
+            g.rebuild();
+        }
+        for (k, r) in apply {
+            if r.holder != self.me {
+                self.forget(&r.manifests, &r.blobs)?;
+            }
+            let mut g = self.doomed.write().unwrap_or_else(|p| p.into_inner());
+            g.applied.insert(k);
+        }
+        Ok(())
+    }
+
+    /// Drops deleted content from the cache (what a finished collection removed, or what S3
+    /// turned out not to hold).
+    pub fn forget(&self, manifests: &[(String, Digest)], blobs: &[Digest]) -> Result<()> {
+        if manifests.is_empty() && blobs.is_empty() {
+            return Ok(());
+        }
+        let since = Instant::now() - Duration::from_secs(1);
+        let recent = self.recent_since(since);
+        self.index.commit_if(|st| {
+            let mut ops = Vec::new();
+            for (repo, d) in manifests {
+                if recent.contains(&Key::Manifest(repo.clone(), *d)) {
+                    continue;
+                }
+                if st
+                    .repos
+                    .get(repo)
+                    .is_some_and(|r| r.manifests.contains_key(d))
+                {
+                    ops.push(Op::ManifestDeleted {
+                        repo: repo.clone(),
+                        digest: *d,
+                    });
+                }
+            }
+            for d in blobs {
+                if recent.contains(&Key::Blob(*d)) || !st.blobs.contains_key(d) {
+                    continue;
+                }
+                for (name, r) in &st.repos {
+                    if r.blobs.contains(d) {
+                        ops.push(Op::Unlink {
+                            repo: name.clone(),
+                            digest: *d,
+                        });
+                    }
+                }
+                ops.push(Op::BlobRemoved { digest: *d });
+            }
+            Ok(ops)
+        })
+    }
+
+    /// Waits while a pending announcement names any of `blobs` or `manifests` (read fresh from
+    /// the bucket), so a push never commits over content a collection is removing. `Ok(true)`
+    /// when it waited (the caller checks again what it needs).
+    pub async fn await_clear(
+        self: &Arc<Self>,
+        blobs: &[Digest],
+        manifests: &[(String, Digest)],
+    ) -> Result<bool> {
+        let (blobs, manifests) = (blobs.to_vec(), manifests.to_vec());
+        self.on_s3(move |s| async move {
+            let began = Instant::now();
+            let limit = s.timing.delete_delay + Duration::from_secs(120);
+            let mut waited = false;
+            loop {
+                s.poll_doomed_().await?;
+                let blocked = {
+                    let g = s.doomed.read().unwrap_or_else(|p| p.into_inner());
+                    blobs.iter().any(|d| g.blobs.contains(d))
+                        || manifests.iter().any(|m| g.manifests.contains(m))
+                };
+                if !blocked {
+                    return Ok(waited);
+                }
+                if !waited {
+                    s.stats
+                        .waited_for_collection
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        "a push needs content a garbage collection has announced; waiting for it"
+                    );
+                }
+                waited = true;
+                if began.elapsed() > limit {
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        "a garbage collection is removing content this push needs and has not \
+                         finished; retry shortly",
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+        .await
+    }
+
+    // ----- reading through ----------------------------------------------------------------
+
+    /// Whether blob `d` is visible in `repo` in the bucket: its link and the blob itself. A hit
+    /// is added to the cache. `Some(size)` when it is.
+    pub async fn find_link(self: &Arc<Self>, repo: &str, d: Digest) -> Result<Option<u64>> {
+        if self.doomed_blob(&d) {
+            return Ok(None);
+        }
+        let repo = repo.to_owned();
+        self.on_s3(move |s| async move {
+            let key = s.key(&link_key(&repo, &d));
+            let Some(f) = s.bucket.fetch(&key).await? else {
+                return Ok(None);
+            };
+            let size = parse::<LinkObject>(&key, &f.body)?.size;
+            // The link alone is not enough: a collection that stopped half way can leave one
+            // behind its blob.
+            let Some((_, modified)) = s.bucket.stat(&s.key(&blob_key(&d))).await? else {
+                return Ok(None);
+            };
+            let now = s.now();
+            s.mark([Key::Blob(d), Key::Link(repo.clone(), d)]);
+            s.index.commit_if(|st| {
+                let mut ops = Vec::new();
+                if !st.blobs.contains_key(&d) {
+                    ops.push(Op::BlobAdded {
+                        digest: d,
+                        size,
+                        at: modified.min(now),
+                    });
+                }
+                if !st.repos.get(&repo).is_some_and(|r| r.blobs.contains(&d)) {
+                    ops.push(Op::Link {
+                        repo: repo.clone(),
+                        digest: d,
+                    });
+                }
+                Ok(ops)
+            })?;
+            Ok(Some(size))
+        })
+        .await
+    }
+
+    /// Whether blob `d` exists in the bucket at all (a mount with no source repository).
+    pub async fn blob_exists(self: &Arc<Self>, d: Digest) -> Result<Option<u64>> {
+        if self.doomed_blob(&d) {
+            return Ok(None);
+        }
+        self.on_s3(move |s| async move {
+            Ok(s.bucket.stat(&s.key(&blob_key(&d))).await?.map(|(n, _)| n))
+        })
+        .await
+    }
+
+    /// The tag as the bucket has it now (one request). The cache follows: a tag gone is
+    /// dropped, a moved tag is moved when its manifest is cached.
+    pub async fn get_tag(self: &Arc<Self>, repo: &str, tag: &str) -> Result<Option<TagValue>> {
+        let (repo, tag) = (repo.to_owned(), tag.to_owned());
+        self.on_s3(move |s| async move {
+            let key = s.key(&tag_key(&repo, &tag));
+            let got = s.bucket.fetch(&key).await?;
+            let k = (repo.clone(), tag.clone());
+            let value = match got {
+                None => {
+                    s.etags.lock().unwrap_or_else(|p| p.into_inner()).remove(&k);
+                    None
+                }
+                Some(f) => {
+                    let v: TagValue = parse(&key, &f.body)?;
+                    s.etags
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(k, f.etag);
+                    Some(v)
+                }
+            };
+            s.mark([Key::Tag(repo.clone(), tag.clone())]);
+            s.index.commit_if(|st| {
+                let r = st.repos.get(&repo);
+                let cur = r.and_then(|r| r.tags.get(&tag));
+                Ok(match &value {
+                    None if cur.is_some() => vec![Op::TagDeleted {
+                        repo: repo.clone(),
+                        tag: tag.clone(),
+                    }],
+                    Some(v)
+                        if cur != Some(&v.digest)
+                            && r.is_some_and(|r| r.manifests.contains_key(&v.digest)) =>
+                    {
+                        vec![Op::TagSet {
+                            repo: repo.clone(),
+                            tag: tag.clone(),
+                            digest: v.digest,
+                            at: 0,
+                        }]
+                    }
+                    _ => vec![],
+                })
+            })?;
+            Ok(value)
+        })
+        .await
+    }
+
+    /// Manifest `d` of `repo` from its record in the bucket, added to the cache.
+    pub async fn get_manifest(
+        self: &Arc<Self>,
+        repo: &str,
+        d: Digest,
+    ) -> Result<Option<ManifestMeta>> {
+        if self.doomed_manifest(repo, &d) {
+            return Ok(None);
+        }
+        let repo = repo.to_owned();
+        self.on_s3(move |s| async move {
+            let Some(meta) = s.fetch_record(&repo, d).await? else {
+                return Ok(None);
+            };
+            let now = s.now();
+            s.mark([Key::Manifest(repo.clone(), d), Key::Blob(d)]);
+            s.index.commit_if(|st| {
+                let mut ops = Vec::new();
+                if !st.blobs.contains_key(&d) {
+                    ops.push(Op::BlobAdded {
+                        digest: d,
+                        size: meta.size,
+                        at: meta.pushed.min(now),
+                    });
+                }
+                if !st
+                    .repos
+                    .get(&repo)
+                    .is_some_and(|r| r.manifests.contains_key(&d))
+                {
+                    ops.push(Op::ManifestPut {
+                        repo: repo.clone(),
+                        digest: d,
+                        meta: meta.clone(),
+                    });
+                }
+                Ok(ops)
+            })?;
+            Ok(Some(meta))
+        })
+        .await
+    }
+
+    async fn fetch_record(&self, repo: &str, d: Digest) -> Result<Option<ManifestMeta>> {
+        let key = self.key(&manifest_key(repo, &d));
+        let Some(f) = self.bucket.fetch(&key).await? else {
+            return Ok(None);
+        };
+        let r: ManifestRecord = parse(&key, &f.body)?;
+        let pushed = f.modified.min(self.now());
+        Ok(Some(ManifestMeta {
+            size: r.size,
+            media_type: r.media_type,
+            pushed,
+            subject: r.subject,
+            artifact_type: r.artifact_type,
+            annotations: r.annotations,
+            children: r.children,
+            access: Stamp::new(pushed),
+            rooted: false,
+        }))
+    }
+
+    /// Whether `repo` was ever pushed to (its catalog entry).
+    pub async fn repo_known(self: &Arc<Self>, repo: &str) -> Result<bool> {
+        if self
+            .known_repos
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(repo)
+        {
+            return Ok(true);
+        }
+        let repo = repo.to_owned();
+        self.on_s3(move |s| async move {
+            let found = s
+                .bucket
+                .stat(&s.key(&format!("catalog/{repo}")))
+                .await?
+                .is_some();
+            if found {
+                s.known_repos
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(repo);
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    /// Every repository's name (the catalog entries).
+    pub async fn catalog(self: &Arc<Self>) -> Result<Vec<String>> {
+        self.on_s3(|s| async move {
+            let listed = s.bucket.list_objects("catalog/").await?;
+            Ok(listed
+                .into_iter()
+                .filter_map(|l| l.key.strip_prefix("catalog/").map(str::to_owned))
+                .collect())
+        })
+        .await
+    }
+
+    /// Cached bytes of manifest `d`.
+    pub fn cached_manifest(&self, d: &Digest) -> Option<Bytes> {
+        let mut c = self.manifests.lock().unwrap_or_else(|p| p.into_inner());
+        c.get(d).cloned()
+    }
+
+    pub fn cache_manifest(&self, d: Digest, bytes: Bytes) {
+        let mut c = self.manifests.lock().unwrap_or_else(|p| p.into_inner());
+        if c.contains(&d) {
+            return;
+        }
+        let mut total = self.manifest_bytes.load(Ordering::Relaxed) + bytes.len() as u64;
+        c.put(d, bytes);
+        while total > MANIFEST_CACHE_BYTES as u64 {
+            match c.pop_lru() {
+                Some((_, b)) => total -= b.len() as u64,
+                None => break,
+            }
+        }
+        self.manifest_bytes.store(total, Ordering::Relaxed);
+    }
+
+    // ----- writing ------------------------------------------------------------------------
+
+    async fn ensure_repo_(&self, repo: &str) -> Result<()> {
+        let known = self
+            .known_repos
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(repo);
+        if !known {
+            self.bucket
+                .put(
+                    &self.key(&format!("catalog/{repo}")),
+                    Bytes::new(),
+                    Cond::None,
+                )
+                .await?;
+            self.known_repos
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(repo.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Makes blob `d` visible in `repo` for every replica (the blob is already in the bucket).
+    pub async fn put_link(self: &Arc<Self>, repo: &str, d: Digest, size: u64) -> Result<()> {
+        let repo = repo.to_owned();
+        self.mark([Key::Blob(d), Key::Link(repo.clone(), d)]);
+        self.on_s3(move |s| async move {
+            s.ensure_repo_(&repo).await?;
+            s.bucket
+                .put(
+                    &s.key(&link_key(&repo, &d)),
+                    json(&LinkObject { size }),
+                    Cond::None,
+                )
+                .await?;
+            s.mark([Key::Blob(d), Key::Link(repo, d)]);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes `d` from `repo`'s view in the bucket.
+    pub async fn delete_link(self: &Arc<Self>, repo: &str, d: Digest) -> Result<()> {
+        let repo = repo.to_owned();
+        self.on_s3(move |s| async move {
+            s.bucket.delete_key(&s.key(&link_key(&repo, &d))).await?;
+            s.mark([Key::Link(repo, d)]);
+            Ok(())
+        })
+        .await
+    }
+
+    /// The first step of a push that references `digests`: the claim (see the module notes).
+    pub async fn claim(self: &Arc<Self>, digests: Vec<Digest>) -> Result<Claim> {
+        self.on_s3(move |s| async move {
+            let key = s.key(&format!(
+                "claims/{:013}-{}",
+                s.now().max(0),
+                random_suffix()
+            ));
+            let body = json(&ClaimObject {
+                replica: s.me.clone(),
+                digests,
+            });
+            let at = Instant::now();
+            s.bucket.put(&key, body, Cond::None).await?;
+            Ok(Claim { at, key })
+        })
+        .await
+    }
+
+    /// Removes a claim whose push committed or gave up (in the background; a claim left behind
+    /// only delays collection of what it names until the collector removes it).
+    pub fn release(self: &Arc<Self>, claim: Claim) {
+        let b = self.bucket.clone();
+        let key = claim.key;
+        self.bucket.rt_spawn(async move {
+            if let Err(e) = b.delete_key(&key).await {
+                tracing::debug!(key = %key, error = %e, "removing a claim failed; the collector will");
+            }
+        });
+    }
+
+    /// Checks that every blob in `digests` is in the bucket now; those that are not are dropped
+    /// from the cache and returned.
+    pub async fn missing_blobs(self: &Arc<Self>, digests: Vec<Digest>) -> Result<Vec<Digest>> {
+        self.on_s3(move |s| async move {
+            let found = s
+                .each(digests, |s, d| async move {
+                    Ok(s.bucket.stat(&s.key(&blob_key(&d))).await?.is_some())
+                })
+                .await?;
+            let missing: Vec<Digest> = found
+                .into_iter()
+                .filter(|(_, there)| !there)
+                .map(|(d, _)| d)
+                .collect();
+            s.forget(&[], &missing)?;
+            Ok(missing)
+        })
+        .await
+    }
+
+    /// Writes manifest `d`'s record in `repo` (after the claim handshake).
+    pub async fn put_record(
+        self: &Arc<Self>,
+        repo: &str,
+        d: Digest,
+        meta: &ManifestMeta,
+    ) -> Result<()> {
+        let body = json(&ManifestRecord {
+            size: meta.size,
+            media_type: meta.media_type.clone(),
+            subject: meta.subject,
+            artifact_type: meta.artifact_type.clone(),
+            annotations: meta.annotations.clone(),
+            children: meta.children.clone(),
+        });
+        let repo = repo.to_owned();
+        self.mark([Key::Manifest(repo.clone(), d)]);
+        self.on_s3(move |s| async move {
+            s.ensure_repo_(&repo).await?;
+            s.bucket
+                .put(&s.key(&manifest_key(&repo, &d)), body, Cond::None)
+                .await?;
+            s.mark([Key::Manifest(repo, d)]);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Points `tag` at `value`: read, then written only if unchanged since read (a lost race is
+    /// read again and retried, never a silent overwrite of something not seen).
+    pub async fn set_tag(self: &Arc<Self>, repo: &str, tag: &str, value: TagValue) -> Result<()> {
+        let (repo, tag) = (repo.to_owned(), tag.to_owned());
+        self.mark([Key::Tag(repo.clone(), tag.clone())]);
+        self.on_s3(move |s| async move {
+            let key = s.key(&tag_key(&repo, &tag));
+            let body = json(&value);
+            for _ in 0..16 {
+                let cond = match s.bucket.fetch(&key).await? {
+                    Some(f) => Cond::Match(f.etag),
+                    None => Cond::Create,
+                };
+                match s.bucket.put(&key, body.clone(), cond).await {
+                    Ok(etag) => {
+                        s.etags
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert((repo.clone(), tag.clone()), etag);
+                        s.mark([Key::Tag(repo.clone(), tag.clone())]);
+                        return Ok(());
+                    }
+                    Err(e) if e.kind == ErrorKind::Conflict => {
+                        tokio::time::sleep(Duration::from_millis(5 + rand_ms(20))).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("tag {repo}:{tag} kept changing under this push; retry"),
+            ))
+        })
+        .await
+    }
+
+    /// Deletes `tag` whatever it points at now (a client's DELETE). `Ok(false)`: no such tag.
+    pub async fn delete_tag(self: &Arc<Self>, repo: &str, tag: &str) -> Result<bool> {
+        let (repo, tag) = (repo.to_owned(), tag.to_owned());
+        self.on_s3(move |s| async move {
+            let key = s.key(&tag_key(&repo, &tag));
+            for _ in 0..16 {
+                let Some(f) = s.bucket.fetch(&key).await? else {
+                    return Ok(false);
+                };
+                match s.bucket.delete_if(&key, &f.etag).await {
+                    Ok(()) => {
+                        s.etags
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&(repo.clone(), tag.clone()));
+                        s.mark([Key::Tag(repo.clone(), tag.clone())]);
+                        return Ok(true);
+                    }
+                    Err(e) if e.kind == ErrorKind::Conflict => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("tag {repo}:{tag} kept changing; retry"),
+            ))
+        })
+        .await
+    }
+
+    /// Deletes manifest `d`'s record in `repo`.
+    pub async fn delete_record(self: &Arc<Self>, repo: &str, d: Digest) -> Result<()> {
+        let repo = repo.to_owned();
+        self.on_s3(move |s| async move {
+            s.bucket
+                .delete_key(&s.key(&manifest_key(&repo, &d)))
+                .await?;
+            s.mark([Key::Manifest(repo, d)]);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Carries out repair records in the bucket (verify --repair): links for stored children,
+    /// tags and manifests that would dangle removed, links and blobs of what is gone.
+    pub async fn apply_in_bucket(self: &Arc<Self>, ops: Vec<Op>) -> Result<()> {
+        self.on_s3(move |s| async move {
+            for op in ops {
+                match op {
+                    Op::Link { repo, digest } => {
+                        let size = s.index.blob_size(&digest).unwrap_or(0);
+                        s.ensure_repo_(&repo).await?;
+                        s.bucket
+                            .put(
+                                &s.key(&link_key(&repo, &digest)),
+                                json(&LinkObject { size }),
+                                Cond::None,
+                            )
+                            .await?;
+                    }
+                    Op::TagDeleted { repo, tag } => {
+                        s.bucket.delete_key(&s.key(&tag_key(&repo, &tag))).await?;
+                    }
+                    Op::ManifestDeleted { repo, digest } => {
+                        let tags: Vec<String> = {
+                            let st = s.index.read();
+                            st.repos.get(&repo).map_or(Vec::new(), |r| {
+                                r.tags
+                                    .iter()
+                                    .filter(|(_, d)| **d == digest)
+                                    .map(|(t, _)| t.clone())
+                                    .collect()
+                            })
+                        };
+                        for t in tags {
+                            s.bucket.delete_key(&s.key(&tag_key(&repo, &t))).await?;
+                        }
+                        s.bucket
+                            .delete_key(&s.key(&manifest_key(&repo, &digest)))
+                            .await?;
+                    }
+                    Op::Unlink { repo, digest } => {
+                        s.bucket
+                            .delete_key(&s.key(&link_key(&repo, &digest)))
+                            .await?;
+                    }
+                    Op::BlobRemoved { digest } => {
+                        s.bucket.delete_key(&s.key(&blob_key(&digest))).await?;
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    // ----- last access --------------------------------------------------------------------
+
+    /// Queues access records (the index's debounced touches) for the bucket.
+    pub fn queue_access(&self, ops: &[Op]) {
+        let mut q = self.access.lock().unwrap_or_else(|p| p.into_inner());
+        for op in ops {
+            match op {
+                Op::BlobTouched { digest, at } => q.blobs.push((*digest, *at)),
+                Op::ManifestTouched { repo, digest, at } => {
+                    q.manifests.push((repo.clone(), *digest, *at))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A read of a manifest the cache does not hold yet (a pull by tag answered from the tag).
+    pub fn note_manifest_read(&self, repo: &str, d: Digest, at: Millis) {
+        let mut q = self.access.lock().unwrap_or_else(|p| p.into_inner());
+        if q.manifests.len() < 100_000 {
+            q.manifests.push((repo.to_owned(), d, at));
+        }
+    }
+
+    /// Ships queued access records as one object.
+    pub async fn flush_access(self: &Arc<Self>) -> Result<()> {
+        let batch = std::mem::take(&mut *self.access.lock().unwrap_or_else(|p| p.into_inner()));
+        if batch.blobs.is_empty() && batch.manifests.is_empty() {
+            return Ok(());
+        }
+        let body = json(&batch);
+        let r = self
+            .on_s3(move |s| async move {
+                let key = s.key(&format!(
+                    "access/{}/{:013}-{}",
+                    replica_key(&s.me),
+                    s.now().max(0),
+                    random_suffix()
+                ));
+                s.bucket.put(&key, body, Cond::None).await.map(|_| ())
+            })
+            .await;
+        if r.is_err() {
+            // Kept for the next round (S3 may be back by then).
+            let mut q = self.access.lock().unwrap_or_else(|p| p.into_inner());
+            if q.blobs.len() + q.manifests.len() < 100_000 {
+                q.blobs.extend(batch.blobs);
+                q.manifests.extend(batch.manifests);
+            }
+        }
+        r
+    }
+
+    /// Folds every replica's access records into this cache (the collector, before it plans).
+    async fn merge_access_(self: &Arc<Self>) -> Result<()> {
+        let mut listed = self.bucket.list_objects("access-compacted/").await?;
+        listed.extend(self.bucket.list_objects("access/").await?);
+        let fresh: Vec<String> = {
+            let m = self.merged.lock().unwrap_or_else(|p| p.into_inner());
+            listed
+                .iter()
+                .filter(|l| !m.contains(&l.key))
+                .map(|l| l.key.clone())
+                .collect()
+        };
+        let got = self
+            .each(fresh, |s, k| async move {
+                Ok(s.bucket.fetch(&s.key(&k)).await?.map(|f| f.body))
+            })
+            .await?;
+        let mut ops = Vec::new();
+        for (k, body) in &got {
+            let Some(body) = body else { continue };
+            let b: AccessBatch = match serde_json::from_slice(body) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(key = %k, error = %e, "skipping an unreadable access record");
+                    continue;
+                }
+            };
+            let now = self.now();
+            for (d, at) in b.blobs {
+                ops.push(Op::BlobTouched {
+                    digest: d,
+                    at: at.min(now),
+                });
+            }
+            for (repo, d, at) in b.manifests {
+                ops.push(Op::ManifestTouched {
+                    repo,
+                    digest: d,
+                    at: at.min(now),
+                });
+            }
+        }
+        self.index.commit(ops)?;
+        {
+            let mut m = self.merged.lock().unwrap_or_else(|p| p.into_inner());
+            let present: HashSet<&str> = listed.iter().map(|l| l.key.as_str()).collect();
+            m.retain(|k| present.contains(k.as_str()));
+            m.extend(got.into_iter().map(|(k, _)| k));
+        }
+        // Many small records: fold them into one (written before the parts go).
+        if listed.len() > 256 {
+            self.compact_access(&listed).await?;
+        }
+        Ok(())
+    }
+
+    async fn compact_access(self: &Arc<Self>, listed: &[Listed]) -> Result<()> {
+        let mut batch = AccessBatch::default();
+        {
+            let st = self.index.read();
+            for (d, m) in &st.blobs {
+                if m.access.get() > m.added {
+                    batch.blobs.push((*d, m.access.get()));
+                }
+            }
+            for (name, r) in &st.repos {
+                for (d, m) in &r.manifests {
+                    if m.access.get() > m.pushed {
+                        batch.manifests.push((name.clone(), *d, m.access.get()));
+                    }
+                }
+            }
+        }
+        let key = format!(
+            "access-compacted/{:013}-{}",
+            self.now().max(0),
+            random_suffix()
+        );
+        self.bucket
+            .put(&self.key(&key), json(&batch), Cond::None)
+            .await?;
+        let old: Vec<String> = listed.iter().map(|l| self.key(&l.key)).collect();
+        self.bucket.delete_keys(&old).await?;
+        let mut m = self.merged.lock().unwrap_or_else(|p| p.into_inner());
+        m.clear();
+        m.insert(key);
+        Ok(())
+    }
+
+    // ----- liveness and the collector's lease ----------------------------------------------
+
+    /// Says this replica is alive and takes or renews the collector's lease.
+    pub async fn heartbeat(self: &Arc<Self>) -> Result<()> {
+        self.on_s3(|s| async move {
+            let key = s.key(&format!("replicas/{}", replica_key(&s.me)));
+            s.bucket
+                .put(
+                    &key,
+                    json(&Heartbeat {
+                        replica: s.me.clone(),
+                    }),
+                    Cond::None,
+                )
+                .await?;
+            let lease = s.key("lease/gc");
+            match s
+                .bucket
+                .hold_lease_at(&lease, &s.me, s.timing.lease_ms, &s.gc_etag)
+                .await
+            {
+                Ok(LeaseState::Held) => {
+                    if !s.gc_held.swap(true, Ordering::SeqCst) {
+                        tracing::info!(replica = %s.me, "took the garbage collector's lease");
+                    }
+                    *s.gc_renewed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                    *s.gc_holder.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.me.clone());
+                }
+                Ok(LeaseState::Busy { holder, .. }) => {
+                    if s.gc_held.swap(false, Ordering::SeqCst) {
+                        tracing::warn!(holder = %holder, "lost the garbage collector's lease");
+                    }
+                    *s.gc_holder.lock().unwrap_or_else(|p| p.into_inner()) = Some(holder);
+                }
+                Err(e) => return Err(e),
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Whether this replica may collect now: it holds the lease and renewed it recently enough
+    /// that no other replica can have taken it.
+    pub fn holds_gc(&self) -> bool {
+        if !self.gc_held.load(Ordering::SeqCst) {
+            return false;
+        }
+        let renewed = *self.gc_renewed.lock().unwrap_or_else(|p| p.into_inner());
+        let limit = Duration::from_millis(u64::try_from(self.timing.lease_ms * 2 / 3).unwrap_or(0));
+        let fresh = renewed.is_some_and(|t| t.elapsed() < limit);
+        if !fresh {
+            self.gc_held.store(false, Ordering::SeqCst);
+            tracing::warn!(
+                "the garbage collector's lease was not renewed in time; collection stops"
+            );
+        }
+        fresh
+    }
+
+    /// A clean stop: the lease and heartbeat go, so another replica takes over at once.
+    pub async fn leave(self: &Arc<Self>) {
+        let r = self
+            .on_s3(|s| async move {
+                let _ = s.flush_access().await;
+                if s.gc_held.swap(false, Ordering::SeqCst) {
+                    s.bucket
+                        .release_lease_at(&s.key("lease/gc"), &s.gc_etag)
+                        .await;
+                }
+                s.bucket
+                    .delete_key(&s.key(&format!("replicas/{}", replica_key(&s.me))))
+                    .await
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "leaving the bucket cleanly failed");
+        }
+    }
+
+    /// Other replicas that said they are alive lately.
+    async fn others_alive(&self) -> Result<u64> {
+        let listed = self.bucket.list_objects("replicas/").await?;
+        let now = self.now();
+        let window = i64::try_from(self.timing.heartbeat.as_millis() * 3).unwrap_or(30_000) + 5_000;
+        let mine = format!("replicas/{}", replica_key(&self.me));
+        let n = listed
+            .iter()
+            .filter(|l| l.key != mine && now - l.modified <= window)
+            .count() as u64;
+        self.stats.live_replicas.store(n + 1, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    // ----- revalidation --------------------------------------------------------------------
+
+    /// Re-lists the bucket and brings the cache in line with it (what other replicas pushed,
+    /// deleted, moved). Returns how many cache records changed.
+    pub async fn refresh(self: &Arc<Self>) -> Result<usize> {
+        self.on_s3(|s| async move { s.refresh_().await }).await
+    }
+
+    async fn refresh_(self: &Arc<Self>) -> Result<usize> {
+        let started = Instant::now();
+        self.stats.refreshing.store(true, Ordering::Relaxed);
+        // Records before blobs: whatever a listed link names was in the bucket before it.
+        let r = async {
+            let repos = self.bucket.list_objects("repos/").await?;
+            let blobs = self.bucket.list_objects("blobs/").await?;
+            let objects = repos.len() + blobs.len();
+            let blobs: DigestMap<(u64, Millis)> = blobs
+                .into_iter()
+                .filter_map(|l| Some((blob_digest(&l.key)?, (l.size, l.modified))))
+                .collect();
+            let n = self
+                .reconcile(None, started, group_repos(&repos, None), Some(blobs))
+                .await?;
+            if self.gc_held.load(Ordering::SeqCst) {
+                self.remove_dangling_links(&repos).await?;
+            }
+            Ok::<_, Error>((n, objects))
+        }
+        .await;
+        self.stats.refreshing.store(false, Ordering::Relaxed);
+        let (n, objects) = r?;
+        self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .last_refresh_ms
+            .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.stats
+            .last_refresh_objects
+            .store(objects as u64, Ordering::Relaxed);
+        if n > 0 {
+            tracing::debug!(changes = n, objects, "cache revalidated from the bucket");
+        }
+        Ok(n)
+    }
+
+    /// Re-lists one repository (before answering its tag list or referrers, or deleting in it).
+    pub async fn refresh_repo(self: &Arc<Self>, repo: &str) -> Result<()> {
+        let repo = repo.to_owned();
+        self.on_s3(move |s| async move {
+            let started = Instant::now();
+            let listed = s.bucket.list_objects(&format!("repos/{repo}/_")).await?;
+            s.reconcile(
+                Some(&repo),
+                started,
+                group_repos(&listed, Some(&repo)),
+                None,
+            )
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Brings the cache in line with a listing of `repos/` (one repository's, or all) and, for
+    /// a full refresh, of `blobs/`. Entries this replica changed since `started` are left alone.
+    async fn reconcile(
+        self: &Arc<Self>,
+        scope: Option<&str>,
+        started: Instant,
+        repos: BTreeMap<String, RepoList>,
+        blobs: Option<DigestMap<(u64, Millis)>>,
+    ) -> Result<usize> {
+        // What the listing names that the cache cannot fill in by itself.
+        let mut need_records = Vec::new();
+        let mut need_tags = Vec::new();
+        let mut need_links = Vec::new();
+        {
+            let st = self.index.read();
+            let etags = self.etags.lock().unwrap_or_else(|p| p.into_inner());
+            for (repo, l) in &repos {
+                let r = st.repos.get(repo);
+                for d in l.manifests.keys() {
+                    if !r.is_some_and(|r| r.manifests.contains_key(d)) {
+                        need_records.push((repo.clone(), *d));
+                    }
+                }
+                for (t, li) in &l.tags {
+                    let cached = etags.get(&(repo.clone(), t.clone()));
+                    let in_cache = r.and_then(|r| r.tags.get(t));
+                    if cached != Some(&li.etag) || in_cache.is_none() {
+                        need_tags.push((repo.clone(), t.clone()));
+                    }
+                }
+                if blobs.is_none() {
+                    for d in l.links.keys() {
+                        if !st.blobs.contains_key(d) {
+                            need_links.push((repo.clone(), *d));
+                        }
+                    }
+                }
+            }
+        }
+        let records: HashMap<(String, Digest), Option<ManifestMeta>> = self
+            .each(need_records, |s, (repo, d)| async move {
+                s.fetch_record(&repo, d).await
+            })
+            .await?
+            .into_iter()
+            .collect();
+        let tags: HashMap<(String, String), Option<(TagValue, String)>> = self
+            .each(need_tags, |s, (repo, tag)| async move {
+                let key = s.key(&tag_key(&repo, &tag));
+                match s.bucket.fetch(&key).await? {
+                    Some(f) => Ok(Some((parse::<TagValue>(&key, &f.body)?, f.etag))),
+                    None => Ok(None),
+                }
+            })
+            .await?
+            .into_iter()
+            .collect();
+        let link_sizes: DigestMap<u64> = self
+            .each(need_links, |s, (repo, d)| async move {
+                let key = s.key(&link_key(&repo, &d));
+                match s.bucket.fetch(&key).await? {
+                    Some(f) => Ok(Some(parse::<LinkObject>(&key, &f.body)?.size)),
+                    None => Ok(None),
+                }
+            })
+            .await?
+            .into_iter()
+            .filter_map(|((_, d), size)| Some((d, size?)))
+            .collect();
+
+        let now = self.now();
+        let recent = self.recent_since(started);
+        let mut changed = 0;
+        self.index.commit_if(|st| {
+            let mut adds = Vec::new();
+            let mut tag_removes = Vec::new();
+            let mut manifest_removes = Vec::new();
+            let mut unlinks: HashSet<(String, Digest)> = HashSet::new();
+            let mut blob_removes = Vec::new();
+            let mut added_blobs = DigestSet::default();
+            let mut gone_blobs = DigestSet::default();
+            if let Some(b) = &blobs {
+                for (d, (size, modified)) in b {
+                    if !st.blobs.contains_key(d) && !recent.contains(&Key::Blob(*d)) {
+                        adds.push(Op::BlobAdded {
+                            digest: *d,
+                            size: *size,
+                            at: (*modified).min(now),
+                        });
+                        added_blobs.insert(*d);
+                    }
+                }
+                for d in st.blobs.keys() {
+                    if !b.contains_key(d) && !recent.contains(&Key::Blob(*d)) {
+                        gone_blobs.insert(*d);
+                    }
+                }
+            }
+            let size_of = |d: &Digest| -> Option<u64> {
+                if gone_blobs.contains(d) {
+                    return None;
+                }
+                blobs
+                    .as_ref()
+                    .and_then(|b| b.get(d).map(|x| x.0))
+                    .or_else(|| st.blobs.get(d).map(|m| m.size))
+                    .or_else(|| link_sizes.get(d).copied())
+            };
+            for (repo, l) in &repos {
+                let r = st.repos.get(repo);
+                for (d, li) in &l.links {
+                    if recent.contains(&Key::Link(repo.clone(), *d)) {
+                        continue;
+                    }
+                    // A link whose blob is gone is not offered (the collector removes it).
+                    let Some(size) = size_of(d) else { continue };
+                    if !st.blobs.contains_key(d) && added_blobs.insert(*d) {
+                        adds.push(Op::BlobAdded {
+                            digest: *d,
+                            size,
+                            at: li.modified.min(now),
+                        });
+                    }
+                    if !r.is_some_and(|r| r.blobs.contains(d)) {
+                        adds.push(Op::Link {
+                            repo: repo.clone(),
+                            digest: *d,
+                        });
+                    }
+                }
+                for (d, li) in &l.manifests {
+                    if recent.contains(&Key::Manifest(repo.clone(), *d))
+                        || r.is_some_and(|r| r.manifests.contains_key(d))
+                    {
+                        continue;
+                    }
+                    let Some(Some(meta)) = records.get(&(repo.clone(), *d)) else {
+                        continue;
+                    };
+                    if gone_blobs.contains(d) {
+                        continue;
+                    }
+                    if !st.blobs.contains_key(d) && added_blobs.insert(*d) {
+                        adds.push(Op::BlobAdded {
+                            digest: *d,
+                            size: meta.size,
+                            at: li.modified.min(now),
+                        });
+                    }
+                    adds.push(Op::ManifestPut {
+                        repo: repo.clone(),
+                        digest: *d,
+                        meta: meta.clone(),
+                    });
+                }
+                for t in l.tags.keys() {
+                    if recent.contains(&Key::Tag(repo.clone(), t.clone())) {
+                        continue;
+                    }
+                    let Some(Some((v, _))) = tags.get(&(repo.clone(), t.clone())) else {
+                        continue;
+                    };
+                    let there = r.is_some_and(|r| r.manifests.contains_key(&v.digest))
+                        || records
+                            .get(&(repo.clone(), v.digest))
+                            .is_some_and(|m| m.is_some());
+                    if there && r.and_then(|r| r.tags.get(t)) != Some(&v.digest) {
+                        adds.push(Op::TagSet {
+                            repo: repo.clone(),
+                            tag: t.clone(),
+                            digest: v.digest,
+                            at: 0,
+                        });
+                    }
+                }
+            }
+            // What the cache holds and the bucket no longer does.
+            for (name, r) in &st.repos {
+                if scope.is_some_and(|s| s != name) {
+                    continue;
+                }
+                let listed = repos.get(name);
+                for t in r.tags.keys() {
+                    let there = listed.is_some_and(|l| l.tags.contains_key(t));
+                    if !there && !recent.contains(&Key::Tag(name.clone(), t.clone())) {
+                        tag_removes.push(Op::TagDeleted {
+                            repo: name.clone(),
+                            tag: t.clone(),
+                        });
+                    }
+                }
+                for d in r.manifests.keys() {
+                    let there = listed.is_some_and(|l| l.manifests.contains_key(d));
+                    if !there && !recent.contains(&Key::Manifest(name.clone(), *d)) {
+                        manifest_removes.push(Op::ManifestDeleted {
+                            repo: name.clone(),
+                            digest: *d,
+                        });
+                    }
+                }
+                for d in &r.blobs {
+                    let there = listed.is_some_and(|l| l.links.contains_key(d));
+                    if (!there || gone_blobs.contains(d))
+                        && !recent.contains(&Key::Link(name.clone(), *d))
+                    {
+                        unlinks.insert((name.clone(), *d));
+                    }
+                }
+            }
+            for d in &gone_blobs {
+                blob_removes.push(Op::BlobRemoved { digest: *d });
+            }
+            let mut ops = adds;
+            ops.extend(tag_removes);
+            ops.extend(manifest_removes);
+            ops.extend(
+                unlinks
+                    .into_iter()
+                    .map(|(repo, digest)| Op::Unlink { repo, digest }),
+            );
+            ops.extend(blob_removes);
+            changed = ops.len();
+            Ok(ops)
+        })?;
+        let mut etags = self.etags.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, v) in tags {
+            match v {
+                Some((_, etag)) => {
+                    etags.insert(k, etag);
+                }
+                None => {
+                    etags.remove(&k);
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    /// The collector removes link objects whose blob is gone (a collection that stopped half
+    /// way leaves them), once they are old enough not to be an upload racing the listing.
+    async fn remove_dangling_links(self: &Arc<Self>, repos: &[Listed]) -> Result<()> {
+        let now = self.now();
+        let dangling: Vec<String> = {
+            let st = self.index.read();
+            repos
+                .iter()
+                .filter(|l| now - l.modified > DANGLING_LINK_MS)
+                .filter(|l| {
+                    l.key
+                        .strip_prefix("repos/")
+                        .and_then(parse_repo_key)
+                        .is_some_and(
+                            |(_, e)| matches!(e, Entry::Link(d) if !st.blobs.contains_key(&d)),
+                        )
+                })
+                .map(|l| self.key(&l.key))
+                .collect()
+        };
+        if !dangling.is_empty() {
+            tracing::info!(
+                links = dangling.len(),
+                "removing links to blobs that are gone"
+            );
+            self.bucket.delete_keys(&dangling).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` over `items`, `FETCH_PARALLEL` at a time.
+    async fn each<I, T, F, Fut>(self: &Arc<Self>, items: Vec<I>, f: F) -> Result<Vec<(I, T)>>
+    where
+        I: Clone + Send + 'static,
+        T: Send + 'static,
+        F: Fn(Arc<Shared>, I) -> Fut,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+    {
+        let mut out = Vec::with_capacity(items.len());
+        let mut set = tokio::task::JoinSet::new();
+        let mut it = items.into_iter();
+        loop {
+            while set.len() < FETCH_PARALLEL {
+                let Some(i) = it.next() else { break };
+                let fut = f(self.clone(), i.clone());
+                set.spawn(async move { (i, fut.await) });
+            }
+            match set.join_next().await {
+                Some(Ok((i, r))) => out.push((i, r?)),
+                Some(Err(e)) => return Err(Error::internal(format!("S3 task failed: {e}"))),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    // ----- the collector ------------------------------------------------------------------
+
+    /// Before a plan: the cache revalidated and every replica's reads folded in.
+    pub async fn prepare_collection(self: &Arc<Self>) -> Result<()> {
+        self.on_s3(|s| async move {
+            s.refresh_().await?;
+            s.merge_access_().await
+        })
+        .await
+    }
+
+    /// The first step of carrying out a plan: its tags, each deleted only if unchanged since
+    /// the plan read it. `intact` is false when one was pushed again meanwhile (what it reaches
+    /// is then planned anew, not deleted now).
+    pub async fn delete_tags(
+        self: &Arc<Self>,
+        tags: Vec<(String, String)>,
+    ) -> Result<(HashSet<(String, String)>, bool)> {
+        self.on_s3(move |s| async move {
+            let mut done = HashSet::new();
+            let mut intact = true;
+            for (repo, tag) in tags {
+                if !s.holds_gc() {
+                    return Ok((done, false));
+                }
+                let etag = s
+                    .etags
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&(repo.clone(), tag.clone()))
+                    .cloned();
+                let Some(etag) = etag else {
+                    intact = false;
+                    continue;
+                };
+                match s
+                    .bucket
+                    .delete_if(&s.key(&tag_key(&repo, &tag)), &etag)
+                    .await
+                {
+                    Ok(()) => {
+                        s.etags
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&(repo.clone(), tag.clone()));
+                        done.insert((repo, tag));
+                    }
+                    // Pushed again since the plan: it stays.
+                    Err(e) if e.kind == ErrorKind::Conflict => intact = false,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok((done, intact))
+        })
+        .await
+    }
+
+    /// Announces what a collection will delete (`doomed/`, pending); from now on this replica
+    /// offers none of it, and the others stop within a `poll`. Returns the announcement's key
+    /// and time (service clock).
+    pub async fn announce(
+        self: &Arc<Self>,
+        manifests: Vec<(String, Digest)>,
+        blobs: Vec<Digest>,
+    ) -> Result<(String, Millis)> {
+        self.on_s3(move |s| async move {
+            let at = s.now();
+            let key = format!("doomed/{:013}-{}", at.max(0), random_suffix());
+            let record = DoomRecord {
+                holder: s.me.clone(),
+                at,
+                done: false,
+                manifests,
+                blobs,
+            };
+            s.bucket
+                .put(&s.key(&key), json(&record), Cond::None)
+                .await?;
+            let mut g = s.doomed.write().unwrap_or_else(|p| p.into_inner());
+            g.records.insert(key.clone(), record);
+            g.rebuild();
+            Ok((key, at))
+        })
+        .await
+    }
+
+    /// After an announcement: while other replicas are alive, `delete_delay` for them to hear
+    /// it and ship the reads that may spare some of it.
+    pub async fn settle(self: &Arc<Self>) -> Result<()> {
+        self.on_s3(|s| async move {
+            if s.others_alive().await? > 0 {
+                tokio::time::sleep(s.timing.delete_delay).await;
+            }
+            s.pause("gc-after-announce").await;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes what an announcement named and the re-check kept (records, then blobs, then
+    /// their links; a blob written again since the announcement stays), then marks the
+    /// announcement done with what went, so every replica's cache drops exactly that.
+    pub async fn sweep(
+        self: &Arc<Self>,
+        key: String,
+        manifests: Vec<(String, Digest)>,
+        blobs: Vec<Digest>,
+        announced: Millis,
+    ) -> Result<Carried> {
+        self.on_s3(move |s| async move {
+            let outcome = s.sweep_(&manifests, &blobs, announced).await;
+            let mut record = DoomRecord {
+                holder: s.me.clone(),
+                at: announced,
+                done: true,
+                manifests: Vec::new(),
+                blobs: Vec::new(),
+            };
+            if let Ok(c) = &outcome {
+                record.manifests = c.manifests.iter().cloned().collect();
+                record.blobs = c.blobs.iter().copied().collect();
+            }
+            let closed = s.bucket.put(&s.key(&key), json(&record), Cond::None).await;
+            {
+                let mut g = s.doomed.write().unwrap_or_else(|p| p.into_inner());
+                g.records.insert(key.clone(), record);
+                g.applied.insert(key);
+                g.rebuild();
+            }
+            let done = outcome?;
+            closed?;
+            Ok(done)
+        })
+        .await
+    }
+
+    async fn sweep_(
+        self: &Arc<Self>,
+        manifests: &[(String, Digest)],
+        blobs: &[Digest],
+        announced: Millis,
+    ) -> Result<Carried> {
+        let mut done = Carried::default();
+        let keys: Vec<String> = manifests
+            .iter()
+            .map(|(repo, d)| self.key(&manifest_key(repo, d)))
+            .collect();
+        self.bucket.delete_keys(&keys).await?;
+        done.manifests.extend(manifests.iter().cloned());
+        let links: DigestMap<Vec<String>> = {
+            let st = self.index.read();
+            let mut m: DigestMap<Vec<String>> = DigestMap::default();
+            for (name, r) in &st.repos {
+                for d in blobs {
+                    if r.blobs.contains(d) {
+                        m.entry(*d).or_default().push(name.clone());
+                    }
+                }
+            }
+            m
+        };
+        let gone = self
+            .each(blobs.to_vec(), move |s, d| async move {
+                let key = s.key(&blob_key(&d));
+                if let Some((_, modified)) = s.bucket.stat(&key).await? {
+                    // Pushed again since the announcement (last-modified has one-second
+                    // resolution): it stays.
+                    if modified >= announced - 1000 {
+                        return Ok(false);
+                    }
+                    s.bucket.delete_key(&key).await?;
+                }
+                Ok(true)
+            })
+            .await?;
+        let mut link_keys = Vec::new();
+        for (d, went) in gone {
+            if went {
+                for repo in links.get(&d).into_iter().flatten() {
+                    link_keys.push(self.key(&link_key(repo, &d)));
+                }
+                done.blobs.insert(d);
+            } else {
+                self.stats.rescued.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.bucket.delete_keys(&link_keys).await?;
+        Ok(done)
+    }
+
+    /// Counts content a collection spared at its re-check.
+    pub fn note_spared(&self, n: usize) {
+        if n > 0 {
+            self.stats.rescued.fetch_add(n as u64, Ordering::Relaxed);
+            tracing::info!(
+                spared = n,
+                "a collection spared content pushed, claimed or read since it was planned"
+            );
+        }
+    }
+
+    /// Every digest a live claim names: pushes between their claim and their commit.
+    pub async fn claimed(self: &Arc<Self>) -> Result<DigestSet> {
+        self.on_s3(|s| async move { s.claimed_().await }).await
+    }
+
+    async fn claimed_(self: &Arc<Self>) -> Result<DigestSet> {
+        let listed = self.bucket.list_objects("claims/").await?;
+        let fresh: Vec<String> = {
+            let c = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+            listed
+                .iter()
+                .filter(|l| !c.contains_key(&l.key))
+                .map(|l| l.key.clone())
+                .collect()
+        };
+        let got = self
+            .each(fresh, |s, k| async move {
+                let key = s.key(&k);
+                match s.bucket.fetch(&key).await? {
+                    Some(f) => Ok(parse::<ClaimObject>(&key, &f.body)?.digests),
+                    None => Ok(Vec::new()),
+                }
+            })
+            .await?;
+        let mut c = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+        let present: HashSet<&str> = listed.iter().map(|l| l.key.as_str()).collect();
+        c.retain(|k, _| present.contains(k.as_str()));
+        c.extend(got);
+        Ok(c.values().flatten().copied().collect())
+    }
+
+    /// Removes claims older than the claim window (their pushes committed or gave up long ago;
+    /// a pusher removes its own claim once committed) and finished announcements everyone has
+    /// had time to hear.
+    pub async fn tidy(self: &Arc<Self>, planned_at: Millis) -> Result<()> {
+        self.on_s3(move |s| async move { s.tidy_(planned_at).await })
+            .await
+    }
+
+    async fn tidy_(self: &Arc<Self>, planned_at: Millis) -> Result<()> {
+        let window = i64::try_from(CLAIM_WINDOW.as_millis()).unwrap_or(600_000);
+        let old_claims: Vec<String> = self
+            .bucket
+            .list_objects("claims/")
+            .await?
+            .into_iter()
+            .filter(|l| l.modified < planned_at - window)
+            .map(|l| self.key(&l.key))
+            .collect();
+        self.bucket.delete_keys(&old_claims).await?;
+        let now = self.now();
+        let old_done: Vec<String> = {
+            let g = self.doomed.read().unwrap_or_else(|p| p.into_inner());
+            g.records
+                .iter()
+                .filter(|(_, r)| r.done && now - r.at > DONE_KEPT_MS)
+                .map(|(k, _)| self.key(k))
+                .collect()
+        };
+        self.bucket.delete_keys(&old_done).await?;
+        Ok(())
+    }
+
+    /// Announcements a collector left pending and never finished (it died): after a lease's
+    /// length they are abandoned; the current collector closes them (nothing of theirs is
+    /// deleted by this; their content is planned anew).
+    pub async fn close_abandoned(self: &Arc<Self>) -> Result<()> {
+        self.on_s3(|s| async move {
+            s.poll_doomed_().await?;
+            let now = s.now();
+            let limit = s.timing.lease_ms * 2 + i64::try_from(s.timing.delete_delay.as_millis()).unwrap_or(0) + 60_000;
+            let stale: Vec<(String, DoomRecord)> = {
+                let g = s.doomed.read().unwrap_or_else(|p| p.into_inner());
+                g.records
+                    .iter()
+                    .filter(|(_, r)| !r.done && r.holder != s.me && now - r.at > limit)
+                    .map(|(k, r)| (k.clone(), r.clone()))
+                    .collect()
+            };
+            for (k, mut r) in stale {
+                tracing::warn!(announcement = %k, holder = %r.holder, "closing a collection its collector abandoned");
+                // What it may have removed already is unknown: every replica re-lists.
+                r.done = true;
+                r.manifests.clear();
+                r.blobs.clear();
+                s.bucket.put(&s.key(&k), json(&r), Cond::None).await?;
+            }
+            s.poll_doomed_().await
+        })
+        .await
+    }
+}
+
+/// `repos/` listing entries grouped by repository (only `only`'s, when given).
+#[derive(Default)]
+struct RepoList {
+    links: DigestMap<Listed>,
+    manifests: DigestMap<Listed>,
+    tags: HashMap<String, Listed>,
+}
+
+fn group_repos(listed: &[Listed], only: Option<&str>) -> BTreeMap<String, RepoList> {
+    let mut out: BTreeMap<String, RepoList> = BTreeMap::new();
+    for l in listed {
+        let Some((repo, entry)) = l.key.strip_prefix("repos/").and_then(parse_repo_key) else {
+            continue;
+        };
+        if only.is_some_and(|o| o != repo) {
+            continue;
+        }
+        let r = out.entry(repo.to_owned()).or_default();
+        match entry {
+            Entry::Tag(t) => {
+                r.tags.insert(t, l.clone());
+            }
+            Entry::Manifest(d) => {
+                r.manifests.insert(d, l.clone());
+            }
+            Entry::Link(d) => {
+                r.links.insert(d, l.clone());
+            }
+        }
+    }
+    out
+}
+
+/// A replica's name as one key segment.
+fn replica_key(me: &str) -> String {
+    me.replace('/', "_")
+}
+
+fn rand_ms(max: u64) -> u64 {
+    let mut b = [0u8; 2];
+    let _ = getrandom::getrandom(&mut b);
+    u64::from(u16::from_le_bytes(b)) % max.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_keys_parse_from_the_first_underscore_component() {
+        let d = Digest::sha256_of(b"x");
+        let hex = d.hex();
+        assert_eq!(
+            parse_repo_key("team/app/_tags/v1"),
+            Some(("team/app", Entry::Tag("v1".into())))
+        );
+        assert_eq!(
+            parse_repo_key(&format!("a/manifests/_manifests/sha256/{hex}")),
+            Some(("a/manifests", Entry::Manifest(d)))
+        );
+        assert_eq!(
+            parse_repo_key(&format!("x/_links/sha256/{hex}")),
+            Some(("x", Entry::Link(d)))
+        );
+        assert_eq!(parse_repo_key("x/_links/sha256/nothex"), None);
+        assert_eq!(parse_repo_key("x/_other/y"), None);
+        assert_eq!(parse_repo_key("_tags/v1"), None);
+        assert_eq!(blob_digest(&blob_key(&d)), Some(d));
+        assert_eq!(
+            link_key("a/b", &d),
+            format!("repos/a/b/_links/sha256/{hex}")
+        );
+    }
+}
