@@ -238,6 +238,24 @@ impl App {
         self.index.sync_point(|| store.sync())
     }
 
+    /// On a shared bucket, why this replica does not collect now (another holds the lease).
+    pub fn not_collector(&self) -> Option<String> {
+        let s = self.shared.as_ref()?;
+        if s.holds_gc() {
+            return None;
+        }
+        let holder = s
+            .gc_holder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| "no replica yet".into());
+        Some(format!(
+            "this replica does not collect garbage: the collector's lease of the bucket is held \
+             by {holder}, which runs the passes (ask it: POST /admin/gc)\n"
+        ))
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
@@ -837,6 +855,10 @@ async fn admin(app: &Arc<App>, req: hyper::Request<hyper::body::Incoming>) -> Re
     });
     let life = app.life.clone();
     match req.uri().path() {
+        "/admin/gc" if app.not_collector().is_some() => text(
+            StatusCode::CONFLICT,
+            app.not_collector().unwrap_or_default(),
+        ),
         "/admin/gc" => match blocking(move || life.pass(None)).await {
             Ok(r) => text(StatusCode::OK, render_pass(&r)),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
@@ -941,7 +963,8 @@ fn status_page(app: &App) -> String {
             "replica: {}\nreplicas alive: {}\ncollector: {}\nconditional writes: {}\n\
              bucket re-listings: {} (last took {} ms over {} objects)\n\
              collections pending: {}\ncollected content spared: {}\n\
-             pushes that waited for a collection: {}\n",
+             pushes that waited for a collection: {}\n\
+             tag writes retried after a lost race: {}\n",
             sh.me,
             sh.stats.live_replicas.load(Relaxed).max(1),
             if sh.holds_gc() {
@@ -960,6 +983,7 @@ fn status_page(app: &App) -> String {
             sh.pending_collections(),
             sh.stats.rescued.load(Relaxed),
             sh.stats.waited_for_collection.load(Relaxed),
+            sh.stats.tag_races.load(Relaxed),
         ));
     }
     if let Some(t) = &app.tiered {

@@ -601,3 +601,78 @@ pub async fn run_s3(args: BenchS3Args) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct FillS3Args {
+    /// The S3 service, e.g. http://127.0.0.1:9000 (path-style addressing).
+    #[arg(long)]
+    pub endpoint: String,
+    #[arg(long)]
+    pub bucket: String,
+    /// Key prefix, as the replicas that will read the bucket have it.
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    /// How many layer blobs.
+    #[arg(long, default_value_t = 100_000)]
+    pub blobs: u64,
+    /// Layers per manifest (each manifest is tagged).
+    #[arg(long, default_value_t = 100)]
+    pub per_manifest: u64,
+}
+
+/// Fills a bucket the way replicas pushing images leave it (blobs, links, manifest records,
+/// tags), 64 writes at a time: a large bucket for restart and listing measurements.
+pub async fn fill_s3(args: FillS3Args) -> anyhow::Result<()> {
+    use crate::store::s3::Bucket;
+    let cfg: crate::config::S3Config = toml::from_str(&format!(
+        "bucket = {:?}\nprefix = {:?}\nendpoint = {:?}\npath_style = true\n\
+         region = \"us-east-1\"\naccess_key_id = \"bench\"\nsecret_access_key = \"bench\"\n",
+        args.bucket, args.prefix, args.endpoint
+    ))?;
+    let bucket = Arc::new(
+        Bucket::new(&cfg, Arc::new(crate::clock::SystemClock))
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let started = Instant::now();
+    let per = args.per_manifest.max(1);
+    let images = args.blobs.div_ceil(per);
+    let next = Arc::new(AtomicUsize::new(0));
+    let written = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (b, next, written) = (bucket.clone(), next.clone(), written.clone());
+        let blobs = args.blobs;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let m = next.fetch_add(1, Ordering::Relaxed) as u64;
+                if m >= images {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                let first = m * per;
+                let layers: Vec<Bytes> = (first..(first + per).min(blobs))
+                    .map(|n| Bytes::from(format!("hoard fill blob {n}\n")))
+                    .collect();
+                let (b2, repo, tag) = (b.clone(), format!("fill/r{}", m / 100), format!("t{m}"));
+                let n = b
+                    .run(async move {
+                        crate::lifecycle::shared::seed_image(&b2, &repo, &tag, layers).await
+                    })
+                    .await
+                    .and_then(|r| r)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                written.fetch_add(n, Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    eprintln!(
+        "filled bucket {} with {} blobs in {images} tagged manifests ({} objects) in {:.1}s",
+        args.bucket,
+        args.blobs,
+        written.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

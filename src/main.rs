@@ -62,6 +62,9 @@ enum Command {
     /// The same 16 MiB blobs as `bench --only medium`, PUT and GET straight to an S3 bucket
     /// with a plain SDK client: the S3 service's own speed, for benches/s3.sh.
     BenchS3(hoard::bench::BenchS3Args),
+    /// Fills an S3 bucket as replicas pushing images leave it (blobs, links, manifest records,
+    /// tags): a large bucket for restart measurements.
+    BenchFillS3(hoard::bench::FillS3Args),
 }
 
 #[derive(clap::Args)]
@@ -246,10 +249,20 @@ fn main() -> anyhow::Result<()> {
             init_logging(config.log_format);
             run_as_owner(&config.disk().0)?;
             let out = offline_or_daemon(config, offset, "/admin/gc", |app| {
+                if let Some(s) = &app.shared {
+                    // On a shared bucket only the lease holder collects: take it if it is free.
+                    s.block(|s| async move { s.heartbeat().await })?;
+                    if let Some(why) = app.not_collector() {
+                        return Ok((false, why));
+                    }
+                }
                 app.life.sweep_files()?;
                 let r = app.life.pass(None)?;
                 Ok((true, hoard::app::render_pass(&r)))
             })?;
+            if !out.0 {
+                anyhow::bail!("{}", out.1.trim());
+            }
             print!("{}", out.1);
             Ok(())
         }
@@ -292,6 +305,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::BenchFill(args) => hoard::bench::fill(args),
         Command::BenchS3(args) => runtime()?.block_on(hoard::bench::run_s3(args)),
+        Command::BenchFillS3(args) => runtime()?.block_on(hoard::bench::fill_s3(args)),
     }
 }
 

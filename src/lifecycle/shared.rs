@@ -264,6 +264,8 @@ pub struct SharedStats {
     pub live_replicas: AtomicU64,
     pub rescued: AtomicU64,
     pub waited_for_collection: AtomicU64,
+    /// Tag writes that lost a race to another write (read again and retried).
+    pub tag_races: AtomicU64,
     pub refreshing: AtomicBool,
 }
 
@@ -425,6 +427,16 @@ impl Shared {
         g.blobs.contains(d)
     }
 
+    /// Whether blob `d` is named by a pending announcement, read fresh from the bucket when
+    /// this replica's copy says so (it may be a poll behind a collection that spared it).
+    pub async fn still_doomed(self: &Arc<Self>, d: &Digest) -> Result<bool> {
+        if !self.doomed_blob(d) {
+            return Ok(false);
+        }
+        self.poll_doomed().await?;
+        Ok(self.doomed_blob(d))
+    }
+
     pub fn doomed_manifest(&self, repo: &str, d: &Digest) -> bool {
         let g = self.doomed.read().unwrap_or_else(|p| p.into_inner());
         g.manifests.contains(&(repo.to_owned(), *d)) || g.blobs.contains(d)
@@ -579,9 +591,6 @@ impl Shared {
     /// Whether blob `d` is visible in `repo` in the bucket: its link and the blob itself. A hit
     /// is added to the cache. `Some(size)` when it is.
     pub async fn find_link(self: &Arc<Self>, repo: &str, d: Digest) -> Result<Option<u64>> {
-        if self.doomed_blob(&d) {
-            return Ok(None);
-        }
         let repo = repo.to_owned();
         self.on_s3(move |s| async move {
             let key = s.key(&link_key(&repo, &d));
@@ -620,9 +629,6 @@ impl Shared {
 
     /// Whether blob `d` exists in the bucket at all (a mount with no source repository).
     pub async fn blob_exists(self: &Arc<Self>, d: Digest) -> Result<Option<u64>> {
-        if self.doomed_blob(&d) {
-            return Ok(None);
-        }
         self.on_s3(move |s| async move {
             Ok(s.bucket.stat(&s.key(&blob_key(&d))).await?.map(|(n, _)| n))
         })
@@ -651,6 +657,39 @@ impl Shared {
                     Some(v)
                 }
             };
+            if let Some(v) = &value {
+                let cached = s
+                    .index
+                    .read()
+                    .repos
+                    .get(&repo)
+                    .is_some_and(|r| r.manifests.contains_key(&v.digest));
+                if !cached {
+                    // Cached in the background (the answer needs only the tag): the next
+                    // pull, or one while S3 is unreachable, finds the manifest here.
+                    let (s2, repo2, tag2, d) = (s.clone(), repo.clone(), tag.clone(), v.digest);
+                    tokio::spawn(async move {
+                        if let Ok(Some(_)) = s2.get_manifest(&repo2, d).await {
+                            let _ = s2.index.commit_if(|st| {
+                                let r = st.repos.get(&repo2);
+                                let set = r.is_some_and(|r| {
+                                    r.manifests.contains_key(&d) && !r.tags.contains_key(&tag2)
+                                });
+                                Ok(if set {
+                                    vec![Op::TagSet {
+                                        repo: repo2.clone(),
+                                        tag: tag2.clone(),
+                                        digest: d,
+                                        at: 0,
+                                    }]
+                                } else {
+                                    vec![]
+                                })
+                            });
+                        }
+                    });
+                }
+            }
             s.mark([Key::Tag(repo.clone(), tag.clone())]);
             s.index.commit_if(|st| {
                 let r = st.repos.get(&repo);
@@ -685,9 +724,6 @@ impl Shared {
         repo: &str,
         d: Digest,
     ) -> Result<Option<ManifestMeta>> {
-        if self.doomed_manifest(repo, &d) {
-            return Ok(None);
-        }
         let repo = repo.to_owned();
         self.on_s3(move |s| async move {
             let Some(meta) = s.fetch_record(&repo, d).await? else {
@@ -960,6 +996,7 @@ impl Shared {
                         return Ok(());
                     }
                     Err(e) if e.kind == ErrorKind::Conflict => {
+                        s.stats.tag_races.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(5 + rand_ms(20))).await;
                     }
                     Err(e) => return Err(e),
@@ -1227,6 +1264,11 @@ impl Shared {
                     Cond::None,
                 )
                 .await?;
+            // Who else is alive (for the status page; the collector asks again before it
+            // decides how long to wait).
+            if let Err(e) = s.others_alive().await {
+                tracing::debug!(error = %e, "listing replicas failed");
+            }
             let lease = s.key("lease/gc");
             match s
                 .bucket
@@ -1952,6 +1994,93 @@ impl Shared {
         })
         .await
     }
+}
+
+/// Writes an image into `bucket` object by object, as pushes through replicas would leave it
+/// (blobs, links, the manifest's bytes and record, its tag, the catalog entry), without a
+/// replica: how `hoard bench-fill-s3` builds a large bucket quickly.
+pub async fn seed_image(
+    bucket: &Bucket,
+    repo: &str,
+    tag: &str,
+    layers: Vec<Bytes>,
+) -> Result<usize> {
+    let mut descriptors = Vec::new();
+    let mut children = Vec::new();
+    let mut writes = 0;
+    for data in layers {
+        let d = Digest::of(crate::digest::Algorithm::Sha256, &data);
+        let size = data.len() as u64;
+        bucket
+            .put(&bucket.key(&blob_key(&d)), data, Cond::None)
+            .await?;
+        bucket
+            .put(
+                &bucket.key(&link_key(repo, &d)),
+                json(&LinkObject { size }),
+                Cond::None,
+            )
+            .await?;
+        descriptors.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": d.to_string(),
+            "size": size,
+        }));
+        children.push(d);
+        writes += 2;
+    }
+    let media_type = "application/vnd.oci.image.manifest.v1+json";
+    let manifest = Bytes::from(
+        serde_json::json!({"schemaVersion": 2, "mediaType": media_type, "layers": descriptors})
+            .to_string(),
+    );
+    let md = Digest::of(crate::digest::Algorithm::Sha256, &manifest);
+    let size = manifest.len() as u64;
+    bucket
+        .put(&bucket.key(&blob_key(&md)), manifest, Cond::None)
+        .await?;
+    bucket
+        .put(
+            &bucket.key(&link_key(repo, &md)),
+            json(&LinkObject { size }),
+            Cond::None,
+        )
+        .await?;
+    let record = ManifestRecord {
+        size,
+        media_type: media_type.into(),
+        subject: None,
+        artifact_type: None,
+        annotations: None,
+        children,
+    };
+    bucket
+        .put(
+            &bucket.key(&manifest_key(repo, &md)),
+            json(&record),
+            Cond::None,
+        )
+        .await?;
+    let tag_value = TagValue {
+        digest: md,
+        size,
+        media_type: media_type.into(),
+    };
+    bucket
+        .put(
+            &bucket.key(&tag_key(repo, tag)),
+            json(&tag_value),
+            Cond::None,
+        )
+        .await?;
+    bucket
+        .put(
+            &bucket.key(&format!("catalog/{repo}")),
+            Bytes::new(),
+            Cond::None,
+        )
+        .await?;
+    Ok(writes + 5)
 }
 
 /// `repos/` listing entries grouped by repository (only `only`'s, when given).

@@ -450,11 +450,9 @@ impl Registry {
                 Ok((v.digest, meta))
             }
             Reference::Digest(d) => {
-                if !s.doomed_manifest(repo.as_str(), d) {
-                    match self.resolve_cached(repo, reference) {
-                        Err(e) if e.is_not_found() => {}
-                        r => return r,
-                    }
+                match self.resolve_cached(repo, reference) {
+                    Err(e) if e.is_not_found() => {}
+                    r => return r,
                 }
                 let meta = s
                     .get_manifest(repo.as_str(), *d)

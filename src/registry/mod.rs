@@ -137,6 +137,13 @@ impl Registry {
     /// `claim`, stamps the blob as about to be referenced (orphan grace restarts). On a shared
     /// bucket a miss reads through: another replica may have pushed it a moment ago.
     pub async fn stat_blob(&self, repo: &RepoName, d: &Digest, claim: bool) -> Result<u64> {
+        if let (true, Some(s)) = (claim, &self.shared) {
+            // A HEAD asks "may I reference this?": not while a collection is removing it (the
+            // client uploads it again instead). Reads serve whatever is still there.
+            if s.still_doomed(d).await? {
+                return Err(blob_not_in(repo, d));
+            }
+        }
         match self.stat_cached(repo, d, claim) {
             Err(e) if e.is_not_found() => {}
             r => return r,
@@ -158,10 +165,6 @@ impl Registry {
 
     /// `stat_blob` from the index alone.
     fn stat_cached(&self, repo: &RepoName, d: &Digest, claim: bool) -> Result<u64> {
-        if self.shared.as_ref().is_some_and(|s| s.doomed_blob(d)) {
-            // A collection announced it: offered to no one until it is gone or spared.
-            return Err(blob_not_in(repo, d));
-        }
         let state = self.index.read();
         let visible = state
             .repos
@@ -240,7 +243,7 @@ impl Registry {
         let Some(s) = &self.shared else {
             return self.mount_cached(repo, d, from);
         };
-        if s.doomed_blob(d) {
+        if s.still_doomed(d).await? {
             return Ok(false);
         }
         let size = match from {

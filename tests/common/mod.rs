@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
 pub mod s3;
 pub use s3::{on_disk, store_kind, StoreKind};
 

@@ -113,7 +113,7 @@ impl S3Server {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    fn addr(&self) -> SocketAddr {
+    pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
@@ -285,11 +285,16 @@ pub fn bucket_for(data: &Path) -> String {
 
 /// Environment that puts a hoard on `kind` (the shared server, `data`'s bucket).
 pub fn store_env(kind: StoreKind, server: &S3Server, bucket: &str) -> Vec<(String, String)> {
+    store_env_at(kind, &server.endpoint(), bucket)
+}
+
+/// `store_env` for an S3 service at `endpoint` (a proxy in front of the server, say).
+pub fn store_env_at(kind: StoreKind, endpoint: &str, bucket: &str) -> Vec<(String, String)> {
     let mut leaf = vec![
         ("BUCKET", bucket.to_owned()),
         ("PREFIX", "hoard/".to_owned()),
         ("REGION", "us-east-1".to_owned()),
-        ("ENDPOINT", server.endpoint()),
+        ("ENDPOINT", endpoint.to_owned()),
         ("PATH_STYLE", "true".to_owned()),
         ("ACCESS_KEY_ID", "test".to_owned()),
         ("SECRET_ACCESS_KEY", "test".to_owned()),
