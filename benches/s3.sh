@@ -83,6 +83,25 @@ for who in s3 tiered; do
   echo "{\"label\": \"$who\", \"name\": \"s3_requests_small_part\", \"put\": $((put1-put0)), \"get\": $((get1-get0)), \"total\": $((tot1-tot0))}" >>"$OUT"
 done
 
+# A second replica on the S3 hoard's bucket: a manifest pushed through the first, then HEADed
+# and pulled by tag 50 times through the second (S3 requests per HEAD and per GET by tag).
+P_S3B=$(start s3b HOARD_STORE_TYPE=s3 HOARD_STORE_BUCKET=bench-s3 "${common[@]}")
+cfg='{"bench":"replica"}'
+cd_=$(printf '%s' "$cfg" | sha256sum | cut -d' ' -f1)
+curl -sf -X POST --data-binary "$cfg" "http://127.0.0.1:$P_S3/v2/rep/blobs/uploads/?digest=sha256:$cd_" >/dev/null
+man="{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"config\":{\"mediaType\":\"application/vnd.buildkit.cacheconfig.v0\",\"digest\":\"sha256:$cd_\",\"size\":${#cfg}},\"layers\":[]}"
+curl -sf -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' --data-binary "$man" "http://127.0.0.1:$P_S3/v2/rep/manifests/cache" >/dev/null
+curl -sf -o /dev/null "http://127.0.0.1:$P_S3B/v2/rep/manifests/cache"   # first sight: fills its cache
+for method in HEAD GET; do
+  read -r _ _ tot0 < <(ops "$P_S3B")
+  for _ in $(seq 50); do
+    if [ "$method" = HEAD ]; then curl -sf -I -o /dev/null "http://127.0.0.1:$P_S3B/v2/rep/manifests/cache"
+    else curl -sf -o /dev/null "http://127.0.0.1:$P_S3B/v2/rep/manifests/cache"; fi
+  done
+  read -r _ _ tot1 < <(ops "$P_S3B")
+  echo "{\"label\": \"replica\", \"name\": \"s3_requests_manifest_by_tag\", \"method\": \"$method\", \"total\": $((tot1-tot0))}" >>"$OUT"
+done
+
 python3 - "$OUT" <<'PY'
 import json, sys, statistics
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
@@ -100,6 +119,8 @@ for r in rows:
     if r.get("name") == "s3_requests_small_part":
         n = 500  # bench's small part at --scale 0.1
         print(f"  {r['label']}: {n} small blobs pushed, HEADed, pulled: {r['put']} PutObject, {r['get']} GetObject, {r['total']} S3 requests in all ({r['put'] / n:.2f} PUT per pushed blob, {r['get'] / n:.2f} GET per pulled blob)")
+    if r.get("name") == "s3_requests_manifest_by_tag":
+        print(f"  a second replica, 50 {r['method']}s of a manifest by tag: {r['total']} S3 requests ({r['total'] / 50:.2f} each)")
     if r.get("label", "").endswith("-small") and "value" in r:
         print(f"    {r['label']} {r['name']}: {r['value']} {r['unit']}")
 PY

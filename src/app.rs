@@ -397,6 +397,15 @@ fn lease_timeout(bucket: &Bucket, renewed: tokio::time::Instant) {
 /// sent and a writer lease (the best such a service allows) keeps a second hoard out.
 pub fn allow_writes(b: &Bucket, p: &Probe, single_writer: bool) -> Result<()> {
     if p.conditional_writes {
+        if !p.conditional_deletes {
+            tracing::warn!(
+                bucket = %b.describe,
+                "this S3 service ignores If-Match on DeleteObject: a tag deletion compares the \
+                 tag's ETag just before deleting it, so a push landing in between can still be \
+                 undone by a client's DELETE or an expiry (the service's own conditional \
+                 deletes would rule that out)"
+            );
+        }
         b.set_conditions(true);
         b.set_writable(true);
         return Ok(());
@@ -475,6 +484,7 @@ async fn watch_bucket(app: Arc<App>, bucket: Arc<Bucket>) {
                     tracing::info!(
                         bucket = %bucket.describe,
                         conditional_writes = p.conditional_writes,
+                        conditional_deletes = p.conditional_deletes,
                         clock_offset_ms = bucket.clock.offset_ms(),
                         "S3 bucket reachable"
                     );

@@ -424,7 +424,11 @@ fn the_collectors_lease_moves_when_its_holder_dies() {
     assert_eq!(status_line(&b, "replicas alive"), "2");
     let r = b.req("POST", "/admin/gc").send();
     assert_eq!(r.status, 409, "{}", r.text());
-    assert!(r.text().contains(&a_id), "names the collector: {}", r.text());
+    assert!(
+        r.text().contains(&a_id),
+        "names the collector: {}",
+        r.text()
+    );
 
     // The holder dies without a word: B takes the lease once it expires (S3 clock).
     a.kill9();

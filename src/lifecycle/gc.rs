@@ -170,6 +170,9 @@ struct Plan<'a> {
     manifest_ops: Vec<Op>,
     blob_ops: Vec<Op>,
     report: Report,
+    /// Digests that are roots whatever the state says (what live claims on a shared bucket
+    /// name): kept, with everything they reach.
+    protected: Option<&'a crate::digest::DigestSet>,
 }
 
 impl<'a> Plan<'a> {
@@ -207,6 +210,7 @@ impl<'a> Plan<'a> {
             manifest_ops: Vec::new(),
             blob_ops: Vec::new(),
             report: Report::default(),
+            protected: None,
         }
     }
 
@@ -232,6 +236,9 @@ impl<'a> Plan<'a> {
 
     /// True when no root reaches manifest `d` of `repo` any more.
     fn unreachable(&self, repo: &'a str, d: &Digest) -> bool {
+        if self.protected.is_some_and(|p| p.contains(d)) {
+            return false;
+        }
         let Some(v) = self.views.get(repo) else {
             return true;
         };
@@ -344,6 +351,9 @@ impl<'a> Plan<'a> {
     }
 
     fn drop_blob(&mut self, d: Digest, reason: Reason, repo: &str) {
+        if self.protected.is_some_and(|p| p.contains(&d)) {
+            return;
+        }
         let Some(meta) = self.state.blobs.get(&d) else {
             return;
         };
@@ -608,7 +618,7 @@ impl Lifecycle {
         let reserved = self.reserved();
         let mut report = Report::default();
         self.index.commit_if(|state| {
-            let (ops, r) = self.plan(state, now, ceiling, reserved);
+            let (ops, r) = self.plan(state, now, ceiling, reserved, None);
             report = r;
             Ok(ops)
         })?;
@@ -629,9 +639,11 @@ impl Lifecycle {
         now: Millis,
         ceiling: Option<u64>,
         reserved: u64,
+        protected: Option<&crate::digest::DigestSet>,
     ) -> (Vec<Op>, Report) {
         let policy = &self.policy;
         let mut plan = Plan::new(state, policy, now);
+        plan.protected = protected;
         if let Some(ttl) = policy.ttl {
             plan.expire(ttl);
         }
@@ -668,7 +680,7 @@ impl Lifecycle {
         let planned_at = self.clock.now_ms();
         let (ops, mut report) = {
             let state = self.index.read();
-            self.plan(&state, planned_at, ceiling, self.reserved())
+            self.plan(&state, planned_at, ceiling, self.reserved(), None)
         };
         if ops.is_empty() {
             return Ok(report);
@@ -689,13 +701,9 @@ impl Lifecycle {
                     done.manifests = c.manifests;
                     done.blobs = c.blobs;
                 }
-                Err(e) => {
-                    // Close the announcement having deleted nothing more.
-                    let _ = s.block(move |s| async move {
-                        s.sweep(key, Vec::new(), Vec::new(), announced).await
-                    });
-                    return Err(e);
-                }
+                // The announcement stays pending (deletes may still be in flight); the collector
+                // closes it once that cannot be so any more (`close_abandoned`).
+                Err(e) => return Err(e),
             }
         }
         report.retain(|repo, item| match item {
@@ -724,19 +732,44 @@ impl Lifecycle {
         manifests: Vec<(String, Digest)>,
         blobs: Vec<Digest>,
     ) -> Result<crate::lifecycle::shared::Carried> {
-        s.block(|s| async move { s.settle().await })?;
         let key = key.to_owned();
-        if !s.holds_gc() || began.elapsed() > crate::lifecycle::shared::CLAIM_WINDOW / 2 {
-            tracing::warn!(announcement = %key, "calling off a collection (lease lost, or too slow)");
-            return Ok(Default::default());
-        }
-        // Claims first, then the listing: a push whose claim is gone by now committed before
-        // the listing begins, so the second plan sees its manifest.
-        let claimed = s.block(|s| async move { s.claimed().await })?;
-        s.block(|s| async move { s.prepare_collection().await })?;
+        // Nothing is deleted before the sweep: until then, calling the collection off (or an
+        // error) closes the announcement at once.
+        let call_off = |why: &str| {
+            tracing::warn!(announcement = %key, "calling off a collection ({why})");
+            let k = key.clone();
+            s.block(move |s| async move { s.sweep(k, Vec::new(), Vec::new(), announced).await })
+        };
+        let prepared = (|| {
+            s.block(|s| async move { s.settle().await })?;
+            if !s.holds_gc() || began.elapsed() > crate::lifecycle::shared::CLAIM_WINDOW / 2 {
+                return Ok(None);
+            }
+            // Claims first, then the listing: a push whose claim is gone by now committed
+            // before the listing begins, so the second plan sees its manifest.
+            let claimed = s.block(|s| async move { s.claimed().await })?;
+            s.block(|s| async move { s.prepare_collection().await })?;
+            Ok(Some(claimed))
+        })();
+        let claimed = match prepared {
+            Ok(Some(c)) => c,
+            Ok(None) => return call_off("the lease was lost, or the pass took too long"),
+            Err(e) => {
+                let _ = call_off("S3 failed before anything was deleted");
+                return Err(e);
+            }
+        };
         let (ops, _) = {
             let state = self.index.read();
-            self.plan(&state, self.clock.now_ms(), ceiling, self.reserved())
+            // What live claims name is a root here: kept with everything it reaches (a push
+            // of an index keeps its child manifests' layers too).
+            self.plan(
+                &state,
+                self.clock.now_ms(),
+                ceiling,
+                self.reserved(),
+                Some(&claimed),
+            )
         };
         let (_, again_m, again_b) = split(ops);
         let again_m: HashSet<(String, Digest)> = again_m.into_iter().collect();

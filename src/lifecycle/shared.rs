@@ -104,6 +104,21 @@ pub struct TagValue {
     pub digest: Digest,
     pub size: u64,
     pub media_type: String,
+    /// Random per write: two writes of the same value still differ in ETag, so a conditional
+    /// delete by the collector never removes a tag pushed again since it was read.
+    #[serde(default)]
+    pub write: String,
+}
+
+impl TagValue {
+    pub fn new(digest: Digest, size: u64, media_type: String) -> TagValue {
+        TagValue {
+            digest,
+            size,
+            media_type,
+            write: String::new(),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -297,8 +312,9 @@ pub struct Shared {
     /// This replica's name (in leases, claims, heartbeats).
     pub me: String,
     pub timing: Timing,
-    /// ETags of tag objects as last seen (conditional updates and deletes use them).
-    etags: Mutex<HashMap<(String, String), String>>,
+    /// Each tag object's ETag as last seen, with the digest it held then (conditional deletes
+    /// use them; a listing re-reads a tag whose ETag or cached digest differs).
+    etags: Mutex<HashMap<(String, String), (String, Digest)>>,
     /// Repositories whose catalog entry is known to exist.
     known_repos: Mutex<HashSet<String>>,
     /// Cache entries changed here, and when: a listing that began before must not undo them.
@@ -313,6 +329,10 @@ pub struct Shared {
     gc_etag: Mutex<Option<String>>,
     gc_held: AtomicBool,
     gc_renewed: Mutex<Option<Instant>>,
+    /// Service time the lease last written runs out (measured from before the request).
+    gc_expires: std::sync::atomic::AtomicI64,
+    /// Announcements this replica's collector is carrying out now.
+    active: Mutex<HashSet<String>>,
     /// Who held the collector's lease when last seen, for the status page.
     pub gc_holder: Mutex<Option<String>>,
     manifests: Mutex<lru::LruCache<Digest, Bytes>>,
@@ -355,6 +375,8 @@ impl Shared {
             gc_etag: Mutex::new(None),
             gc_held: AtomicBool::new(false),
             gc_renewed: Mutex::new(None),
+            gc_expires: std::sync::atomic::AtomicI64::new(0),
+            active: Mutex::new(HashSet::new()),
             gc_holder: Mutex::new(None),
             manifests: Mutex::new(lru::LruCache::unbounded()),
             manifest_bytes: AtomicU64::new(0),
@@ -465,7 +487,10 @@ impl Shared {
             // A pending record is re-read until it is done (it is rewritten in place).
             if known.get(&l.key) != Some(&true) {
                 if let Some(f) = self.bucket.fetch(&self.key(&l.key)).await? {
-                    fetched.push((l.key.clone(), parse::<DoomRecord>(&l.key, &f.body)?));
+                    match parse::<DoomRecord>(&l.key, &f.body) {
+                        Ok(r) => fetched.push((l.key.clone(), r)),
+                        Err(e) => tracing::warn!(error = %e, "skipping an unreadable announcement"),
+                    }
                 }
             }
         }
@@ -504,7 +529,8 @@ impl Shared {
         if manifests.is_empty() && blobs.is_empty() {
             return Ok(());
         }
-        let since = Instant::now() - Duration::from_secs(1);
+        let now = Instant::now();
+        let since = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
         let recent = self.recent_since(since);
         self.index.commit_if(|st| {
             let mut ops = Vec::new();
@@ -653,7 +679,7 @@ impl Shared {
                     s.etags
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(k, f.etag);
+                        .insert(k, (f.etag, v.digest));
                     Some(v)
                 }
             };
@@ -670,11 +696,20 @@ impl Shared {
                     let (s2, repo2, tag2, d) = (s.clone(), repo.clone(), tag.clone(), v.digest);
                     tokio::spawn(async move {
                         if let Ok(Some(_)) = s2.get_manifest(&repo2, d).await {
+                            // Only if the bucket's tag, as last seen, still names it.
+                            let latest = s2
+                                .etags
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get(&(repo2.clone(), tag2.clone()))
+                                .map(|(_, d)| *d);
                             let _ = s2.index.commit_if(|st| {
                                 let r = st.repos.get(&repo2);
-                                let set = r.is_some_and(|r| {
-                                    r.manifests.contains_key(&d) && !r.tags.contains_key(&tag2)
-                                });
+                                let set = latest == Some(d)
+                                    && r.is_some_and(|r| {
+                                        r.manifests.contains_key(&d)
+                                            && r.tags.get(&tag2) != Some(&d)
+                                    });
                                 Ok(if set {
                                     vec![Op::TagSet {
                                         repo: repo2.clone(),
@@ -945,6 +980,95 @@ impl Shared {
         .await
     }
 
+    /// After a push committed: its record and its children's links are still there (a client's
+    /// DELETE racing the push may have removed one: it is written again), and so is its claim.
+    /// `Ok(false)` when the claim is gone (a push stalled past the claim window): the caller
+    /// must treat the push as failed if, after any collection in progress, a child is missing.
+    pub async fn confirm_commit(
+        self: &Arc<Self>,
+        claim: &Claim,
+        repo: &str,
+        d: Digest,
+        meta: &ManifestMeta,
+        children: Vec<(Digest, u64)>,
+    ) -> Result<bool> {
+        let (repo, claim_key) = (repo.to_owned(), claim.key.clone());
+        let record = json(&ManifestRecord {
+            size: meta.size,
+            media_type: meta.media_type.clone(),
+            subject: meta.subject,
+            artifact_type: meta.artifact_type.clone(),
+            annotations: meta.annotations.clone(),
+            children: meta.children.clone(),
+        });
+        self.on_s3(move |s| async move {
+            let rkey = s.key(&manifest_key(&repo, &d));
+            if s.bucket.stat(&rkey).await?.is_none() {
+                tracing::info!(repo = %repo, digest = %d, "a delete raced this push; its record is written again");
+                s.bucket.put(&rkey, record, Cond::None).await?;
+            }
+            let r2 = repo.clone();
+            s.each(children, move |s, (c, size)| {
+                let repo = r2.clone();
+                async move {
+                    let key = s.key(&link_key(&repo, &c));
+                    if s.bucket.stat(&key).await?.is_none() {
+                        s.bucket.put(&key, json(&LinkObject { size }), Cond::None).await?;
+                    }
+                    Ok(())
+                }
+            })
+            .await?;
+            Ok(s.bucket.stat(&claim_key).await?.is_some())
+        })
+        .await
+    }
+
+    /// Undoes a push that must not stand: its tags (each only if still this push's), then its
+    /// record.
+    pub async fn undo_push(
+        self: &Arc<Self>,
+        repo: &str,
+        d: Digest,
+        tags: Vec<String>,
+    ) -> Result<()> {
+        let repo = repo.to_owned();
+        self.on_s3(move |s| async move {
+            for t in tags {
+                let seen = s
+                    .etags
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&(repo.clone(), t.clone()))
+                    .cloned();
+                if let Some((etag, td)) = seen {
+                    if td == d {
+                        match s.bucket.delete_if(&s.key(&tag_key(&repo, &t)), &etag).await {
+                            Ok(())
+                            | Err(Error {
+                                kind: ErrorKind::Conflict,
+                                ..
+                            }) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+            }
+            s.bucket
+                .delete_key(&s.key(&manifest_key(&repo, &d)))
+                .await?;
+            s.mark([Key::Manifest(repo.clone(), d)]);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Whether a tag of `repo`, as last read from the bucket, names `d`.
+    pub fn tagged(&self, repo: &str, d: &Digest) -> bool {
+        let e = self.etags.lock().unwrap_or_else(|p| p.into_inner());
+        e.iter().any(|((r, _), (_, td))| r == repo && td == d)
+    }
+
     /// Writes manifest `d`'s record in `repo` (after the claim handshake).
     pub async fn put_record(
         self: &Arc<Self>,
@@ -980,6 +1104,8 @@ impl Shared {
         self.mark([Key::Tag(repo.clone(), tag.clone())]);
         self.on_s3(move |s| async move {
             let key = s.key(&tag_key(&repo, &tag));
+            let mut value = value;
+            value.write = format!("{}-{}", s.now(), random_suffix());
             let body = json(&value);
             for _ in 0..16 {
                 let cond = match s.bucket.fetch(&key).await? {
@@ -991,7 +1117,7 @@ impl Shared {
                         s.etags
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .insert((repo.clone(), tag.clone()), etag);
+                            .insert((repo.clone(), tag.clone()), (etag, value.digest));
                         s.mark([Key::Tag(repo.clone(), tag.clone())]);
                         return Ok(());
                     }
@@ -1270,16 +1396,21 @@ impl Shared {
                 tracing::debug!(error = %e, "listing replicas failed");
             }
             let lease = s.key("lease/gc");
+            // Both measured before the request: a renewal that takes long must not look
+            // fresher than the lease it wrote.
+            let (asked, asked_at) = (Instant::now(), s.now());
             match s
                 .bucket
                 .hold_lease_at(&lease, &s.me, s.timing.lease_ms, &s.gc_etag)
                 .await
             {
                 Ok(LeaseState::Held) => {
+                    *s.gc_renewed.lock().unwrap_or_else(|p| p.into_inner()) = Some(asked);
+                    s.gc_expires
+                        .store(asked_at + s.timing.lease_ms, Ordering::SeqCst);
                     if !s.gc_held.swap(true, Ordering::SeqCst) {
                         tracing::info!(replica = %s.me, "took the garbage collector's lease");
                     }
-                    *s.gc_renewed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                     *s.gc_holder.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.me.clone());
                 }
                 Ok(LeaseState::Busy { holder, .. }) => {
@@ -1303,7 +1434,10 @@ impl Shared {
         }
         let renewed = *self.gc_renewed.lock().unwrap_or_else(|p| p.into_inner());
         let limit = Duration::from_millis(u64::try_from(self.timing.lease_ms * 2 / 3).unwrap_or(0));
-        let fresh = renewed.is_some_and(|t| t.elapsed() < limit);
+        // Both clocks: the monotonic one stands still while a machine is suspended, the
+        // service's (wall time plus the measured offset) does not.
+        let left = self.gc_expires.load(Ordering::SeqCst) - self.now();
+        let fresh = renewed.is_some_and(|t| t.elapsed() < limit) && left > self.timing.lease_ms / 3;
         if !fresh {
             self.gc_held.store(false, Ordering::SeqCst);
             tracing::warn!(
@@ -1433,9 +1567,12 @@ impl Shared {
                     }
                 }
                 for (t, li) in &l.tags {
-                    let cached = etags.get(&(repo.clone(), t.clone()));
+                    // Read again unless the ETag is the one last seen and the cache holds the
+                    // digest it had then.
+                    let seen = etags.get(&(repo.clone(), t.clone()));
                     let in_cache = r.and_then(|r| r.tags.get(t));
-                    if cached != Some(&li.etag) || in_cache.is_none() {
+                    let current = seen.is_some_and(|(e, d)| *e == li.etag && in_cache == Some(d));
+                    if !current {
                         need_tags.push((repo.clone(), t.clone()));
                     }
                 }
@@ -1448,7 +1585,7 @@ impl Shared {
                 }
             }
         }
-        let records: HashMap<(String, Digest), Option<ManifestMeta>> = self
+        let mut records: HashMap<(String, Digest), Option<ManifestMeta>> = self
             .each(need_records, |s, (repo, d)| async move {
                 s.fetch_record(&repo, d).await
             })
@@ -1465,6 +1602,36 @@ impl Shared {
             })
             .await?
             .into_iter()
+            .collect();
+        // A tag whose manifest this listing did not show (pushed while it ran) or the cache
+        // lacks: the record is read too, so no listed tag is left out of the cache (a plan that
+        // missed a tag could collect what it reaches).
+        let extra: Vec<(String, Digest)> = {
+            let st = self.index.read();
+            tags.iter()
+                .filter_map(|((repo, _), v)| Some((repo.clone(), v.as_ref()?.0.digest)))
+                .filter(|(repo, d)| {
+                    !records.contains_key(&(repo.clone(), *d))
+                        && !st
+                            .repos
+                            .get(repo)
+                            .is_some_and(|r| r.manifests.contains_key(d))
+                })
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect()
+        };
+        let extra: Vec<(String, Digest)> = self
+            .each(extra, |s, (repo, d)| async move {
+                s.fetch_record(&repo, d).await
+            })
+            .await?
+            .into_iter()
+            .filter_map(|(k, meta)| {
+                let meta = meta?;
+                records.insert(k.clone(), Some(meta));
+                Some(k)
+            })
             .collect();
         let link_sizes: DigestMap<u64> = self
             .each(need_links, |s, (repo, d)| async move {
@@ -1517,6 +1684,34 @@ impl Shared {
                     .or_else(|| st.blobs.get(d).map(|m| m.size))
                     .or_else(|| link_sizes.get(d).copied())
             };
+            // Records read for tags that name them (see `extra` above).
+            for (repo, d) in &extra {
+                let r = st.repos.get(repo);
+                if r.is_some_and(|r| r.manifests.contains_key(d))
+                    || recent.contains(&Key::Manifest(repo.clone(), *d))
+                    || gone_blobs.contains(d)
+                {
+                    continue;
+                }
+                let Some(Some(meta)) = records.get(&(repo.clone(), *d)) else {
+                    continue;
+                };
+                if repos.get(repo).is_some_and(|l| l.manifests.contains_key(d)) {
+                    continue; // added with the listed manifests
+                }
+                if !st.blobs.contains_key(d) && added_blobs.insert(*d) {
+                    adds.push(Op::BlobAdded {
+                        digest: *d,
+                        size: meta.size,
+                        at: meta.pushed,
+                    });
+                }
+                adds.push(Op::ManifestPut {
+                    repo: repo.clone(),
+                    digest: *d,
+                    meta: meta.clone(),
+                });
+            }
             for (repo, l) in &repos {
                 let r = st.repos.get(repo);
                 for (d, li) in &l.links {
@@ -1636,8 +1831,8 @@ impl Shared {
         let mut etags = self.etags.lock().unwrap_or_else(|p| p.into_inner());
         for (k, v) in tags {
             match v {
-                Some((_, etag)) => {
-                    etags.insert(k, etag);
+                Some((v, etag)) => {
+                    etags.insert(k, (etag, v.digest));
                 }
                 None => {
                     etags.remove(&k);
@@ -1727,15 +1922,26 @@ impl Shared {
                 if !s.holds_gc() {
                     return Ok((done, false));
                 }
-                let etag = s
+                // Deleted only as the plan saw it: the ETag last read, holding the digest
+                // the cache (and so the plan) has for the tag.
+                let seen = s
                     .etags
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .get(&(repo.clone(), tag.clone()))
                     .cloned();
-                let Some(etag) = etag else {
-                    intact = false;
-                    continue;
+                let planned = s
+                    .index
+                    .read()
+                    .repos
+                    .get(&repo)
+                    .and_then(|r| r.tags.get(&tag).copied());
+                let etag = match (seen, planned) {
+                    (Some((etag, d)), Some(p)) if d == p && !etag.is_empty() => etag,
+                    _ => {
+                        intact = false;
+                        continue;
+                    }
                 };
                 match s
                     .bucket
@@ -1780,6 +1986,10 @@ impl Shared {
             s.bucket
                 .put(&s.key(&key), json(&record), Cond::None)
                 .await?;
+            s.active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone());
             let mut g = s.doomed.write().unwrap_or_else(|p| p.into_inner());
             g.records.insert(key.clone(), record);
             g.rebuild();
@@ -1813,17 +2023,21 @@ impl Shared {
     ) -> Result<Carried> {
         self.on_s3(move |s| async move {
             let outcome = s.sweep_(&manifests, &blobs, announced).await;
-            let mut record = DoomRecord {
+            s.active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            // Failed half way: deletes may still be in flight, so the announcement stays
+            // pending until `close_abandoned` may close it.
+            let c = outcome?;
+            let record = DoomRecord {
                 holder: s.me.clone(),
                 at: announced,
                 done: true,
-                manifests: Vec::new(),
-                blobs: Vec::new(),
+                manifests: c.manifests.iter().cloned().collect(),
+                blobs: c.blobs.iter().copied().collect(),
             };
-            if let Ok(c) = &outcome {
-                record.manifests = c.manifests.iter().cloned().collect();
-                record.blobs = c.blobs.iter().copied().collect();
-            }
+            let outcome: Result<Carried> = Ok(c);
             let closed = s.bucket.put(&s.key(&key), json(&record), Cond::None).await;
             {
                 let mut g = s.doomed.write().unwrap_or_else(|p| p.into_inner());
@@ -1845,6 +2059,15 @@ impl Shared {
         announced: Millis,
     ) -> Result<Carried> {
         let mut done = Carried::default();
+        let lost = || {
+            Error::new(
+                ErrorKind::Unavailable,
+                "the collector's lease was lost mid-sweep",
+            )
+        };
+        if !self.holds_gc() {
+            return Err(lost());
+        }
         let keys: Vec<String> = manifests
             .iter()
             .map(|(repo, d)| self.key(&manifest_key(repo, d)))
@@ -1867,10 +2090,17 @@ impl Shared {
             .each(blobs.to_vec(), move |s, d| async move {
                 let key = s.key(&blob_key(&d));
                 if let Some((_, modified)) = s.bucket.stat(&key).await? {
-                    // Pushed again since the announcement (last-modified has one-second
-                    // resolution): it stays.
-                    if modified >= announced - 1000 {
+                    // Pushed again since the announcement: it stays. (Last-modified has
+                    // one-second resolution and the service's clock is known to a second or
+                    // so: a margin of three.)
+                    if modified >= announced - 3000 {
                         return Ok(false);
+                    }
+                    if !s.holds_gc() {
+                        return Err(Error::new(
+                            ErrorKind::Unavailable,
+                            "the collector's lease was lost mid-sweep",
+                        ));
                     }
                     s.bucket.delete_key(&key).await?;
                 }
@@ -1887,6 +2117,9 @@ impl Shared {
             } else {
                 self.stats.rescued.fetch_add(1, Ordering::Relaxed);
             }
+        }
+        if !self.holds_gc() {
+            return Err(lost());
         }
         self.bucket.delete_keys(&link_keys).await?;
         Ok(done)
@@ -1966,25 +2199,29 @@ impl Shared {
         Ok(())
     }
 
-    /// Announcements a collector left pending and never finished (it died): after a lease's
-    /// length they are abandoned; the current collector closes them (nothing of theirs is
-    /// deleted by this; their content is planned anew).
+    /// Announcements left pending and never finished (their collector died, lost its lease,
+    /// or failed half way): once no delete of theirs can still be in flight, the current
+    /// collector closes them (deleting nothing; every replica re-lists).
     pub async fn close_abandoned(self: &Arc<Self>) -> Result<()> {
         self.on_s3(|s| async move {
             s.poll_doomed_().await?;
             let now = s.now();
-            let limit = s.timing.lease_ms * 2 + i64::try_from(s.timing.delete_delay.as_millis()).unwrap_or(0) + 60_000;
+            // Past the old holder's lease and slack, and any request it may have had in flight.
+            let limit = s.timing.lease_ms * 2 + 5 * 60_000;
+            let active = s.active.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let stale: Vec<(String, DoomRecord)> = {
                 let g = s.doomed.read().unwrap_or_else(|p| p.into_inner());
                 g.records
                     .iter()
-                    .filter(|(_, r)| !r.done && r.holder != s.me && now - r.at > limit)
+                    .filter(|(k, r)| !r.done && !active.contains(*k) && now - r.at > limit)
                     .map(|(k, r)| (k.clone(), r.clone()))
                     .collect()
             };
             for (k, mut r) in stale {
-                tracing::warn!(announcement = %k, holder = %r.holder, "closing a collection its collector abandoned");
-                // What it may have removed already is unknown: every replica re-lists.
+                if !s.holds_gc() {
+                    break;
+                }
+                tracing::warn!(announcement = %k, holder = %r.holder, "closing a collection that was never finished");
                 r.done = true;
                 r.manifests.clear();
                 r.blobs.clear();
@@ -2061,11 +2298,8 @@ pub async fn seed_image(
             Cond::None,
         )
         .await?;
-    let tag_value = TagValue {
-        digest: md,
-        size,
-        media_type: media_type.into(),
-    };
+    let mut tag_value = TagValue::new(md, size, media_type.into());
+    tag_value.write = random_suffix();
     bucket
         .put(
             &bucket.key(&tag_key(repo, tag)),

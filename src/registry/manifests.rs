@@ -214,13 +214,14 @@ impl Registry {
 
         // Fail fast before writing bytes; checked again atomically with the commit below.
         self.check_children(req.repo, &children).await?;
-        let now = self.clock.now_ms();
         let mut tags: Vec<&Tag> = req.extra_tags.iter().collect();
         if let Reference::Tag(t) = req.reference {
             tags.push(t);
         }
         let repo = req.repo.to_string();
-        let meta_for = |state: &crate::lifecycle::index::State| -> Result<ManifestMeta> {
+        // `now`: after the manifest's own bytes are stored, so that they count as claimed by
+        // this push and no later (else orphan grace would shelter them once superseded).
+        let meta_for = |state: &crate::lifecycle::index::State, now| -> Result<ManifestMeta> {
             let r = state.repos.get(&repo);
             let mut kept = Vec::with_capacity(children.len());
             for c in &children {
@@ -251,7 +252,7 @@ impl Registry {
         if let Some(s) = self.shared.clone() {
             // The claim handshake (lifecycle/shared.rs): claim, write, wait out announced
             // collections, check the bucket holds every child, then commit record and tags.
-            let meta = meta_for(&self.index.read())?;
+            let meta = meta_for(&self.index.read(), self.clock.now_ms())?;
             let mut digests = vec![digest];
             digests.extend(meta.children.iter().copied());
             let mut manifests = vec![(repo.clone(), digest)];
@@ -289,13 +290,30 @@ impl Registry {
                         s.set_tag(
                             &repo,
                             t.as_str(),
-                            TagValue {
-                                digest,
-                                size: meta.size,
-                                media_type: media_type.clone(),
-                            },
+                            TagValue::new(digest, meta.size, media_type.clone()),
                         )
                         .await?;
+                    }
+                    // A DELETE racing this push, or a stall past the claim window: checked
+                    // now that the commit is visible.
+                    let links: Vec<(Digest, u64)> = {
+                        let state = self.index.read();
+                        required
+                            .iter()
+                            .filter_map(|c| Some((*c, state.blobs.get(c)?.size)))
+                            .collect()
+                    };
+                    if !s
+                        .confirm_commit(&claim, &repo, digest, &meta, links)
+                        .await?
+                    {
+                        s.await_clear(&digests, &manifests).await?;
+                        let missing = s.missing_blobs(required.clone()).await?;
+                        if let Some(m) = missing.first() {
+                            let names = tags.iter().map(|t| t.to_string()).collect();
+                            s.undo_push(&repo, digest, names).await?;
+                            return Err(blob_unknown(m));
+                        }
                     }
                     Ok(true)
                 }
@@ -317,8 +335,9 @@ impl Registry {
             self.put_bytes(req.repo, digest, body.clone()).await?;
         }
 
+        let now = self.clock.now_ms();
         self.index.commit_if(|state| {
-            let meta = meta_for(state)?;
+            let meta = meta_for(state, now)?;
             let mut ops = vec![Op::ManifestPut {
                 repo: repo.clone(),
                 digest,
@@ -542,10 +561,26 @@ impl Registry {
                             .collect()
                     })
                 };
+                let meta = {
+                    let state = self.index.read();
+                    state
+                        .repos
+                        .get(repo.as_str())
+                        .and_then(|r| r.manifests.get(d))
+                        .cloned()
+                };
                 for t in tags {
                     s.delete_tag(repo.as_str(), &t).await?;
                 }
                 s.delete_record(repo.as_str(), *d).await?;
+                // A push of the same manifest may have tagged it meanwhile: then it stays (as
+                // if the push came after this delete), its record written back.
+                s.refresh_repo(repo.as_str()).await?;
+                if let (true, Some(meta)) = (s.tagged(repo.as_str(), d), meta) {
+                    s.put_record(repo.as_str(), *d, &meta).await?;
+                    s.refresh_repo(repo.as_str()).await?;
+                    return Ok(());
+                }
             }
         }
         self.index.commit(ops)

@@ -228,8 +228,25 @@ impl Registry {
         // Judged on the repository as the bucket has it now.
         s.refresh_repo(repo.as_str()).await?;
         let ops = plan_delete_blob(&self.index.read(), repo, d)?;
+        let size = self.index.blob_size(d).unwrap_or(0);
         s.delete_link(repo.as_str(), *d).await?;
-        self.index.commit(ops)
+        self.index.commit(ops)?;
+        // A manifest pushed meanwhile may list it: then the link goes back and the delete is
+        // refused, as it would have been a moment later.
+        s.refresh_repo(repo.as_str()).await?;
+        let holder = {
+            let state = self.index.read();
+            state.repos.get(repo.as_str()).and_then(|r| r.holder_of(d))
+        };
+        if let Some(holder) = holder {
+            s.put_link(repo.as_str(), *d, size).await?;
+            s.refresh_repo(repo.as_str()).await?;
+            return Err(Error::in_use(format!(
+                "blob {d} is still used by {holder} in repository {repo}; delete that manifest \
+                 first"
+            )));
+        }
+        Ok(())
     }
 
     /// Cross-repository mount: links `d` into `repo` if `from` has it (or, with no `from`, if any

@@ -227,6 +227,9 @@ pub struct Bucket {
     /// The service honours `If-None-Match` / `If-Match` on writes (what the probe found); when
     /// it does not (a single-writer bucket), conditions are not sent.
     conditions: std::sync::atomic::AtomicBool,
+    /// The service honours `If-Match` on `DeleteObject`; without it a conditional delete
+    /// compares the ETag itself first (a narrow race remains, logged at start).
+    delete_conditions: std::sync::atomic::AtomicBool,
 }
 
 /// What the start-up probe found.
@@ -234,6 +237,8 @@ pub struct Bucket {
 pub struct Probe {
     /// `If-None-Match: *` and `If-Match` on `PutObject` are honoured (a lost race is a 412).
     pub conditional_writes: bool,
+    /// `If-Match` on `DeleteObject` is honoured.
+    pub conditional_deletes: bool,
 }
 
 impl Bucket {
@@ -310,6 +315,7 @@ impl Bucket {
             writable: std::sync::atomic::AtomicBool::new(false),
             lease_etag: Mutex::new(None),
             conditions: std::sync::atomic::AtomicBool::new(true),
+            delete_conditions: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -438,11 +444,25 @@ impl Bucket {
         })?;
         let second = put(Cond::Create).await;
         let wrong_etag = put(Cond::Match("\"00000000000000000000000000000000\"".into())).await;
+        let wrong_delete = self
+            .client
+            .delete_object()
+            .bucket(&self.name)
+            .key(&key)
+            .if_match("\"00000000000000000000000000000000\"")
+            .send()
+            .await
+            .map(|_| String::new())
+            .map_err(|e| s3_error(&key, e));
         let _ = self.delete_key(&key).await;
         let refused = |r: &Result<String>| matches!(r, Err(e) if e.kind == ErrorKind::Conflict);
-        Ok(Probe {
+        let p = Probe {
             conditional_writes: refused(&second) && refused(&wrong_etag),
-        })
+            conditional_deletes: refused(&wrong_delete),
+        };
+        self.delete_conditions
+            .store(p.conditional_deletes, Ordering::Relaxed);
+        Ok(p)
     }
 
     /// Writes a small object. `Conflict` when the condition does not hold. On a service that
@@ -608,9 +628,24 @@ impl Bucket {
     /// Deletes `key` if its ETag is still `etag` (`Conflict` when it changed); a key already
     /// gone is not an error. Without conditions (a single-writer bucket) it simply deletes.
     pub async fn delete_if(&self, key: &str, etag: &str) -> Result<()> {
+        if etag.is_empty() {
+            return Err(Error::conflict(format!("{key}: no ETag to delete it by")));
+        }
         let mut req = self.client.delete_object().bucket(&self.name).key(key);
-        if self.conditions.load(Ordering::Relaxed) && !etag.is_empty() {
+        if !self.conditions.load(Ordering::Relaxed) {
+            // A single-writer bucket: no other writer to race.
+        } else if self.delete_conditions.load(Ordering::Relaxed) {
             req = req.if_match(etag);
+        } else {
+            // The service ignores the condition: compare first (a write in between this and
+            // the delete is lost, which a service with conditional deletes rules out).
+            match self.fetch(key).await? {
+                None => return Ok(()),
+                Some(f) if f.etag != etag => {
+                    return Err(Error::conflict(format!("{key} changed since it was read")))
+                }
+                Some(_) => {}
+            }
         }
         match req.send().await {
             Ok(_) => Ok(()),
