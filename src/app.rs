@@ -99,6 +99,13 @@ impl App {
         let started = std::time::Instant::now();
         let (index, records) = Index::open(&index_dir, disk.durability == Durability::Sync)?;
         let index = Arc::new(index);
+        if let Some(ttl) = config.ttl {
+            // Reads are recorded (and, on a shared bucket, shipped to the collector) at most
+            // once per debounce: a quarter of the TTL at most, so a tag read steadily never
+            // looks idle for long against it.
+            let quarter = i64::try_from(ttl.0.as_millis() / 4).unwrap_or(i64::MAX);
+            index.set_debounce(quarter.clamp(1_000, crate::lifecycle::index::ACCESS_DEBOUNCE));
+        }
         if was_clean {
             fs::remove_file(&clean_marker)
                 .map_err(|e| Error::io(format!("removing {}", clean_marker.display()), e))?;

@@ -378,7 +378,35 @@ fn the_collector_racing_pushes_on_purpose_never_leaves_a_tag_dangling() {
         .iter()
         .any(|(k, _)| k.ends_with(lost_d.trim_start_matches("sha256:"))));
 
-    // 4. A stream of pushes reusing orphans while the collector runs: every tag pulls whole.
+    // 4. An index pushed over a child manifest the collector announced (with its layer): the
+    //    index's claim names the child, and the child's layer stays with it.
+    let layer3 = bytes(103, 16 * K);
+    let config3 = br#"{"race":"index"}"#;
+    push_blob(&b, "race", &layer3);
+    push_blob(&b, "race", config3);
+    let child = manifest_of(config3, &[&layer3]);
+    let child_d = sha256(&child);
+    let r = put_manifest(&b, "race", &child_d, OCI_MANIFEST, &child);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let pending = a.status_number("collections pending");
+    wait_until(
+        "the collector to announce the untagged child",
+        Duration::from_secs(20),
+        || a.status_number("collections pending") > pending,
+    );
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": child_d, "size": child.len()}],
+    }))
+    .unwrap();
+    let r = put_manifest(&b, "race", "idx", OCI_INDEX, &index);
+    assert_eq!(r.status, 201, "{}", r.text());
+    for h in [&a, &b, &c] {
+        pull_all(h, "race", "idx", "an index pushed over an announced child");
+    }
+
+    // 5. A stream of pushes reusing orphans while the collector runs: every tag pulls whole.
     let mut kept = Vec::new();
     for i in 0..12u64 {
         let l = bytes(200 + i, 8 * K);
@@ -511,7 +539,11 @@ fn replicas_hours_apart_age_everything_by_the_s3_clock() {
             pull(&behind, "app", "hot"),
             "a tag read every second expired"
         );
-        cold_gone = head_digest(&right, "app", "cold").is_none();
+        // (A tag list reads nothing: a HEAD here would keep the tag young.)
+        let tags = right.req("GET", "/v2/app/tags/list").send().json();
+        cold_gone = !tags["tags"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t == "cold"));
         std::thread::sleep(Duration::from_millis(500));
     }
     assert!(cold_gone, "the cold tag never expired");
@@ -751,4 +783,117 @@ fn a_fresh_replica_on_a_bucket_of_many_blobs_serves_at_once() {
     let h = start(tmp.path(), "fresh", &[], &env);
     assert_eq!(h.status_number("tags"), 40);
     pull_all(&h, "fill/r0", "t39", "a restart");
+}
+
+#[test]
+fn a_tag_pushed_again_while_the_collector_expires_it_stays() {
+    let s3 = S3Server::start();
+    s3.create_bucket("again");
+    let tmp = tempfile::tempdir().unwrap();
+    let ttl = [
+        "--ttl",
+        "6s",
+        "--clock-skew-tolerance",
+        "0s",
+        "--gc-interval",
+        "300ms",
+    ];
+    // The collector pauses 4 s between its plan and its first delete.
+    let a = start(
+        tmp.path(),
+        "a",
+        &ttl,
+        &replica_env(
+            StoreKind::S3,
+            &s3.endpoint(),
+            "again",
+            &[],
+            &[("HOARD_TEST_PAUSE", "gc-after-plan=4000")],
+        ),
+    );
+    wait_collector(&a);
+    let b = start(
+        tmp.path(),
+        "b",
+        &ttl,
+        &replica_env(StoreKind::S3, &s3.endpoint(), "again", &[], &[]),
+    );
+    let layer = bytes(1, 8 * K);
+    let config = br#"{"again":1}"#;
+    push_blob(&b, "app", &layer);
+    push_blob(&b, "app", config);
+    let body = manifest_of(config, &[&layer]);
+    assert_eq!(
+        put_manifest(&b, "app", "cache", OCI_MANIFEST, &body).status,
+        201
+    );
+    // Idle past its TTL: the collector plans its expiry and pauses before deleting it...
+    let paused = a.log().matches("gc-after-plan").count();
+    wait_until(
+        "the collector to plan the expiry",
+        Duration::from_secs(30),
+        || a.log().matches("gc-after-plan").count() > paused,
+    );
+    // ...while a build exports the very same cache again (same bytes, same digest).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        put_manifest(&b, "app", "cache", OCI_MANIFEST, &body).status,
+        201
+    );
+    // The collector's delete is conditional on the tag it read; the new write differs. (Checked
+    // after the collector's delete and well inside the TTL the re-push started again.)
+    std::thread::sleep(Duration::from_millis(4500));
+    assert_eq!(
+        head_digest(&b, "app", "cache").as_deref(),
+        Some(&*sha256(&body)),
+        "a tag pushed again was deleted by the collector"
+    );
+    pull_all(&a, "app", "cache", "a re-push during an expiry");
+}
+
+#[test]
+fn a_blob_delete_racing_a_push_never_breaks_the_pushed_tag() {
+    let s3 = S3Server::start();
+    s3.create_bucket("delrace");
+    let tmp = tempfile::tempdir().unwrap();
+    let env = replica_env(StoreKind::S3, &s3.endpoint(), "delrace", &[], &[]);
+    let a = start(tmp.path(), "a", &[], &env);
+    let b = start(tmp.path(), "b", &[], &env);
+    let config = br#"{"delete":"race"}"#;
+    push_blob(&b, "app", config);
+    let mut outcomes = std::collections::BTreeMap::new();
+    for i in 0..16u64 {
+        let layer = bytes(500 + i, 4 * K);
+        let d = push_blob(&b, "app", &layer);
+        let body = manifest_of(config, &[&layer]);
+        let tag = format!("t{i}");
+        let (pa, pb) = (a.addr, b.addr);
+        let pusher = std::thread::spawn(move || {
+            let f = Hoard::req_at(pb);
+            f(
+                "PUT",
+                &format!("/v2/app/manifests/{tag}"),
+                &[("Content-Type", OCI_MANIFEST)],
+                body,
+            )
+            .status
+        });
+        let deleter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(i % 4 * 5));
+            Hoard::req_at(pa)("DELETE", &format!("/v2/app/blobs/{d}"), &[], Vec::new()).status
+        });
+        let (put, del) = (pusher.join().unwrap(), deleter.join().unwrap());
+        *outcomes.entry((put, del)).or_insert(0) += 1;
+        if put == 201 {
+            for h in [&a, &b] {
+                assert!(
+                    pull(h, "app", &format!("t{i}")),
+                    "t{i} dangles (delete {del})"
+                );
+            }
+        }
+    }
+    eprintln!("(manifest PUT, blob DELETE) outcomes: {outcomes:?}");
+    assert_invariant_1(&a, "deletes racing pushes");
+    assert_invariant_1(&b, "deletes racing pushes");
 }

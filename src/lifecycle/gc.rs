@@ -678,14 +678,22 @@ impl Lifecycle {
         let began = std::time::Instant::now();
         s.block(|s| async move { s.prepare_collection().await })?;
         let planned_at = self.clock.now_ms();
-        let (ops, mut report) = {
+        let (ops, mut report, etags) = {
             let state = self.index.read();
-            self.plan(&state, planned_at, ceiling, self.reserved(), None)
+            let (ops, report) = self.plan(&state, planned_at, ceiling, self.reserved(), None);
+            let (tags, _, _) = split(ops.clone());
+            let etags = s.tag_etags(&state, &tags);
+            (ops, report, etags)
         };
         if ops.is_empty() {
             return Ok(report);
         }
         let (tags, manifests, blobs) = split(ops);
+        let tags: Vec<_> = tags.into_iter().zip(etags).collect();
+        s.block(|s| async move {
+            s.pause("gc-after-plan").await;
+            Ok(())
+        })?;
         let (tags_done, intact) = s.block(move |s| async move { s.delete_tags(tags).await })?;
         let mut done = crate::lifecycle::shared::Carried {
             tags: tags_done,

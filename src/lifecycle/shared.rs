@@ -1659,7 +1659,15 @@ impl Shared {
             let mut gone_blobs = DigestSet::default();
             if let Some(b) = &blobs {
                 for (d, (size, modified)) in b {
-                    if !st.blobs.contains_key(d) && !recent.contains(&Key::Blob(*d)) {
+                    if let Some(m) = st.blobs.get(d) {
+                        // Written again (a push of a blob already there) since seen.
+                        let at = (*modified).min(now);
+                        if at > m.access.get() {
+                            adds.push(Op::BlobTouched { digest: *d, at });
+                        }
+                        continue;
+                    }
+                    if !recent.contains(&Key::Blob(*d)) {
                         adds.push(Op::BlobAdded {
                             digest: *d,
                             size: *size,
@@ -1735,9 +1743,20 @@ impl Shared {
                     }
                 }
                 for (d, li) in &l.manifests {
-                    if recent.contains(&Key::Manifest(repo.clone(), *d))
-                        || r.is_some_and(|r| r.manifests.contains_key(d))
-                    {
+                    if let Some(m) = r.and_then(|r| r.manifests.get(d)) {
+                        // Pushed again (through any replica) since the cache saw it: as young
+                        // as that push.
+                        let at = li.modified.min(now);
+                        if at > m.access.get() {
+                            adds.push(Op::ManifestTouched {
+                                repo: repo.clone(),
+                                digest: *d,
+                                at,
+                            });
+                        }
+                        continue;
+                    }
+                    if recent.contains(&Key::Manifest(repo.clone(), *d)) {
                         continue;
                     }
                     let Some(Some(meta)) = records.get(&(repo.clone(), *d)) else {
@@ -1908,40 +1927,43 @@ impl Shared {
         .await
     }
 
+    /// Each tag's ETag as the plan saw it: taken while the plan's state is still held, and only
+    /// where the ETag last read belongs to the digest that state has (else `None`: the tag
+    /// changed under the plan).
+    pub fn tag_etags(
+        &self,
+        state: &crate::lifecycle::index::State,
+        tags: &[(String, String)],
+    ) -> Vec<Option<String>> {
+        let e = self.etags.lock().unwrap_or_else(|p| p.into_inner());
+        tags.iter()
+            .map(|(repo, tag)| {
+                let planned = state.repos.get(repo).and_then(|r| r.tags.get(tag))?;
+                match e.get(&(repo.clone(), tag.clone())) {
+                    Some((etag, d)) if d == planned && !etag.is_empty() => Some(etag.clone()),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
     /// The first step of carrying out a plan: its tags, each deleted only if unchanged since
-    /// the plan read it. `intact` is false when one was pushed again meanwhile (what it reaches
-    /// is then planned anew, not deleted now).
+    /// the plan read it (`If-Match` on the ETag the plan saw). `intact` is false when one was
+    /// pushed again meanwhile (what it reaches is then planned anew, not deleted now).
     pub async fn delete_tags(
         self: &Arc<Self>,
-        tags: Vec<(String, String)>,
+        tags: Vec<((String, String), Option<String>)>,
     ) -> Result<(HashSet<(String, String)>, bool)> {
         self.on_s3(move |s| async move {
             let mut done = HashSet::new();
             let mut intact = true;
-            for (repo, tag) in tags {
+            for ((repo, tag), etag) in tags {
                 if !s.holds_gc() {
                     return Ok((done, false));
                 }
-                // Deleted only as the plan saw it: the ETag last read, holding the digest
-                // the cache (and so the plan) has for the tag.
-                let seen = s
-                    .etags
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&(repo.clone(), tag.clone()))
-                    .cloned();
-                let planned = s
-                    .index
-                    .read()
-                    .repos
-                    .get(&repo)
-                    .and_then(|r| r.tags.get(&tag).copied());
-                let etag = match (seen, planned) {
-                    (Some((etag, d)), Some(p)) if d == p && !etag.is_empty() => etag,
-                    _ => {
-                        intact = false;
-                        continue;
-                    }
+                let Some(etag) = etag else {
+                    intact = false;
+                    continue;
                 };
                 match s
                     .bucket
@@ -1953,6 +1975,7 @@ impl Shared {
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .remove(&(repo.clone(), tag.clone()));
+                        s.mark([Key::Tag(repo.clone(), tag.clone())]);
                         done.insert((repo, tag));
                     }
                     // Pushed again since the plan: it stays.
