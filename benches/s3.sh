@@ -45,16 +45,25 @@ P_DISK=$(start disk)
 P_S3=$(start s3 HOARD_STORE_TYPE=s3 HOARD_STORE_BUCKET=bench-s3 "${common[@]}")
 P_TIER=$(start tiered HOARD_STORE_TYPE=tiered HOARD_STORE_FAST_MAX_SIZE=8GiB HOARD_STORE_SLOW_BUCKET=bench-tiered "${slow[@]}")
 
-ops() { # port -> "PutObject GetObject CopyObject UploadPart total" (HeadBucket readiness checks left out)
+ops() { # port -> "PutObject GetObject total": requests made on clients' behalf (objects of kinds
+         # blob, upload, tag, record, link, catalog, claim; the background's heartbeats, lease,
+         # announcements, access records and re-listings left out)
   curl -s "http://127.0.0.1:$1/" | python3 -c '
 import sys
-c = {}
+client = {"blob", "upload", "tag", "record", "link", "catalog", "claim"}
+put = get = tot = 0
 for l in sys.stdin:
-    if l.startswith("s3 requests ") and ":" in l:
-        k, v = l[len("s3 requests "):].split(":")
-        c[k.strip()] = int(v)
-tot = sum(v for k, v in c.items() if k != "HeadBucket")
-print(c.get("PutObject", 0), c.get("GetObject", 0), tot)'
+    if not l.startswith("s3 kind ") or ":" not in l:
+        continue
+    what, v = l[len("s3 kind "):].rsplit(":", 1)
+    op, kind = what.strip().split(" ", 1)
+    if kind not in client or op == "ListObjectsV2":
+        continue
+    n = int(v)
+    tot += n
+    put += n if op == "PutObject" else 0
+    get += n if op == "GetObject" else 0
+print(put, get, tot)'
 }
 
 run_part() { # label port

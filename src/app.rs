@@ -967,6 +967,9 @@ fn status_page(app: &App) -> String {
         for (op, n) in b.counters.by_operation() {
             out.push_str(&format!("s3 requests {op}: {n}\n"));
         }
+        for (kind, n) in b.counters.by_kind() {
+            out.push_str(&format!("s3 kind {kind}: {n}\n"));
+        }
     }
     if let Some(sh) = &app.shared {
         use std::sync::atomic::Ordering::Relaxed;

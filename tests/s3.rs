@@ -246,7 +246,7 @@ fn tiered_hits_cost_no_s3_request_and_concurrent_misses_share_one_fetch() {
 }
 
 fn get_objects(h: &Hoard) -> u64 {
-    h.status_number("s3 requests GetObject")
+    h.s3_kind("GetObject", "blob")
 }
 
 #[test]

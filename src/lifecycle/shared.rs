@@ -252,6 +252,8 @@ fn parse<T: serde::de::DeserializeOwned>(key: &str, body: &[u8]) -> Result<T> {
 #[derive(Default)]
 struct Doomed {
     records: HashMap<String, DoomRecord>,
+    /// The ETag each record was read at: it is read again only when rewritten (done).
+    etags: HashMap<String, String>,
     /// Finished announcements whose deletions this replica's cache has applied.
     applied: HashSet<String>,
     /// What pending announcements name.
@@ -478,17 +480,17 @@ impl Shared {
 
     async fn poll_doomed_(self: &Arc<Self>) -> Result<()> {
         let listed = self.bucket.list_objects("doomed/").await?;
-        let known: HashMap<String, bool> = {
+        let known: HashMap<String, String> = {
             let g = self.doomed.read().unwrap_or_else(|p| p.into_inner());
-            g.records.iter().map(|(k, r)| (k.clone(), r.done)).collect()
+            g.etags.clone()
         };
         let mut fetched = Vec::new();
         for l in &listed {
-            // A pending record is re-read until it is done (it is rewritten in place).
-            if known.get(&l.key) != Some(&true) {
+            // Read when new or rewritten (a pending record is rewritten in place when done).
+            if known.get(&l.key) != Some(&l.etag) {
                 if let Some(f) = self.bucket.fetch(&self.key(&l.key)).await? {
                     match parse::<DoomRecord>(&l.key, &f.body) {
-                        Ok(r) => fetched.push((l.key.clone(), r)),
+                        Ok(r) => fetched.push((l.key.clone(), r, f.etag)),
                         Err(e) => tracing::warn!(error = %e, "skipping an unreadable announcement"),
                     }
                 }
@@ -499,11 +501,13 @@ impl Shared {
         {
             let mut g = self.doomed.write().unwrap_or_else(|p| p.into_inner());
             g.records.retain(|k, _| listed.contains(k.as_str()));
+            g.etags.retain(|k, _| listed.contains(k.as_str()));
             let Doomed {
                 records, applied, ..
             } = &mut *g;
             applied.retain(|k| records.contains_key(k));
-            for (k, r) in fetched {
+            for (k, r, etag) in fetched {
+                g.etags.insert(k.clone(), etag);
                 g.records.insert(k, r);
             }
             for (k, r) in &g.records {

@@ -41,10 +41,18 @@ pub struct Counters {
     pub requests: AtomicU64,
     pub failures: AtomicU64,
     by_operation: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Requests by operation and by what they touch ("GetObject tag", "ListObjectsV2
+    /// announcement"): what a client's request costs, apart from the background's.
+    by_kind: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Counters {
     /// Requests per operation name (`PutObject`, `GetObject`, …).
+    pub fn by_kind(&self) -> Vec<(String, u64)> {
+        let m = self.by_kind.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
     pub fn by_operation(&self) -> Vec<(String, u64)> {
         let m = self.by_operation.lock().unwrap_or_else(|p| p.into_inner());
         m.iter().map(|(k, v)| (k.clone(), *v)).collect()
@@ -141,6 +149,74 @@ pub fn parse_http_date(s: &str) -> Option<i64> {
 struct Watch {
     counters: Arc<Counters>,
     clock: Arc<ServiceClock>,
+    /// `/<bucket>/<prefix>` or `/<prefix>` (path-style or not): stripped before classifying.
+    roots: [String; 2],
+}
+
+/// What a request's key (or a listing's prefix) is, in the layouts of store/s3.rs and
+/// lifecycle/shared.rs.
+fn kind_of(rest: &str) -> &'static str {
+    let rest = rest.trim_start_matches('/');
+    if rest.starts_with("blobs/") {
+        "blob"
+    } else if rest.starts_with("uploads/") {
+        "upload"
+    } else if rest.starts_with("repos/") {
+        if rest.contains("/_tags/") {
+            "tag"
+        } else if rest.contains("/_manifests/") {
+            "record"
+        } else if rest.contains("/_links/") {
+            "link"
+        } else {
+            "repository"
+        }
+    } else if rest.starts_with("catalog/") {
+        "catalog"
+    } else if rest.starts_with("claims/") {
+        "claim"
+    } else if rest.starts_with("doomed/") {
+        "announcement"
+    } else if rest.starts_with("access") {
+        "access"
+    } else if rest.starts_with("replicas/") {
+        "heartbeat"
+    } else if rest.starts_with("lease/") {
+        "lease"
+    } else if rest.starts_with("probe/") {
+        "probe"
+    } else if rest.starts_with("quarantine/") {
+        "quarantine"
+    } else {
+        "other"
+    }
+}
+
+impl Watch {
+    fn kind(&self, uri: &str) -> &'static str {
+        let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+        let path = path
+            .find("://")
+            .and_then(|i| path[i + 3..].find('/').map(|j| &path[i + 3 + j..]))
+            .unwrap_or(path);
+        let listed = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("prefix="))
+            .map(|p| p.replace("%2F", "/"));
+        let key = match &listed {
+            Some(p) => format!("/{}", p),
+            None => path.to_owned(),
+        };
+        let rest = if listed.is_some() {
+            key.strip_prefix(&self.roots[1]).unwrap_or(&key).to_owned()
+        } else {
+            key.strip_prefix(&self.roots[0])
+                .or_else(|| key.strip_prefix(&self.roots[1]))
+                .unwrap_or(&key)
+                .to_owned()
+        };
+        kind_of(&rest)
+    }
 }
 
 impl std::fmt::Debug for Counters {
@@ -160,7 +236,7 @@ impl aws_sdk_s3::config::Intercept for Watch {
     }
     fn read_before_transmit(
         &self,
-        _ctx: &aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        ctx: &aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
         _rc: &aws_sdk_s3::config::RuntimeComponents,
         cfg: &mut aws_sdk_s3::config::ConfigBag,
     ) -> std::result::Result<(), aws_sdk_s3::error::BoxError> {
@@ -174,6 +250,14 @@ impl aws_sdk_s3::config::Intercept for Watch {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         *m.entry(op.to_owned()).or_insert(0) += 1;
+        drop(m);
+        let kind = self.kind(ctx.request().uri());
+        let mut k = self
+            .counters
+            .by_kind
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *k.entry(format!("{op} {kind}")).or_insert(0) += 1;
         Ok(())
     }
     fn read_after_transmit(
@@ -297,6 +381,10 @@ impl Bucket {
             .interceptor(Watch {
                 counters: counters.clone(),
                 clock: clock.clone(),
+                roots: [
+                    format!("/{}/{}", cfg.bucket, cfg.prefix),
+                    format!("/{}", cfg.prefix),
+                ],
             });
         if let Some(e) = &cfg.endpoint {
             b = b.endpoint_url(e.clone());

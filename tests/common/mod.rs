@@ -142,14 +142,29 @@ impl Hoard {
             .unwrap_or(0)
     }
 
-    /// S3 requests sent so far, except the readiness checks (HeadBucket).
+    /// S3 requests sent so far on clients' behalf: requests on blobs, uploads, tags, manifest
+    /// records, links, catalog entries and claims, except listings (the background's
+    /// heartbeats, lease renewals, announcements, access records and re-listings are left out,
+    /// so a count taken around a client's request is that request's alone).
     pub fn s3_requests(&self) -> u64 {
+        const CLIENT: [&str; 7] = [
+            "blob", "upload", "tag", "record", "link", "catalog", "claim",
+        ];
         let page = status_page(self);
         page.lines()
-            .filter_map(|l| l.strip_prefix("s3 requests "))
-            .filter(|l| !l.starts_with("HeadBucket"))
-            .filter_map(|l| l.split(": ").nth(1)?.trim().parse::<u64>().ok())
+            .filter_map(|l| l.strip_prefix("s3 kind "))
+            .filter_map(|l| {
+                let (what, n) = l.split_once(": ")?;
+                let (op, kind) = what.split_once(' ')?;
+                (op != "ListObjectsV2" && CLIENT.contains(&kind))
+                    .then(|| n.trim().parse::<u64>().ok())?
+            })
             .sum()
+    }
+
+    /// S3 requests of one operation on one kind of object (`"GetObject"`, `"tag"`).
+    pub fn s3_kind(&self, op: &str, kind: &str) -> u64 {
+        self.status_number(&format!("s3 kind {op} {kind}"))
     }
 
     pub fn url(&self, path: &str) -> String {
