@@ -174,6 +174,13 @@ impl App {
                     s3.timing(),
                 ));
                 let _ = life.shared.set(s.clone());
+                if b.writable() {
+                    // Alive and, if free, the collector's lease before the first request: a
+                    // write that needs room right away can be given it.
+                    if let Err(e) = s.block(|s| async move { s.heartbeat().await }) {
+                        tracing::warn!(error = %e.message, "the first heartbeat to the bucket failed");
+                    }
+                }
                 Some(s)
             }
             _ => None,

@@ -561,6 +561,9 @@ pub struct Lifecycle {
     pub shared: std::sync::OnceLock<Arc<crate::lifecycle::shared::Shared>>,
 }
 
+/// On a shared bucket, how long an upload waits for the collector to make room.
+const SHARED_ROOM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Uploads reserve space in steps of this much when they do not announce their size.
 const RESERVE_STEP: u64 = 64 << 20;
 
@@ -694,12 +697,13 @@ impl Lifecycle {
             s.pause("gc-after-plan").await;
             Ok(())
         })?;
-        let (tags_done, intact) = s.block(move |s| async move { s.delete_tags(tags).await })?;
+        // A tag pushed again meanwhile stays; what it reaches is kept by the second plan below.
+        let (tags_done, _) = s.block(move |s| async move { s.delete_tags(tags).await })?;
         let mut done = crate::lifecycle::shared::Carried {
             tags: tags_done,
             ..Default::default()
         };
-        if intact && !(manifests.is_empty() && blobs.is_empty()) {
+        if !(manifests.is_empty() && blobs.is_empty()) {
             let (m, b) = (manifests.clone(), blobs.clone());
             let (key, announced) = s.block(move |s| async move { s.announce(m, b).await })?;
             let swept =
@@ -855,8 +859,21 @@ impl Lifecycle {
             }
         }
         // Evict, then retry: twice, since uploads running beside this one reserve and release
-        // while the pass runs; a pass that frees nothing ends the attempts.
-        for attempt in 0..3 {
+        // while the pass runs; a pass that frees nothing ends the attempts. On a shared bucket
+        // a pass spares what pushes in flight claim (and frees it only once they commit), and
+        // a replica without the collector's lease frees nothing itself: there the upload waits
+        // up to `SHARED_ROOM_WAIT` for room, retrying, before it is refused.
+        let shared = self.shared.get().is_some();
+        let began = std::time::Instant::now();
+        let mut attempt = 0;
+        loop {
+            if shared && attempt == 2 && began.elapsed() < SHARED_ROOM_WAIT {
+                std::thread::sleep(std::time::Duration::from_millis(250));
+                attempt = 1;
+            }
+            if attempt > 2 {
+                break;
+            }
             let used = self.index.read().total + self.reserved();
             let over_max = self.policy.max_size.is_some_and(|m| used + n > m);
             let disk_short = self.disk_shortfall(n);
@@ -881,9 +898,14 @@ impl Lifecycle {
                     ceiling = ceiling.min(used.saturating_sub(disk_short));
                 }
                 let r = self.pass(Some(ceiling))?;
-                if attempt == 0 || !r.victims.is_empty() {
+                if attempt == 0 || !r.victims.is_empty() || shared {
+                    attempt += 1;
                     continue;
                 }
+            }
+            if shared && began.elapsed() < SHARED_ROOM_WAIT {
+                attempt = 2;
+                continue;
             }
             return Err(self.refusal(n, over_max, disk_short));
         }

@@ -335,6 +335,9 @@ pub struct Shared {
     gc_expires: std::sync::atomic::AtomicI64,
     /// Announcements this replica's collector is carrying out now.
     active: Mutex<HashSet<String>>,
+    /// Each blob's last-modified time as the last full listing saw it: a blob whose object
+    /// changed since (pushed again) is spared by a collection planned on that listing.
+    listed_at: Mutex<DigestMap<Millis>>,
     /// Who held the collector's lease when last seen, for the status page.
     pub gc_holder: Mutex<Option<String>>,
     manifests: Mutex<lru::LruCache<Digest, Bytes>>,
@@ -379,6 +382,7 @@ impl Shared {
             gc_renewed: Mutex::new(None),
             gc_expires: std::sync::atomic::AtomicI64::new(0),
             active: Mutex::new(HashSet::new()),
+            listed_at: Mutex::new(DigestMap::default()),
             gc_holder: Mutex::new(None),
             manifests: Mutex::new(lru::LruCache::unbounded()),
             manifest_bytes: AtomicU64::new(0),
@@ -1394,11 +1398,6 @@ impl Shared {
                     Cond::None,
                 )
                 .await?;
-            // Who else is alive (for the status page; the collector asks again before it
-            // decides how long to wait).
-            if let Err(e) = s.others_alive().await {
-                tracing::debug!(error = %e, "listing replicas failed");
-            }
             let lease = s.key("lease/gc");
             // Both measured before the request: a renewal that takes long must not look
             // fresher than the lease it wrote.
@@ -1424,6 +1423,11 @@ impl Shared {
                     *s.gc_holder.lock().unwrap_or_else(|p| p.into_inner()) = Some(holder);
                 }
                 Err(e) => return Err(e),
+            }
+            // Who else is alive (for the status page; the collector asks again before it
+            // decides how long to wait).
+            if let Err(e) = s.others_alive().await {
+                tracing::debug!(error = %e, "listing replicas failed");
             }
             Ok(())
         })
@@ -1505,6 +1509,8 @@ impl Shared {
                 .into_iter()
                 .filter_map(|l| Some((blob_digest(&l.key)?, (l.size, l.modified))))
                 .collect();
+            *self.listed_at.lock().unwrap_or_else(|p| p.into_inner()) =
+                blobs.iter().map(|(d, (_, m))| (*d, *m)).collect();
             let n = self
                 .reconcile(None, started, group_repos(&repos, None), Some(blobs))
                 .await?;
@@ -2049,7 +2055,7 @@ impl Shared {
         announced: Millis,
     ) -> Result<Carried> {
         self.on_s3(move |s| async move {
-            let outcome = s.sweep_(&manifests, &blobs, announced).await;
+            let outcome = s.sweep_(&manifests, &blobs).await;
             s.active
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -2083,7 +2089,6 @@ impl Shared {
         self: &Arc<Self>,
         manifests: &[(String, Digest)],
         blobs: &[Digest],
-        announced: Millis,
     ) -> Result<Carried> {
         let mut done = Carried::default();
         let lost = || {
@@ -2113,25 +2118,32 @@ impl Shared {
             }
             m
         };
+        let listed = self
+            .listed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let gone = self
-            .each(blobs.to_vec(), move |s, d| async move {
-                let key = s.key(&blob_key(&d));
-                if let Some((_, modified)) = s.bucket.stat(&key).await? {
-                    // Pushed again since the announcement: it stays. (Last-modified has
-                    // one-second resolution and the service's clock is known to a second or
-                    // so: a margin of three.)
-                    if modified >= announced - 3000 {
-                        return Ok(false);
+            .each(blobs.to_vec(), move |s, d| {
+                let seen = listed.get(&d).copied();
+                async move {
+                    let key = s.key(&blob_key(&d));
+                    if let Some((_, modified)) = s.bucket.stat(&key).await? {
+                        // Pushed again since the listing the plan was made on (its object is not
+                        // the one listed): it stays.
+                        if seen != Some(modified) {
+                            return Ok(false);
+                        }
+                        if !s.holds_gc() {
+                            return Err(Error::new(
+                                ErrorKind::Unavailable,
+                                "the collector's lease was lost mid-sweep",
+                            ));
+                        }
+                        s.bucket.delete_key(&key).await?;
                     }
-                    if !s.holds_gc() {
-                        return Err(Error::new(
-                            ErrorKind::Unavailable,
-                            "the collector's lease was lost mid-sweep",
-                        ));
-                    }
-                    s.bucket.delete_key(&key).await?;
+                    Ok(true)
                 }
-                Ok(true)
             })
             .await?;
         let mut link_keys = Vec::new();

@@ -108,6 +108,16 @@ pub fn verify(life: &Lifecycle, repair: bool) -> Result<VerifyReport> {
             Err(e) => return Err(e),
         }
     }
+    if let (Some(s), false) = (life.shared.get(), report.missing.is_empty()) {
+        // On a shared bucket the collector may have removed them while this ran (the cache
+        // hears of it with the announcement): missing only if the bucket, listed again, still
+        // names them.
+        s.block(|s| async move { s.refresh().await.map(|_| ()) })?;
+        report.missing.retain(|d| {
+            life.index.blob_size(d).is_some()
+                && matches!(life.store.open(d), Err(e) if e.is_not_found())
+        });
+    }
     let strays = life.count_strays()?;
     report.strays = strays;
     let (dangling, mend) = reachability(&life.index.read());
