@@ -619,7 +619,8 @@ async fn follow_bucket(app: Arc<App>, s: Arc<Shared>) {
             }
         })
     };
-    let mut last_tidy = tokio::time::Instant::now();
+    // Announcements an earlier run of this replica left pending (a crash mid-collection).
+    let mut last_tidy: Option<tokio::time::Instant> = None;
     loop {
         tokio::time::sleep(s.timing.poll).await;
         if app.ready.why_not().is_some() {
@@ -631,8 +632,8 @@ async fn follow_bucket(app: Arc<App>, s: Arc<Shared>) {
         if let Err(e) = s.flush_access().await {
             tracing::debug!(error = %e.message, "shipping access records failed; kept for the next round");
         }
-        if s.holds_gc() && last_tidy.elapsed() > Duration::from_secs(30) {
-            last_tidy = tokio::time::Instant::now();
+        if last_tidy.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+            last_tidy = Some(tokio::time::Instant::now());
             if let Err(e) = s.close_abandoned().await {
                 tracing::debug!(error = %e.message, "closing abandoned collections failed");
             }

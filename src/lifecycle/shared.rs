@@ -2252,13 +2252,17 @@ impl Shared {
                 let g = s.doomed.read().unwrap_or_else(|p| p.into_inner());
                 g.records
                     .iter()
-                    .filter(|(k, r)| !r.done && !active.contains(*k) && now - r.at > limit)
+                    .filter(|(k, r)| !r.done && !active.contains(*k))
+                    // This replica's own, left by an earlier run of it (the data directory's
+                    // lock says that run is over, and its requests with it), or anyone's
+                    // past the limit.
+                    .filter(|(_, r)| r.holder == s.me || now - r.at > limit)
                     .map(|(k, r)| (k.clone(), r.clone()))
                     .collect()
             };
             for (k, mut r) in stale {
-                if !s.holds_gc() {
-                    break;
+                if r.holder != s.me && !s.holds_gc() {
+                    continue;
                 }
                 tracing::warn!(announcement = %k, holder = %r.holder, "closing a collection that was never finished");
                 r.done = true;
