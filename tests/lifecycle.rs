@@ -70,7 +70,13 @@ fn size_bound_evicts_least_recently_pulled_cache_manifests_whole_and_keeps_share
             .chain(&img.blobs[2..])
             .collect::<Vec<_>>()
         {
-            assert_eq!(blob_status(&h, "app", d), 404, "{} of {}", d, img.tag);
+            // The collector deletes records, then blobs, then links: the manifest can be gone
+            // a moment before its layers are.
+            wait_until(
+                &format!("{} of {} is gone", d, img.tag),
+                Duration::from_secs(10),
+                || blob_status(&h, "app", d) == 404,
+            );
         }
     }
     // The shared base layer stays; every remaining tag pulls completely.
