@@ -400,6 +400,8 @@ impl S3Config {
             self.refresh_interval.0,
             self.delete_delay.0,
             self.gc_lease.0,
+            // Every attempt may run its full timeout, with at most 2 s of backoff between.
+            (self.timeout.0 + Duration::from_secs(2)) * self.retries.max(1),
         )
     }
 

@@ -674,18 +674,24 @@ impl Lifecycle {
         s: &Arc<crate::lifecycle::shared::Shared>,
         ceiling: Option<u64>,
     ) -> Result<Report> {
-        let _one = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        // A pass already running is not waited for (it takes a settle and two listings): an
+        // upload that asked for room retries while it frees what it can.
+        let _one = match self.running.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(Report::default()),
+        };
         if !s.holds_gc() {
             return Ok(Report::default());
         }
         let began = std::time::Instant::now();
-        s.block(|s| async move { s.prepare_collection().await })?;
+        let listing = s.block(|s| async move { s.prepare_collection().await })?;
         let planned_at = self.clock.now_ms();
         let (ops, mut report, etags) = {
             let state = self.index.read();
             let (ops, report) = self.plan(&state, planned_at, ceiling, self.reserved(), None);
             let (tags, _, _) = split(ops.clone());
-            let etags = s.tag_etags(&state, &tags);
+            let etags = s.tag_etags(&state, &tags, listing.began);
             (ops, report, etags)
         };
         if ops.is_empty() {
@@ -750,7 +756,10 @@ impl Lifecycle {
         let call_off = |why: &str| {
             tracing::warn!(announcement = %key, "calling off a collection ({why})");
             let k = key.clone();
-            s.block(move |s| async move { s.sweep(k, Vec::new(), Vec::new(), announced).await })
+            s.block(move |s| async move {
+                s.sweep(k, Vec::new(), Vec::new(), announced, Default::default())
+                    .await
+            })
         };
         let prepared = (|| {
             s.block(|s| async move { s.settle().await })?;
@@ -760,10 +769,10 @@ impl Lifecycle {
             // Claims first, then the listing: a push whose claim is gone by now committed
             // before the listing begins, so the second plan sees its manifest.
             let claimed = s.block(|s| async move { s.claimed().await })?;
-            s.block(|s| async move { s.prepare_collection().await })?;
-            Ok(Some(claimed))
+            let listed = s.block(|s| async move { s.prepare_collection().await })?;
+            Ok(Some((claimed, listed)))
         })();
-        let claimed = match prepared {
+        let (claimed, listed) = match prepared {
             Ok(Some(c)) => c,
             Ok(None) => return call_off("the lease was lost, or the pass took too long"),
             Err(e) => {
@@ -796,7 +805,10 @@ impl Lifecycle {
             .filter(|d| again_b.contains(d) && !claimed.contains(d))
             .collect();
         s.note_spared(total - manifests.len() - blobs.len());
-        s.block(move |s| async move { s.sweep(key, manifests, blobs, announced).await })
+        s.block(move |s| async move {
+            s.sweep(key, manifests, blobs, announced, listed.blobs)
+                .await
+        })
     }
 
     fn unlink(&self, victims: &[Digest]) {

@@ -52,6 +52,12 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::lifecycle::index::{Index, ManifestMeta, Op, Stamp};
 use crate::store::s3::{Bucket, Cond, LeaseState, Listed};
 
+/// A listed last-modified time has one-second resolution and the service clock's offset is
+/// known to about a second: a listing moves an access time the cache recorded itself only when
+/// it is later by more than this (a push through another replica since), else the listing's
+/// coarser time would reorder reads made within the same second.
+const LISTED_TIME_SLACK_MS: Millis = 2_000;
+
 /// A pusher must commit within half of this after writing its claim; the collector removes
 /// claims older than it.
 pub const CLAIM_WINDOW: Duration = Duration::from_secs(600);
@@ -84,18 +90,45 @@ pub struct Timing {
     pub lease_ms: i64,
     /// How often a replica says it is alive.
     pub heartbeat: Duration,
+    /// The longest a request already sent can still take effect (every retry at its full
+    /// timeout): a delete a collector issued is over by then, whatever became of the collector.
+    pub in_flight: Duration,
 }
 
 impl Timing {
-    pub fn new(refresh: Duration, delete_delay: Duration, lease: Duration) -> Timing {
+    pub fn new(
+        refresh: Duration,
+        delete_delay: Duration,
+        lease: Duration,
+        in_flight: Duration,
+    ) -> Timing {
         Timing {
             refresh,
             delete_delay,
             poll: (delete_delay / 3).clamp(Duration::from_millis(200), Duration::from_secs(2)),
             lease_ms: i64::try_from(lease.as_millis()).unwrap_or(30_000),
             heartbeat: (lease / 3).clamp(Duration::from_secs(1), Duration::from_secs(10)),
+            in_flight,
         }
     }
+}
+
+/// A tag object's ETag, the digest it held, and when that was learned.
+type SeenTag = (String, Digest, Instant);
+
+/// A full listing of the bucket a collector plans on.
+pub struct Listing {
+    /// When it began.
+    pub began: Instant,
+    /// Each blob's last-modified time as listed.
+    pub blobs: DigestMap<Millis>,
+}
+
+/// See `Shared::applied`.
+#[derive(Default)]
+struct Applied {
+    full: Option<Instant>,
+    repos: HashMap<String, Instant>,
 }
 
 /// What a tag object holds: enough to answer a HEAD by tag without another request.
@@ -316,7 +349,9 @@ pub struct Shared {
     pub timing: Timing,
     /// Each tag object's ETag as last seen, with the digest it held then (conditional deletes
     /// use them; a listing re-reads a tag whose ETag or cached digest differs).
-    etags: Mutex<HashMap<(String, String), (String, Digest)>>,
+    /// Also when it was learned: this replica's own write, or the start of the read that saw
+    /// it (an older read never replaces what a newer one or a write taught).
+    etags: Mutex<HashMap<(String, String), SeenTag>>,
     /// Repositories whose catalog entry is known to exist.
     known_repos: Mutex<HashSet<String>>,
     /// Cache entries changed here, and when: a listing that began before must not undo them.
@@ -331,13 +366,17 @@ pub struct Shared {
     gc_etag: Mutex<Option<String>>,
     gc_held: AtomicBool,
     gc_renewed: Mutex<Option<Instant>>,
+    /// When this replica last took the lease (it has held it since, while `gc_held`).
+    gc_since: Mutex<Option<Instant>>,
     /// Service time the lease last written runs out (measured from before the request).
     gc_expires: std::sync::atomic::AtomicI64,
     /// Announcements this replica's collector is carrying out now.
-    active: Mutex<HashSet<String>>,
+    active: Mutex<HashMap<String, Option<Instant>>>,
     /// Each blob's last-modified time as the last full listing saw it: a blob whose object
     /// changed since (pushed again) is spared by a collection planned on that listing.
-    listed_at: Mutex<DigestMap<Millis>>,
+    /// When the newest listing applied began, for the whole bucket and per repository: a
+    /// listing older than one already applied does not undo what the newer one brought in.
+    applied: Mutex<Applied>,
     /// Who held the collector's lease when last seen, for the status page.
     pub gc_holder: Mutex<Option<String>>,
     manifests: Mutex<lru::LruCache<Digest, Bytes>>,
@@ -380,9 +419,10 @@ impl Shared {
             gc_etag: Mutex::new(None),
             gc_held: AtomicBool::new(false),
             gc_renewed: Mutex::new(None),
+            gc_since: Mutex::new(None),
             gc_expires: std::sync::atomic::AtomicI64::new(0),
-            active: Mutex::new(HashSet::new()),
-            listed_at: Mutex::new(DigestMap::default()),
+            active: Mutex::new(HashMap::new()),
+            applied: Mutex::new(Applied::default()),
             gc_holder: Mutex::new(None),
             manifests: Mutex::new(lru::LruCache::unbounded()),
             manifest_bytes: AtomicU64::new(0),
@@ -675,19 +715,17 @@ impl Shared {
         let (repo, tag) = (repo.to_owned(), tag.to_owned());
         self.on_s3(move |s| async move {
             let key = s.key(&tag_key(&repo, &tag));
+            let asked = Instant::now();
             let got = s.bucket.fetch(&key).await?;
             let k = (repo.clone(), tag.clone());
             let value = match got {
                 None => {
-                    s.etags.lock().unwrap_or_else(|p| p.into_inner()).remove(&k);
+                    s.learn_etag(k, None, asked);
                     None
                 }
                 Some(f) => {
                     let v: TagValue = parse(&key, &f.body)?;
-                    s.etags
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(k, (f.etag, v.digest));
+                    s.learn_etag(k, Some((f.etag, v.digest)), asked);
                     Some(v)
                 }
             };
@@ -710,7 +748,7 @@ impl Shared {
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
                                 .get(&(repo2.clone(), tag2.clone()))
-                                .map(|(_, d)| *d);
+                                .map(|(_, d, _)| *d);
                             let _ = s2.index.commit_if(|st| {
                                 let r = st.repos.get(&repo2);
                                 let set = latest == Some(d)
@@ -1042,24 +1080,41 @@ impl Shared {
     ) -> Result<()> {
         let repo = repo.to_owned();
         self.on_s3(move |s| async move {
+            // Each tag read fresh: one that still names `d` goes before the record does (a
+            // tag left over a missing record would be worse than no tag).
             for t in tags {
-                let seen = s
-                    .etags
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&(repo.clone(), t.clone()))
-                    .cloned();
-                if let Some((etag, td)) = seen {
-                    if td == d {
-                        match s.bucket.delete_if(&s.key(&tag_key(&repo, &t)), &etag).await {
-                            Ok(())
-                            | Err(Error {
-                                kind: ErrorKind::Conflict,
-                                ..
-                            }) => {}
-                            Err(e) => return Err(e),
-                        }
+                let key = s.key(&tag_key(&repo, &t));
+                let mut cleared = false;
+                for _ in 0..16 {
+                    let Some(f) = s.bucket.fetch(&key).await? else {
+                        cleared = true;
+                        break;
+                    };
+                    if parse::<TagValue>(&key, &f.body)?.digest != d {
+                        cleared = true;
+                        break;
                     }
+                    match s.bucket.delete_if(&key, &f.etag).await {
+                        Ok(()) => {
+                            s.etags
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .remove(&(repo.clone(), t.clone()));
+                            s.mark([Key::Tag(repo.clone(), t.clone())]);
+                            cleared = true;
+                            break;
+                        }
+                        Err(e) if e.kind == ErrorKind::Conflict => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                if !cleared {
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "tag {repo}:{t} kept changing while a failed push was undone; retry"
+                        ),
+                    ));
                 }
             }
             s.bucket
@@ -1074,7 +1129,7 @@ impl Shared {
     /// Whether a tag of `repo`, as last read from the bucket, names `d`.
     pub fn tagged(&self, repo: &str, d: &Digest) -> bool {
         let e = self.etags.lock().unwrap_or_else(|p| p.into_inner());
-        e.iter().any(|((r, _), (_, td))| r == repo && td == d)
+        e.iter().any(|((r, _), (_, td, _))| r == repo && td == d)
     }
 
     /// Writes manifest `d`'s record in `repo` (after the claim handshake).
@@ -1122,10 +1177,10 @@ impl Shared {
                 };
                 match s.bucket.put(&key, body.clone(), cond).await {
                     Ok(etag) => {
-                        s.etags
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert((repo.clone(), tag.clone()), (etag, value.digest));
+                        s.etags.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                            (repo.clone(), tag.clone()),
+                            (etag, value.digest, Instant::now()),
+                        );
                         s.mark([Key::Tag(repo.clone(), tag.clone())]);
                         return Ok(());
                     }
@@ -1412,6 +1467,7 @@ impl Shared {
                     s.gc_expires
                         .store(asked_at + s.timing.lease_ms, Ordering::SeqCst);
                     if !s.gc_held.swap(true, Ordering::SeqCst) {
+                        *s.gc_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(asked);
                         tracing::info!(replica = %s.me, "took the garbage collector's lease");
                     }
                     *s.gc_holder.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.me.clone());
@@ -1494,10 +1550,13 @@ impl Shared {
     /// Re-lists the bucket and brings the cache in line with it (what other replicas pushed,
     /// deleted, moved). Returns how many cache records changed.
     pub async fn refresh(self: &Arc<Self>) -> Result<usize> {
-        self.on_s3(|s| async move { s.refresh_().await }).await
+        self.on_s3(|s| async move { s.refresh_().await.map(|(n, _)| n) })
+            .await
     }
 
-    async fn refresh_(self: &Arc<Self>) -> Result<usize> {
+    /// Also returns each listed blob's last-modified time: a collection planned on this listing
+    /// spares a blob whose object is not the one listed any more.
+    async fn refresh_(self: &Arc<Self>) -> Result<(usize, Listing)> {
         let started = Instant::now();
         self.stats.refreshing.store(true, Ordering::Relaxed);
         // Records before blobs: whatever a listed link names was in the bucket before it.
@@ -1509,19 +1568,18 @@ impl Shared {
                 .into_iter()
                 .filter_map(|l| Some((blob_digest(&l.key)?, (l.size, l.modified))))
                 .collect();
-            *self.listed_at.lock().unwrap_or_else(|p| p.into_inner()) =
-                blobs.iter().map(|(d, (_, m))| (*d, *m)).collect();
+            let listed: DigestMap<Millis> = blobs.iter().map(|(d, (_, m))| (*d, *m)).collect();
             let n = self
                 .reconcile(None, started, group_repos(&repos, None), Some(blobs))
                 .await?;
             if self.gc_held.load(Ordering::SeqCst) {
                 self.remove_dangling_links(&repos).await?;
             }
-            Ok::<_, Error>((n, objects))
+            Ok::<_, Error>((n, objects, listed))
         }
         .await;
         self.stats.refreshing.store(false, Ordering::Relaxed);
-        let (n, objects) = r?;
+        let (n, objects, listed) = r?;
         self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
         self.stats
             .last_refresh_ms
@@ -1532,7 +1590,13 @@ impl Shared {
         if n > 0 {
             tracing::debug!(changes = n, objects, "cache revalidated from the bucket");
         }
-        Ok(n)
+        Ok((
+            n,
+            Listing {
+                began: started,
+                blobs: listed,
+            },
+        ))
     }
 
     /// Re-lists one repository (before answering its tag list or referrers, or deleting in it).
@@ -1581,7 +1645,8 @@ impl Shared {
                     // digest it had then.
                     let seen = etags.get(&(repo.clone(), t.clone()));
                     let in_cache = r.and_then(|r| r.tags.get(t));
-                    let current = seen.is_some_and(|(e, d)| *e == li.etag && in_cache == Some(d));
+                    let current =
+                        seen.is_some_and(|(e, d, _)| *e == li.etag && in_cache == Some(d));
                     if !current {
                         need_tags.push((repo.clone(), t.clone()));
                     }
@@ -1659,6 +1724,24 @@ impl Shared {
         let now = self.now();
         let recent = self.recent_since(started);
         let mut changed = 0;
+        // Held to the commit: listings are applied in the order they began, per repository.
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        if applied.full.is_some_and(|t| t > started) {
+            return Ok(0);
+        }
+        let stale: HashSet<String> = applied
+            .repos
+            .iter()
+            .filter(|(_, t)| **t > started)
+            .map(|(r, _)| r.clone())
+            .collect();
+        if scope.is_some_and(|r| stale.contains(r)) {
+            return Ok(0);
+        }
+        let repos: BTreeMap<String, RepoList> = repos
+            .into_iter()
+            .filter(|(r, _)| !stale.contains(r))
+            .collect();
         self.index.commit_if(|st| {
             let mut adds = Vec::new();
             let mut tag_removes = Vec::new();
@@ -1672,7 +1755,7 @@ impl Shared {
                     if let Some(m) = st.blobs.get(d) {
                         // Written again (a push of a blob already there) since seen.
                         let at = (*modified).min(now);
-                        if at > m.access.get() {
+                        if at > m.access.get() + LISTED_TIME_SLACK_MS {
                             adds.push(Op::BlobTouched { digest: *d, at });
                         }
                         continue;
@@ -1757,7 +1840,7 @@ impl Shared {
                         // Pushed again (through any replica) since the cache saw it: as young
                         // as that push.
                         let at = li.modified.min(now);
-                        if at > m.access.get() {
+                        if at > m.access.get() + LISTED_TIME_SLACK_MS {
                             adds.push(Op::ManifestTouched {
                                 repo: repo.clone(),
                                 digest: *d,
@@ -1811,7 +1894,7 @@ impl Shared {
             }
             // What the cache holds and the bucket no longer does.
             for (name, r) in &st.repos {
-                if scope.is_some_and(|s| s != name) {
+                if scope.is_some_and(|s| s != name) || stale.contains(name) {
                     continue;
                 }
                 let listed = repos.get(name);
@@ -1857,16 +1940,19 @@ impl Shared {
             changed = ops.len();
             Ok(ops)
         })?;
-        let mut etags = self.etags.lock().unwrap_or_else(|p| p.into_inner());
-        for (k, v) in tags {
-            match v {
-                Some((v, etag)) => {
-                    etags.insert(k, (etag, v.digest));
-                }
-                None => {
-                    etags.remove(&k);
-                }
+        match scope {
+            None => {
+                applied.full = Some(started);
+                applied.repos.retain(|_, t| *t > started);
             }
+            Some(r) => {
+                let t = applied.repos.entry(r.to_owned()).or_insert(started);
+                *t = (*t).max(started);
+            }
+        }
+        drop(applied);
+        for (k, v) in tags {
+            self.learn_etag(k, v.map(|(v, etag)| (etag, v.digest)), started);
         }
         Ok(changed)
     }
@@ -1928,11 +2014,13 @@ impl Shared {
 
     // ----- the collector ------------------------------------------------------------------
 
-    /// Before a plan: the cache revalidated and every replica's reads folded in.
-    pub async fn prepare_collection(self: &Arc<Self>) -> Result<()> {
+    /// Before a plan: the cache revalidated and every replica's reads folded in. Returns each
+    /// blob's last-modified time as listed (what a sweep of this plan compares with).
+    pub async fn prepare_collection(self: &Arc<Self>) -> Result<Listing> {
         self.on_s3(|s| async move {
-            s.refresh_().await?;
-            s.merge_access_().await
+            let (_, listed) = s.refresh_().await?;
+            s.merge_access_().await?;
+            Ok(listed)
         })
         .await
     }
@@ -1940,21 +2028,50 @@ impl Shared {
     /// Each tag's ETag as the plan saw it: taken while the plan's state is still held, and only
     /// where the ETag last read belongs to the digest that state has (else `None`: the tag
     /// changed under the plan).
+    /// `listed`: when the listing the plan was made on began (an ETag learned after it, from
+    /// a push here or a read of a tag pushed again, is not the one the plan saw).
     pub fn tag_etags(
         &self,
         state: &crate::lifecycle::index::State,
         tags: &[(String, String)],
+        listed: Instant,
     ) -> Vec<Option<String>> {
         let e = self.etags.lock().unwrap_or_else(|p| p.into_inner());
         tags.iter()
             .map(|(repo, tag)| {
                 let planned = state.repos.get(repo).and_then(|r| r.tags.get(tag))?;
                 match e.get(&(repo.clone(), tag.clone())) {
-                    Some((etag, d)) if d == planned && !etag.is_empty() => Some(etag.clone()),
+                    Some((etag, d, learned))
+                        if d == planned && !etag.is_empty() && *learned <= listed =>
+                    {
+                        Some(etag.clone())
+                    }
                     _ => None,
                 }
             })
             .collect()
+    }
+
+    /// Records what a read that began at `asked` saw of a tag (`None`: no such tag), unless
+    /// something newer was learned meanwhile; the same ETag again keeps its first time.
+    fn learn_etag(&self, k: (String, String), seen: Option<(String, Digest)>, asked: Instant) {
+        let mut e = self.etags.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((etag, d, learned)) = e.get(&k) {
+            if *learned > asked {
+                return;
+            }
+            if seen.as_ref().is_some_and(|(se, sd)| se == etag && sd == d) {
+                return;
+            }
+        }
+        match seen {
+            Some((etag, d)) => {
+                e.insert(k, (etag, d, asked));
+            }
+            None => {
+                e.remove(&k);
+            }
+        }
     }
 
     /// The first step of carrying out a plan: its tags, each deleted only if unchanged since
@@ -2016,13 +2133,18 @@ impl Shared {
                 manifests,
                 blobs,
             };
-            s.bucket
-                .put(&s.key(&key), json(&record), Cond::None)
-                .await?;
+            // Active before it exists: `close_abandoned` never closes it under the sweep.
             s.active
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(key.clone());
+                .insert(key.clone(), None);
+            if let Err(e) = s.bucket.put(&s.key(&key), json(&record), Cond::None).await {
+                s.active
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key);
+                return Err(e);
+            }
             let mut g = s.doomed.write().unwrap_or_else(|p| p.into_inner());
             g.records.insert(key.clone(), record);
             g.rebuild();
@@ -2047,22 +2169,28 @@ impl Shared {
     /// Deletes what an announcement named and the re-check kept (records, then blobs, then
     /// their links; a blob written again since the announcement stays), then marks the
     /// announcement done with what went, so every replica's cache drops exactly that.
+    /// `listed`: each blob's last-modified time in the listing the second plan was made on.
     pub async fn sweep(
         self: &Arc<Self>,
         key: String,
         manifests: Vec<(String, Digest)>,
         blobs: Vec<Digest>,
         announced: Millis,
+        listed: DigestMap<Millis>,
     ) -> Result<Carried> {
         self.on_s3(move |s| async move {
-            let outcome = s.sweep_(&manifests, &blobs).await;
-            s.active
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
-            // Failed half way: deletes may still be in flight, so the announcement stays
-            // pending until `close_abandoned` may close it.
-            let c = outcome?;
+            let c = match s.sweep_(&manifests, &blobs, &listed).await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Failed half way: deletes may still be in flight, so the announcement
+                    // stays pending until no request of this sweep can land any more.
+                    s.active
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key, Some(Instant::now() + s.timing.in_flight));
+                    return Err(e);
+                }
+            };
             let record = DoomRecord {
                 holder: s.me.clone(),
                 at: announced,
@@ -2070,17 +2198,19 @@ impl Shared {
                 manifests: c.manifests.iter().cloned().collect(),
                 blobs: c.blobs.iter().copied().collect(),
             };
-            let outcome: Result<Carried> = Ok(c);
             let closed = s.bucket.put(&s.key(&key), json(&record), Cond::None).await;
-            {
-                let mut g = s.doomed.write().unwrap_or_else(|p| p.into_inner());
-                g.records.insert(key.clone(), record);
-                g.applied.insert(key);
-                g.rebuild();
-            }
-            let done = outcome?;
+            // Every delete is over: from now on `close_abandoned` may close it (it does when
+            // the record above was not written).
+            s.active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
             closed?;
-            Ok(done)
+            let mut g = s.doomed.write().unwrap_or_else(|p| p.into_inner());
+            g.records.insert(key.clone(), record);
+            g.applied.insert(key);
+            g.rebuild();
+            Ok(c)
         })
         .await
     }
@@ -2089,6 +2219,7 @@ impl Shared {
         self: &Arc<Self>,
         manifests: &[(String, Digest)],
         blobs: &[Digest],
+        listed: &DigestMap<Millis>,
     ) -> Result<Carried> {
         let mut done = Carried::default();
         let lost = || {
@@ -2118,11 +2249,7 @@ impl Shared {
             }
             m
         };
-        let listed = self
-            .listed_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let listed = listed.clone();
         let gone = self
             .each(blobs.to_vec(), move |s, d| {
                 let seen = listed.get(&d).copied();
@@ -2245,18 +2372,30 @@ impl Shared {
         self.on_s3(|s| async move {
             s.poll_doomed_().await?;
             let now = s.now();
-            // Past the old holder's lease and slack, and any request it may have had in flight.
-            let limit = s.timing.lease_ms * 2 + 5 * 60_000;
+            let limit = s.timing.lease_ms * 2;
+            // Another holder's deletes are over once this replica has held the lease for as
+            // long as a request sent before it took over can still land.
+            let others_over = s.holds_gc()
+                && s
+                    .gc_since
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_some_and(|t| t.elapsed() >= s.timing.in_flight);
             let active = s.active.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let closable = |k: &String| match active.get(k) {
+                None => true,
+                Some(None) => false,
+                Some(Some(after)) => Instant::now() >= *after,
+            };
             let stale: Vec<(String, DoomRecord)> = {
                 let g = s.doomed.read().unwrap_or_else(|p| p.into_inner());
                 g.records
                     .iter()
-                    .filter(|(k, r)| !r.done && !active.contains(*k))
-                    // This replica's own, left by an earlier run of it (the data directory's
-                    // lock says that run is over, and its requests with it), or anyone's
-                    // past the limit.
-                    .filter(|(_, r)| r.holder == s.me || now - r.at > limit)
+                    .filter(|(k, r)| !r.done && closable(k))
+                    // This replica's own: one whose sweep failed, once its requests are over,
+                    // or one left by an earlier run (the data directory's lock says that run
+                    // is over, and its requests with it). Another's: past its holder's lease.
+                    .filter(|(_, r)| r.holder == s.me || (others_over && now - r.at > limit))
                     .map(|(k, r)| (k.clone(), r.clone()))
                     .collect()
             };
@@ -2269,6 +2408,10 @@ impl Shared {
                 r.manifests.clear();
                 r.blobs.clear();
                 s.bucket.put(&s.key(&k), json(&r), Cond::None).await?;
+                s.active
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&k);
             }
             s.poll_doomed_().await
         })

@@ -339,6 +339,20 @@ impl Registry {
         let size = blocking(move || writer.commit(expect)).await?;
         if let Some(s) = &self.shared {
             s.put_link(repo.as_str(), expect.digest, size).await?;
+            if s.doomed_blob(&expect.digest) {
+                // Announced while it was stored: once that collection is over, the blob must
+                // still be there before this upload is acknowledged.
+                s.await_clear(&[expect.digest], &[]).await?;
+                if s.blob_exists(expect.digest).await?.is_none() {
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "blob {} was collected while it was being stored; upload it again",
+                            expect.digest
+                        ),
+                    ));
+                }
+            }
         }
         self.record_blob(repo, expect.digest, size)?;
         self.settle().await?;

@@ -248,6 +248,19 @@ impl Hoard {
 
 impl Drop for Hoard {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test shows what the daemon said last.
+            let log = self.log();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains("hoard::access"))
+                .collect();
+            let tail = &lines[lines.len().saturating_sub(80)..];
+            eprintln!(
+                "--- the last lines hoard logged (requests left out):\n{}",
+                tail.join("\n")
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
