@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # hoard on S3 and tiered, against hoard on disk and against the S3 server itself driven by a
-# plain SDK client (the same 16 MiB blobs PUT and GET directly), in one run, alternating the
-# order each round. Prints MB/s per store and the ratios the targets name, and S3 requests per
+# plain SDK client (the same 16 MiB blobs PUT and GET directly, and 256 MiB blobs as multipart
+# uploads with hoard's part size and parallelism), in one run, alternating the order each round. Prints MB/s per store and the ratios the targets name, and S3 requests per
 # pushed and pulled blob (from the status pages' per-operation counters).
 #   usage: benches/s3.sh [ROUNDS] [SCALE]     (defaults: 2 rounds, full scale)
 #   needs an S3 server: the test command's venv (target/peers/venv) or moto_server on PATH
@@ -68,8 +68,8 @@ print(put, get, tot)'
 
 run_part() { # label port
   case $1 in
-    direct) "$HOARD" bench-s3 --endpoint "$S3" --bucket bench-direct --label direct --scale "$SCALE" >>"$OUT" ;;
-    *) "$HOARD" bench --url "http://127.0.0.1:$2" --label "$1" --only medium --scale "$SCALE" >>"$OUT" ;;
+    direct) "$HOARD" bench-s3 --endpoint "$S3" --bucket bench-direct --label direct --only medium,big --scale "$SCALE" >>"$OUT" ;;
+    *) "$HOARD" bench --url "http://127.0.0.1:$2" --label "$1" --only medium,big --scale "$SCALE" >>"$OUT" ;;
   esac
 }
 
@@ -116,12 +116,14 @@ import json, sys, statistics
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 best = {}
 for r in rows:
-    if "value" in r and r["name"].startswith(("push_16MiB", "pull_16MiB")):
+    if "value" in r and r["name"].startswith(("push_16MiB", "pull_16MiB", "push_256MiB", "pull_256MiB")):
         best.setdefault((r["label"], r["name"]), []).append(r["value"])
-print("MB/s (median of rounds; 64 blobs of 16 MiB, 8 streams):")
-for name in ["push_16MiB_x8_MBps", "pull_16MiB_x8_MBps"]:
+print("MB/s (median of rounds; 64 blobs of 16 MiB over 8 streams; 4 blobs of 256 MiB one at a time,")
+print("multipart on S3: hoard hashes as the parts go up, then copies to the digest's key):")
+for name in ["push_16MiB_x8_MBps", "pull_16MiB_x8_MBps", "push_256MiB_MBps", "pull_256MiB_MBps"]:
     line = {l: statistics.median(best.get((l, name), [0])) for l in ["disk", "s3", "tiered", "direct"]}
     print(f"  {name}: " + ", ".join(f"{k} {v:.0f}" for k, v in line.items()))
+    print("    rounds: " + "; ".join(f"{l} " + "/".join(f"{v:.0f}" for v in best.get((l, name), [])) for l in ["disk", "s3", "tiered", "direct"]))
     d = line["direct"] or 1
     print(f"    hoard-on-S3 / S3 direct: {line['s3'] / d:.2f}   tiered / disk: {line['tiered'] / (line['disk'] or 1):.2f}")
 for r in rows:

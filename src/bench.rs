@@ -24,7 +24,8 @@ pub struct BenchArgs {
     /// Label printed with each result (e.g. "hoard" or "peer").
     #[arg(long, default_value = "target")]
     pub label: String,
-    /// Which measurements: all, or a comma list of large,medium,small,manifest.
+    /// Which measurements: all (large, medium, small, manifest), or a comma list of those and
+    /// big (256 MiB blobs pushed and pulled one at a time: multipart on an S3 store).
     #[arg(long, default_value = "all")]
     pub only: String,
     /// Scale the blob counts down (for a quick run), e.g. 0.1.
@@ -124,6 +125,9 @@ fn blob(seed: u64, n: usize) -> Bytes {
     v.truncate(n);
     Bytes::from(v)
 }
+
+/// The size of the blobs of the `big` part: past S3's part size, so multipart on S3.
+const BIG: usize = 256 << 20;
 
 /// Single-stream 1 GiB pushes per bench run; the best one is reported.
 const LARGE_RUNS: u64 = 3;
@@ -244,6 +248,49 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 "value": (best * 100.0).round() / 100.0, "unit": "MB/s",
                 "steal_s": (stolen * 100.0).round() / 100.0,
                 "runs": runs.iter().map(|r| (r.0 * 100.0).round() / 100.0).collect::<Vec<_>>()})
+        );
+    }
+    if args.only.split(',').any(|x| x == "big") {
+        // One stream, one blob after the other, as a builder pushes and pulls a large layer.
+        let n = scaled(4);
+        let seed = 7000 + u64::from_le_bytes(run_id[..8].try_into().unwrap_or_default());
+        let blobs: Vec<(Bytes, String)> = (0..n)
+            .map(|i| {
+                let b = blob(seed + i as u64, BIG);
+                let d = Digest::sha256_of(&b).to_string();
+                (b, d)
+            })
+            .collect();
+        let repo = format!("bench/big{tag}");
+        let mut s = connect(&host).await?;
+        let span = Span::start();
+        for (b, d) in &blobs {
+            push(&mut s, &host, &repo, b.clone(), d).await?;
+        }
+        let (secs, stolen) = span.end();
+        report(
+            &label,
+            "push_256MiB_MBps",
+            (n * BIG) as f64 / 1e6 / secs,
+            "MB/s",
+            stolen,
+        );
+        let span = Span::start();
+        for (_, d) in &blobs {
+            let (st, got) = get_counted(
+                &mut s,
+                req("GET", &host, &format!("/v2/{repo}/blobs/{d}"), Bytes::new()),
+            )
+            .await?;
+            anyhow::ensure!(st == 200 && got == BIG as u64, "GET {st}");
+        }
+        let (secs, stolen) = span.end();
+        report(
+            &label,
+            "pull_256MiB_MBps",
+            (n * BIG) as f64 / 1e6 / secs,
+            "MB/s",
+            stolen,
         );
     }
     if want("medium") {
@@ -534,6 +581,10 @@ pub struct BenchS3Args {
     /// Scale the blob count down, e.g. 0.25.
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
+    /// medium (16 MiB blobs, 8 streams, one PUT each) or big (256 MiB blobs one at a time,
+    /// multipart), or both: the parts of `hoard bench` these match.
+    #[arg(long, default_value = "medium")]
+    pub only: String,
 }
 
 /// `bench --only medium` straight against S3: 64 blobs of 16 MiB, 8 at a time, each one PUT
@@ -549,8 +600,50 @@ pub async fn run_s3(args: BenchS3Args) -> anyhow::Result<()> {
         Bucket::new(&cfg, Arc::new(crate::clock::SystemClock))
             .map_err(|e| anyhow::anyhow!("{e}"))?,
     );
-    let n = ((64.0 * args.scale).ceil() as usize).max(1);
     let tag = std::process::id();
+    if args.only.split(',').any(|x| x == "big") {
+        let n = ((4.0 * args.scale).ceil() as usize).max(1);
+        let blobs: Vec<Bytes> = (0..n).map(|i| blob(9000 + i as u64, BIG)).collect();
+        for get in [false, true] {
+            let span = Span::start();
+            for (i, data) in blobs.iter().enumerate() {
+                let (b, key, data) = (
+                    bucket.clone(),
+                    bucket.key(&format!("bench-direct/{tag}/big{i}")),
+                    data.clone(),
+                );
+                let len = bucket
+                    .run(async move {
+                        if get {
+                            b.get_streamed(&key).await
+                        } else {
+                            b.put_multipart(&key, data).await.map(|_| BIG as u64)
+                        }
+                    })
+                    .await
+                    .and_then(|r| r)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                anyhow::ensure!(len == BIG as u64, "short object");
+            }
+            let (secs, stolen) = span.end();
+            let name = if get {
+                "pull_256MiB_MBps"
+            } else {
+                "push_256MiB_MBps"
+            };
+            report(
+                &args.label,
+                name,
+                (n * BIG) as f64 / 1e6 / secs,
+                "MB/s",
+                stolen,
+            );
+        }
+    }
+    if !args.only.split(',').any(|x| x == "medium") {
+        return Ok(());
+    }
+    let n = ((64.0 * args.scale).ceil() as usize).max(1);
     let blobs: Arc<Vec<Bytes>> =
         Arc::new((0..n).map(|i| blob(5000 + i as u64, 16 << 20)).collect());
     for get in [false, true] {

@@ -14,6 +14,14 @@ pub trait Clock: Send + Sync + 'static {
 
 pub type SharedClock = Arc<dyn Clock>;
 
+/// Milliseconds since boot, counting time the machine spent suspended or paused (unlike
+/// `Instant`, which stands still then): for deadlines another machine also keeps, such as a
+/// lease, where a process that slept through its deadline must know it did.
+pub fn boot_ms() -> i64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    t.tv_sec.saturating_mul(1000) + t.tv_nsec / 1_000_000
+}
+
 /// The wall clock. Before-epoch readings (a badly set machine) clamp to 0 instead of panicking.
 pub struct SystemClock;
 

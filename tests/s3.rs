@@ -336,6 +336,26 @@ fn multipart_uploads_stream_in_parts_and_a_wrong_digest_leaves_nothing() {
     assert!(got.body == data, "bytes differ");
     assert_eq!(s3.list("parts", "hoard/uploads/").len(), 0);
     assert_eq!(s3.multipart_uploads("parts"), 0);
+    // That one was copied to its digest's key once the digest was known.
+    assert_eq!(h.status_number("s3 requests CopyObject"), 1);
+
+    // Named up front (POST, then PUT ?digest= with the whole body, as BuildKit pushes): the
+    // parts go straight to the blob's key, and no copy follows.
+    let named = bytes(42, (17 << 20) + 5);
+    let loc = start_upload(&h, "big");
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = h
+        .req("PUT", &format!("{loc}{sep}digest={}", sha256(&named)))
+        .body(named.clone())
+        .send();
+    assert_eq!(r.status, 201, "{}\n{}", r.text(), h.log());
+    assert_eq!(h.status_number("s3 requests CopyObject"), 1, "no copy");
+    let got = h
+        .req("GET", &format!("/v2/big/blobs/{}", sha256(&named)))
+        .send();
+    assert!(got.body == named, "bytes differ");
+    assert!(s3.list("parts", "hoard/uploads/").is_empty());
+    assert_eq!(s3.multipart_uploads("parts"), 0);
 
     // The wrong digest for 12 MiB: refused, no object and no multipart upload left.
     let other = bytes(41, 12 << 20);
@@ -354,7 +374,42 @@ fn multipart_uploads_stream_in_parts_and_a_wrong_digest_leaves_nothing() {
     wait_until("the aborted upload to go", Duration::from_secs(5), || {
         s3.multipart_uploads("parts") == 0 && s3.list("parts", "hoard/uploads/").is_empty()
     });
-    assert_eq!(s3.list("parts", "hoard/blobs/").len(), 1);
+    // Its parts went to the named digest's key: nothing was completed there.
+    assert_eq!(s3.list("parts", "hoard/blobs/").len(), 2);
+    assert_eq!(
+        blob_status(&h, "big", &sha256(b"something else")),
+        404,
+        "a blob refused for its digest is not there"
+    );
+
+    // A client cut off while its named blob streams: the multipart upload is aborted.
+    let cut = bytes(43, 14 << 20);
+    let loc = start_upload(&h, "big");
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(h.addr).unwrap();
+        write!(
+            s,
+            "PUT {loc}{sep}digest={} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            sha256(&cut),
+            cut.len()
+        )
+        .unwrap();
+        s.write_all(&cut[..11 << 20]).unwrap();
+        wait_until(
+            "its multipart upload to begin",
+            Duration::from_secs(10),
+            || s3.multipart_uploads("parts") > 0,
+        );
+    }
+    wait_until(
+        "the cut upload to be aborted",
+        Duration::from_secs(10),
+        || s3.multipart_uploads("parts") == 0,
+    );
+    assert_eq!(blob_status(&h, "big", &sha256(&cut)), 404);
+    assert_eq!(s3.list("parts", "hoard/blobs/").len(), 2);
 }
 
 #[test]
@@ -537,6 +592,38 @@ fn kill9_mid_multipart_push_loses_nothing_acknowledged_and_leaves_nothing_behind
     assert!(pull(&h, "app", "v1"), "an acknowledged image was lost");
     assert_eq!(blob_status(&h, "app", &sha256(&big)), 404);
     let _ = acked;
+
+    // The same for a blob named up front, whose parts go to its own key under blobs/.
+    let named = bytes(82, 20 << 20);
+    let loc = start_upload(&h, "app");
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let mut s = std::net::TcpStream::connect(h.addr).unwrap();
+    write!(
+        s,
+        "PUT {loc}{sep}digest={} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        sha256(&named),
+        named.len()
+    )
+    .unwrap();
+    s.write_all(&named[..15 << 20]).unwrap();
+    wait_until(
+        "a multipart upload to begin",
+        Duration::from_secs(10),
+        || s3.multipart_uploads("crash") > 0,
+    );
+    let mut h = h;
+    h.kill9();
+    drop(s);
+    std::thread::sleep(Duration::from_millis(1500));
+    let h = Hoard::start_env(&dir, &args, &e);
+    wait_ready(&h, 200, Duration::from_secs(10));
+    wait_until(
+        "the crashed upload to be cleared",
+        Duration::from_secs(10),
+        || s3.multipart_uploads("crash") == 0,
+    );
+    assert_eq!(blob_status(&h, "app", &sha256(&named)), 404);
+    assert!(pull(&h, "app", "v1"), "an acknowledged image was lost");
     let r = h.req("POST", "/admin/verify").send();
     assert_eq!(r.status, 200, "{}", r.text());
 }

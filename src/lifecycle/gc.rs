@@ -686,7 +686,9 @@ impl Lifecycle {
         }
         let began = std::time::Instant::now();
         let listing = s.block(|s| async move { s.prepare_collection().await })?;
-        let planned_at = self.clock.now_ms();
+        let Some(planned_at) = s.collector_now() else {
+            return Ok(Report::default());
+        };
         let (ops, mut report, etags) = {
             let state = self.index.read();
             let (ops, report) = self.plan(&state, planned_at, ceiling, self.reserved(), None);
@@ -786,7 +788,7 @@ impl Lifecycle {
             // of an index keeps its child manifests' layers too).
             self.plan(
                 &state,
-                self.clock.now_ms(),
+                s.collector_now().unwrap_or(0),
                 ceiling,
                 self.reserved(),
                 Some(&claimed),
@@ -1105,6 +1107,12 @@ impl BlobWriter for ReservedWriter {
 
     fn reserve(&mut self, total: u64) -> Result<()> {
         self.ensure(total, true)
+    }
+
+    fn named(&mut self, digest: &Digest) {
+        if let Some(w) = self.inner.as_mut() {
+            w.named(digest)
+        }
     }
 
     fn commit(mut self: Box<Self>, expect: Expect) -> Result<u64> {

@@ -69,6 +69,9 @@ const DONE_KEPT_MS: Millis = 10 * 60_000;
 /// one may belong to an upload whose blob listing raced it).
 const DANGLING_LINK_MS: Millis = 10 * 60_000;
 
+/// How long a tag write keeps retrying races lost to other writers of the same tag.
+const TAG_RACE_BUDGET: Duration = Duration::from_secs(20);
+
 /// Requests in flight at once when a replica fetches many small objects.
 const FETCH_PARALLEL: usize = 16;
 
@@ -115,6 +118,9 @@ impl Timing {
 
 /// A tag object's ETag, the digest it held, and when that was learned.
 type SeenTag = (String, Digest, Instant);
+
+/// A tag as read: its value, its ETag, and when the read returned.
+type ReadTag = (TagValue, String, Instant);
 
 /// A full listing of the bucket a collector plans on.
 pub struct Listing {
@@ -365,7 +371,7 @@ pub struct Shared {
     claims: Mutex<HashMap<String, Vec<Digest>>>,
     gc_etag: Mutex<Option<String>>,
     gc_held: AtomicBool,
-    gc_renewed: Mutex<Option<Instant>>,
+    gc_renewed: Mutex<Option<i64>>,
     /// When this replica last took the lease (it has held it since, while `gc_held`).
     gc_since: Mutex<Option<Instant>>,
     /// Service time the lease last written runs out (measured from before the request).
@@ -459,6 +465,20 @@ impl Shared {
         self.clock.now_ms()
     }
 
+    /// The time a collector judges ages by: cache time, but never ahead of the service's clock
+    /// as last measured (a cache clock that started from a fast machine clock before S3
+    /// answered catches up only gradually, and a clock ahead makes everything look older:
+    /// claims, grace, TTLs). `None` until the service's clock has been read at all.
+    pub fn collector_now(&self) -> Option<Millis> {
+        (self.bucket.clock.samples() > 0).then(|| self.now().min(self.service_now()))
+    }
+
+    /// The S3 service's time as this replica reads it now: its wall clock plus the offset last
+    /// measured. Unlike cache time it follows a suspend or a pause at once.
+    fn service_now(&self) -> Millis {
+        crate::clock::Clock::now_ms(&*self.bucket.clock)
+    }
+
     /// The test hook's pause at `point`, if one is set.
     pub async fn pause(&self, point: &str) {
         if let Some(ms) = self.pauses.get(point) {
@@ -505,9 +525,19 @@ impl Shared {
         Ok(self.doomed_blob(d))
     }
 
-    pub fn doomed_manifest(&self, repo: &str, d: &Digest) -> bool {
-        let g = self.doomed.read().unwrap_or_else(|p| p.into_inner());
-        g.manifests.contains(&(repo.to_owned(), *d)) || g.blobs.contains(d)
+    /// True while a pending announcement names manifest `d` of `repo` (or its bytes), read
+    /// fresh when this replica's copy says so: a HEAD by digest is then a miss, so a client
+    /// checking before it pushes an index pushes the manifest again.
+    pub async fn still_doomed_manifest(self: &Arc<Self>, repo: &str, d: &Digest) -> Result<bool> {
+        let doomed = |s: &Self| {
+            let g = s.doomed.read().unwrap_or_else(|p| p.into_inner());
+            g.manifests.contains(&(repo.to_owned(), *d)) || g.blobs.contains(d)
+        };
+        if !doomed(self) {
+            return Ok(false);
+        }
+        self.poll_doomed().await?;
+        Ok(doomed(self))
     }
 
     /// Pending announcements now.
@@ -835,6 +865,35 @@ impl Shared {
                 Ok(ops)
             })?;
             Ok(Some(meta))
+        })
+        .await
+    }
+
+    /// Which of `repo`'s manifests `ds` have no record in the bucket now (read fresh, not
+    /// from the cache).
+    pub async fn missing_records(
+        self: &Arc<Self>,
+        repo: &str,
+        ds: Vec<Digest>,
+    ) -> Result<Vec<Digest>> {
+        let repo = repo.to_owned();
+        self.on_s3(move |s| async move {
+            let found = s
+                .each(ds, |s, d| {
+                    let repo = repo.clone();
+                    async move {
+                        Ok(s.bucket
+                            .head(&s.key(&manifest_key(&repo, &d)))
+                            .await?
+                            .is_some())
+                    }
+                })
+                .await?;
+            Ok(found
+                .into_iter()
+                .filter(|(_, there)| !there)
+                .map(|(d, _)| d)
+                .collect())
         })
         .await
     }
@@ -1170,7 +1229,11 @@ impl Shared {
             let mut value = value;
             value.write = format!("{}-{}", s.now(), random_suffix());
             let body = json(&value);
-            for _ in 0..16 {
+            // Many builders may move one cache tag at once: each lost race is read again and
+            // retried, backing off, for up to TAG_RACE_BUDGET.
+            let began = Instant::now();
+            let mut pause = 5u64;
+            while began.elapsed() < TAG_RACE_BUDGET {
                 let cond = match s.bucket.fetch(&key).await? {
                     Some(f) => Cond::Match(f.etag),
                     None => Cond::Create,
@@ -1184,9 +1247,13 @@ impl Shared {
                         s.mark([Key::Tag(repo.clone(), tag.clone())]);
                         return Ok(());
                     }
-                    Err(e) if e.kind == ErrorKind::Conflict => {
+                    // 412 (changed, or created meanwhile); 409 (a concurrent conditional
+                    // write); 404 (deleted between the read and an If-Match write, on services
+                    // that say so rather than 412): all a lost race, read again.
+                    Err(e) if e.kind == ErrorKind::Conflict || e.is_not_found() => {
                         s.stats.tag_races.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(5 + rand_ms(20))).await;
+                        tokio::time::sleep(Duration::from_millis(pause + rand_ms(pause * 3))).await;
+                        pause = (pause * 2).min(200);
                     }
                     Err(e) => return Err(e),
                 }
@@ -1199,8 +1266,15 @@ impl Shared {
         .await
     }
 
-    /// Deletes `tag` whatever it points at now (a client's DELETE). `Ok(false)`: no such tag.
-    pub async fn delete_tag(self: &Arc<Self>, repo: &str, tag: &str) -> Result<bool> {
+    /// Deletes `tag` (a client's DELETE): whatever it points at now, or with `only`, only while
+    /// it still points at that manifest (a delete by digest must not take a tag another push
+    /// has just moved on). `Ok(false)`: no such tag, or it names another manifest.
+    pub async fn delete_tag(
+        self: &Arc<Self>,
+        repo: &str,
+        tag: &str,
+        only: Option<Digest>,
+    ) -> Result<bool> {
         let (repo, tag) = (repo.to_owned(), tag.to_owned());
         self.on_s3(move |s| async move {
             let key = s.key(&tag_key(&repo, &tag));
@@ -1208,6 +1282,12 @@ impl Shared {
                 let Some(f) = s.bucket.fetch(&key).await? else {
                     return Ok(false);
                 };
+                if let Some(d) = only {
+                    if parse::<TagValue>(&key, &f.body)?.digest != d {
+                        s.mark([Key::Tag(repo.clone(), tag.clone())]);
+                        return Ok(false);
+                    }
+                }
                 match s.bucket.delete_if(&key, &f.etag).await {
                     Ok(()) => {
                         s.etags
@@ -1455,15 +1535,18 @@ impl Shared {
                 .await?;
             let lease = s.key("lease/gc");
             // Both measured before the request: a renewal that takes long must not look
-            // fresher than the lease it wrote.
-            let (asked, asked_at) = (Instant::now(), s.now());
+            // fresher than the lease it wrote. Neither stands still while the machine is
+            // suspended: boot time, and the service's clock (this machine's wall clock plus
+            // the measured offset, not the rate-limited cache clock).
+            let (asked, asked_boot, asked_at) =
+                (Instant::now(), crate::clock::boot_ms(), s.service_now());
             match s
                 .bucket
                 .hold_lease_at(&lease, &s.me, s.timing.lease_ms, &s.gc_etag)
                 .await
             {
                 Ok(LeaseState::Held) => {
-                    *s.gc_renewed.lock().unwrap_or_else(|p| p.into_inner()) = Some(asked);
+                    *s.gc_renewed.lock().unwrap_or_else(|p| p.into_inner()) = Some(asked_boot);
                     s.gc_expires
                         .store(asked_at + s.timing.lease_ms, Ordering::SeqCst);
                     if !s.gc_held.swap(true, Ordering::SeqCst) {
@@ -1497,11 +1580,13 @@ impl Shared {
             return false;
         }
         let renewed = *self.gc_renewed.lock().unwrap_or_else(|p| p.into_inner());
-        let limit = Duration::from_millis(u64::try_from(self.timing.lease_ms * 2 / 3).unwrap_or(0));
-        // Both clocks: the monotonic one stands still while a machine is suspended, the
-        // service's (wall time plus the measured offset) does not.
-        let left = self.gc_expires.load(Ordering::SeqCst) - self.now();
-        let fresh = renewed.is_some_and(|t| t.elapsed() < limit) && left > self.timing.lease_ms / 3;
+        let limit = self.timing.lease_ms * 2 / 3;
+        // Two clocks, neither of which stands still while the machine is suspended or its
+        // process paused: boot time since the renewal was asked for, and the service's clock
+        // against the lease's expiry (a wall clock stepped back is caught by the first).
+        let left = self.gc_expires.load(Ordering::SeqCst) - self.service_now();
+        let fresh = renewed.is_some_and(|t| crate::clock::boot_ms() - t < limit)
+            && left > self.timing.lease_ms / 3;
         if !fresh {
             self.gc_held.store(false, Ordering::SeqCst);
             tracing::warn!(
@@ -1626,6 +1711,17 @@ impl Shared {
         repos: BTreeMap<String, RepoList>,
         blobs: Option<DigestMap<(u64, Millis)>>,
     ) -> Result<usize> {
+        // Each tag's ETag as listed: a tag read after the listing whose ETag is another was
+        // written after the listing began, and is learned as of its read (a plan made on this
+        // listing never deletes a tag by an ETag the listing did not show).
+        let listed_etags: HashMap<(String, String), String> = repos
+            .iter()
+            .flat_map(|(repo, l)| {
+                l.tags
+                    .iter()
+                    .map(move |(t, li)| ((repo.clone(), t.clone()), li.etag.clone()))
+            })
+            .collect();
         // What the listing names that the cache cannot fill in by itself.
         let mut need_records = Vec::new();
         let mut need_tags = Vec::new();
@@ -1667,11 +1763,15 @@ impl Shared {
             .await?
             .into_iter()
             .collect();
-        let tags: HashMap<(String, String), Option<(TagValue, String)>> = self
+        let tags: HashMap<(String, String), Option<ReadTag>> = self
             .each(need_tags, |s, (repo, tag)| async move {
                 let key = s.key(&tag_key(&repo, &tag));
                 match s.bucket.fetch(&key).await? {
-                    Some(f) => Ok(Some((parse::<TagValue>(&key, &f.body)?, f.etag))),
+                    Some(f) => Ok(Some((
+                        parse::<TagValue>(&key, &f.body)?,
+                        f.etag,
+                        Instant::now(),
+                    ))),
                     None => Ok(None),
                 }
             })
@@ -1838,8 +1938,26 @@ impl Shared {
                 for (d, li) in &l.manifests {
                     if let Some(m) = r.and_then(|r| r.manifests.get(d)) {
                         // Pushed again (through any replica) since the cache saw it: as young
-                        // as that push.
+                        // as that push, and, as a push here would make it, a new claim that
+                        // keeps its orphan grace until a tag or an index reaches it again (an
+                        // index's child manifests are pushed just before the index).
                         let at = li.modified.min(now);
+                        if at > m.pushed + LISTED_TIME_SLACK_MS
+                            && !recent.contains(&Key::Manifest(repo.clone(), *d))
+                        {
+                            let mut meta = m.clone();
+                            meta.pushed = at;
+                            // (One a tag names now stays rooted: it is superseded once the tag
+                            // moves on.)
+                            meta.rooted = r.is_some_and(|r| r.tags.values().any(|t| t == d));
+                            meta.access.set_at_least(at);
+                            adds.push(Op::ManifestPut {
+                                repo: repo.clone(),
+                                digest: *d,
+                                meta,
+                            });
+                            continue;
+                        }
                         if at > m.access.get() + LISTED_TIME_SLACK_MS {
                             adds.push(Op::ManifestTouched {
                                 repo: repo.clone(),
@@ -1875,7 +1993,7 @@ impl Shared {
                     if recent.contains(&Key::Tag(repo.clone(), t.clone())) {
                         continue;
                     }
-                    let Some(Some((v, _))) = tags.get(&(repo.clone(), t.clone())) else {
+                    let Some(Some((v, _, _))) = tags.get(&(repo.clone(), t.clone())) else {
                         continue;
                     };
                     let there = r.is_some_and(|r| r.manifests.contains_key(&v.digest))
@@ -1952,7 +2070,11 @@ impl Shared {
         }
         drop(applied);
         for (k, v) in tags {
-            self.learn_etag(k, v.map(|(v, etag)| (etag, v.digest)), started);
+            let asked = match &v {
+                Some((_, etag, read)) if listed_etags.get(&k) != Some(etag) => *read,
+                _ => started,
+            };
+            self.learn_etag(k, v.map(|(v, etag, _)| (etag, v.digest)), asked);
         }
         Ok(changed)
     }
@@ -2257,8 +2379,9 @@ impl Shared {
                     let key = s.key(&blob_key(&d));
                     if let Some((_, modified)) = s.bucket.stat(&key).await? {
                         // Pushed again since the listing the plan was made on (its object is not
-                        // the one listed): it stays.
-                        if seen != Some(modified) {
+                        // the one listed): it stays. Compared in whole seconds: a HEAD's
+                        // Last-Modified has no more, while some services list milliseconds.
+                        if seen.map(|t| t.div_euclid(1000)) != Some(modified.div_euclid(1000)) {
                             return Ok(false);
                         }
                         if !s.holds_gc() {
@@ -2371,7 +2494,9 @@ impl Shared {
     pub async fn close_abandoned(self: &Arc<Self>) -> Result<()> {
         self.on_s3(|s| async move {
             s.poll_doomed_().await?;
-            let now = s.now();
+            let Some(now) = s.collector_now() else {
+                return Ok(());
+            };
             let limit = s.timing.lease_ms * 2;
             // Another holder's deletes are over once this replica has held the lease for as
             // long as a request sent before it took over can still land.

@@ -122,6 +122,15 @@ pub async fn get(
     let reference = parse_reference(r)?;
     let missing = |e: Error| OciError::from_error(e, Code::ManifestUnknown);
     let (digest, meta, body) = if req.method() == Method::HEAD {
+        if !reg
+            .manifest_offered(name, &reference)
+            .await
+            .map_err(missing)?
+        {
+            return Err(missing(Error::not_found(format!(
+                "manifest {reference} is being removed from {name}"
+            ))));
+        }
         let (d, m) = reg
             .resolve_manifest(name, &reference)
             .await

@@ -92,6 +92,7 @@ pub async fn start(reg: &Registry, name: &RepoName, req: Request<Incoming>) -> H
         if has_body(&req) || digest == Digest::of(digest.algorithm(), b"") {
             let _permit = reg.transfer().await.map_err(upload_error)?;
             let mut writer = reg.new_writer(digest.algorithm()).map_err(upload_error)?;
+            writer.named(&digest);
             reserve_body(&mut *writer, &req).map_err(upload_error)?;
             let (writer, res) = pump(writer, req.into_body(), reg.body_timeout).await;
             res.map_err(upload_error)?;
@@ -123,15 +124,17 @@ fn range_not_satisfiable(msg: String) -> OciError {
 }
 
 /// Appends the request body to the session. On any failure mid-body (client cut off, disk
-/// full) the session is dropped with its data: nothing partial lingers in tmp/.
+/// full) the session is dropped with its data: nothing partial lingers in tmp/. `named`: the
+/// digest a final PUT names, passed to a writer that starts with this body.
 async fn append(
     reg: &Registry,
     name: &RepoName,
     id: &str,
     req: Request<Incoming>,
     session: &mut Held,
-    park: bool,
+    named: Option<&Digest>,
 ) -> Result<(), OciError> {
+    let park = named.is_none();
     let offset = session.offset();
     let expected_len = match header(&req, "content-range") {
         Some(cr) => {
@@ -158,7 +161,14 @@ async fn append(
     let _permit = reg.transfer().await.map_err(upload_error)?;
     let mut writer = match session.writer.take() {
         Some(w) => w,
-        None => reg.new_writer(Algorithm::Sha256).map_err(upload_error)?,
+        None => {
+            let alg = named.map_or(Algorithm::Sha256, Digest::algorithm);
+            let mut w = reg.new_writer(alg).map_err(upload_error)?;
+            if let Some(d) = named {
+                w.named(d);
+            }
+            w
+        }
     };
     if let Err(e) = reserve_body(&mut *writer, &req) {
         // Refused before a byte streamed. A store too full for it ends the session, so its
@@ -218,7 +228,7 @@ pub async fn patch(
     req: Request<Incoming>,
 ) -> HandlerResult {
     let mut session = reg.uploads.hold(name, id).await.map_err(upload_error)?;
-    append(reg, name, id, req, &mut session, true).await?;
+    append(reg, name, id, req, &mut session, None).await?;
     reg.uploads.touch(&mut session);
     Ok(empty_response(
         StatusCode::ACCEPTED,
@@ -247,7 +257,7 @@ pub async fn put(
             return Err(e);
         }
     };
-    append(reg, name, id, req, &mut session, false).await?;
+    append(reg, name, id, req, &mut session, Some(&digest)).await?;
     let writer = session.writer.take();
     reg.uploads.close(id, &mut session);
     drop(session);

@@ -225,10 +225,8 @@ impl Registry {
             let r = state.repos.get(&repo);
             let mut kept = Vec::with_capacity(children.len());
             for c in &children {
-                let present = state.blobs.contains_key(&c.digest)
-                    && r.is_some_and(|r| {
-                        r.blobs.contains(&c.digest) || r.manifests.contains_key(&c.digest)
-                    });
+                let present =
+                    state.blobs.contains_key(&c.digest) && r.is_some_and(|r| child_visible(r, c));
                 if present {
                     if !kept.contains(&c.digest) {
                         kept.push(c.digest);
@@ -267,13 +265,19 @@ impl Registry {
                 .filter(|c| c.required)
                 .map(|c| c.digest)
                 .collect();
+            let child_manifests: Vec<Digest> = children
+                .iter()
+                .filter(|c| c.manifest && c.required)
+                .map(|c| c.digest)
+                .collect();
             let mut attempts = 0;
             loop {
                 attempts += 1;
                 let claim = s.claim(digests.clone()).await?;
                 let r = async {
                     self.put_bytes(req.repo, digest, body.clone()).await?;
-                    if s.await_clear(&digests, &manifests).await? {
+                    let waited = s.await_clear(&digests, &manifests).await?;
+                    if waited {
                         // A collection finished meanwhile: the bytes may have gone with it.
                         self.put_bytes(req.repo, digest, body.clone()).await?;
                     }
@@ -281,18 +285,34 @@ impl Registry {
                     if let Some(m) = missing.first() {
                         return Err(blob_unknown(m));
                     }
+                    // A collection may also have removed a child manifest's record while its
+                    // bytes stay (another repository holds them): checked in the bucket too.
+                    if waited && !child_manifests.is_empty() {
+                        let gone = s.missing_records(&repo, child_manifests.clone()).await?;
+                        if let Some(m) = gone.first() {
+                            return Err(blob_unknown(m));
+                        }
+                    }
                     s.pause("push-before-commit").await;
                     if !claim.fresh() {
                         return Ok(false);
                     }
                     s.put_record(&repo, digest, &meta).await?;
+                    // A tag that fails after others were written still leaves a commit that
+                    // is visible: it is confirmed below all the same, then the error returned.
+                    let mut tag_failed = None;
                     for t in &tags {
-                        s.set_tag(
-                            &repo,
-                            t.as_str(),
-                            TagValue::new(digest, meta.size, media_type.clone()),
-                        )
-                        .await?;
+                        if let Err(e) = s
+                            .set_tag(
+                                &repo,
+                                t.as_str(),
+                                TagValue::new(digest, meta.size, media_type.clone()),
+                            )
+                            .await
+                        {
+                            tag_failed = Some(e);
+                            break;
+                        }
                     }
                     // A DELETE racing this push, or a stall past the claim window: checked
                     // now that the commit is visible.
@@ -308,12 +328,19 @@ impl Registry {
                         .await?
                     {
                         s.await_clear(&digests, &manifests).await?;
-                        let missing = s.missing_blobs(required.clone()).await?;
+                        let mut missing = s.missing_blobs(required.clone()).await?;
+                        if !child_manifests.is_empty() {
+                            missing
+                                .extend(s.missing_records(&repo, child_manifests.clone()).await?);
+                        }
                         if let Some(m) = missing.first() {
                             let names = tags.iter().map(|t| t.to_string()).collect();
                             s.undo_push(&repo, digest, names).await?;
                             return Err(blob_unknown(m));
                         }
+                    }
+                    if let Some(e) = tag_failed {
+                        return Err(e);
                     }
                     Ok(true)
                 }
@@ -372,16 +399,18 @@ impl Registry {
                     .iter()
                     .filter(|c| {
                         !(state.blobs.contains_key(&c.digest)
-                            && r.is_some_and(|r| {
-                                r.blobs.contains(&c.digest) || r.manifests.contains_key(&c.digest)
-                            }))
+                            && r.is_some_and(|r| child_visible(r, c)))
                     })
                     .collect()
             };
             for c in unknown {
-                // A child manifest is visible through its record or its bytes' link.
-                let found = s.find_link(repo.as_str(), c.digest).await?.is_some()
-                    || (c.manifest && s.get_manifest(repo.as_str(), c.digest).await?.is_some());
+                // A child manifest is visible through its record (it is pulled as a manifest);
+                // anything else through its link.
+                let found = if c.manifest {
+                    s.get_manifest(repo.as_str(), c.digest).await?.is_some()
+                } else {
+                    s.find_link(repo.as_str(), c.digest).await?.is_some()
+                };
                 if !found && c.required {
                     return Err(blob_unknown(&c.digest));
                 }
@@ -391,9 +420,7 @@ impl Registry {
         let r = state.repos.get(repo.as_str());
         for c in children {
             let size = state.blobs.get(&c.digest).map(|b| b.size);
-            let visible = r.is_some_and(|r| {
-                r.blobs.contains(&c.digest) || r.manifests.contains_key(&c.digest)
-            });
+            let visible = r.is_some_and(|r| child_visible(r, c));
             match size {
                 Some(actual) if visible => {
                     if let Some(declared) = c.size {
@@ -416,6 +443,17 @@ impl Registry {
     /// Resolves a tag or digest in `repo` to the manifest's digest and metadata. On a shared
     /// bucket a tag is always read from the bucket (one request: another replica may have moved
     /// it), and a digest the cache lacks is read through.
+    /// Whether a manifest may be referenced now (a HEAD by digest): on a shared bucket, not
+    /// while a collection is removing it from `repo` (the client pushes it again instead).
+    pub async fn manifest_offered(&self, repo: &RepoName, reference: &Reference) -> Result<bool> {
+        match (&self.shared, reference) {
+            (Some(s), Reference::Digest(d)) => {
+                Ok(!s.still_doomed_manifest(repo.as_str(), d).await?)
+            }
+            _ => Ok(true),
+        }
+    }
+
     pub async fn resolve_manifest(
         &self,
         repo: &RepoName,
@@ -544,7 +582,7 @@ impl Registry {
         let ops = plan_delete_manifest(&self.index.read(), repo, reference)?;
         match reference {
             Reference::Tag(t) => {
-                if !s.delete_tag(repo.as_str(), t.as_str()).await? {
+                if !s.delete_tag(repo.as_str(), t.as_str(), None).await? {
                     return Err(Error::not_found(format!(
                         "manifest {reference} is not in repository {repo}"
                     )));
@@ -569,8 +607,9 @@ impl Registry {
                         .and_then(|r| r.manifests.get(d))
                         .cloned()
                 };
+                s.pause("delete-before-tags").await;
                 for t in tags {
-                    s.delete_tag(repo.as_str(), &t).await?;
+                    s.delete_tag(repo.as_str(), &t, Some(*d)).await?;
                 }
                 s.delete_record(repo.as_str(), *d).await?;
                 // A push of the same manifest may have tagged it meanwhile: then it stays (as
@@ -661,6 +700,13 @@ impl Registry {
             })
             .collect()
     }
+}
+
+/// A child of a manifest is there for a reader of `r`: a child whose descriptor says it is a
+/// manifest is pulled as one, so its record must be in the repository; any other (a layer, a
+/// config, a BuildKit cache index's entries) as a blob, pushed, mounted or stored as a manifest.
+fn child_visible(r: &crate::lifecycle::index::Repo, c: &Child) -> bool {
+    r.manifests.contains_key(&c.digest) || (!c.manifest && r.blobs.contains(&c.digest))
 }
 
 fn blob_unknown(d: &Digest) -> Error {

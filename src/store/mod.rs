@@ -42,6 +42,11 @@ pub trait BlobWriter: Send {
     fn park(&mut self) -> Result<()> {
         Ok(())
     }
+    /// The digest the client named before sending a byte (a `PUT ?digest=` or `POST ?digest=`
+    /// with the body, which is how BuildKit and containerd push): a writer may stream the bytes
+    /// straight to that name where nothing there is visible before its commit (S3: the multipart
+    /// upload goes to the blob's own key, so no copy follows). The commit still verifies them.
+    fn named(&mut self, _digest: &Digest) {}
     /// Announces that the upload will reach `total` bytes, so space can be reserved (and the
     /// upload refused) before its bytes stream. Writers without a budget accept anything.
     fn reserve(&mut self, _total: u64) -> Result<()> {

@@ -598,6 +598,41 @@ impl Bucket {
         Ok((body, etag))
     }
 
+    /// What a plain client does with a large object: a multipart upload of `body` in
+    /// `part_size` parts, `parallel_parts` in flight (benchmarks compare hoard with this).
+    pub async fn put_multipart(self: &Arc<Self>, key: &str, body: Bytes) -> Result<()> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(1);
+        let task = tokio::spawn(upload_parts(self.clone(), key.to_owned(), rx));
+        let mut at = 0;
+        while at < body.len() {
+            let end = (at + self.part_size).min(body.len());
+            if tx.send(Msg::Part(body.slice(at..end))).await.is_err() {
+                break;
+            }
+            at = end;
+        }
+        let _ = tx.send(Msg::Finish).await;
+        task.await
+            .map_err(|e| Error::internal(format!("S3 upload task failed: {e}")))?
+    }
+
+    /// Streams an object's body and counts its bytes without keeping them.
+    pub async fn get_streamed(&self, key: &str) -> Result<u64> {
+        let mut out = self
+            .client
+            .get_object()
+            .bucket(&self.name)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| s3_error(key, e))?;
+        let mut n = 0u64;
+        while let Some(chunk) = out.body.next().await {
+            n += chunk.map_err(|e| unavailable(key, e))?.len() as u64;
+        }
+        Ok(n)
+    }
+
     pub async fn delete_key(&self, key: &str) -> Result<()> {
         self.client
             .delete_object()
@@ -934,27 +969,42 @@ impl Bucket {
         }
     }
 
-    /// Removes what uploads a crashed run left: multipart uploads and temporary objects under
-    /// `uploads/` begun more than `older_than` ago by the S3 service's clock (younger ones may
-    /// be another replica's, still streaming).
+    /// Removes what uploads a crashed run left: multipart uploads (under `uploads/`, and under
+    /// `blobs/` for blobs named up front) and temporary objects under `uploads/` begun more
+    /// than `older_than` ago by the S3 service's clock (younger ones may be another replica's,
+    /// still streaming).
     pub async fn sweep_uploads(&self, older_than: Duration) -> Result<u64> {
-        let under = self.key("uploads/");
         let now_s = crate::clock::Clock::now_ms(&*self.clock) / 1000;
         let cutoff = now_s - older_than.as_secs() as i64;
         let mut n = 0;
-        let out = self
-            .client
-            .list_multipart_uploads()
-            .bucket(&self.name)
-            .prefix(&under)
-            .send()
-            .await
-            .map_err(|e| s3_error(&under, e))?;
-        for u in out.uploads() {
-            let old = u.initiated().is_some_and(|t| t.secs() < cutoff);
-            if let (Some(k), Some(id), true) = (u.key(), u.upload_id(), old) {
-                self.abort(k, id).await;
-                n += 1;
+        for under in [self.key("uploads/"), self.key("blobs/")] {
+            let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
+            loop {
+                let out = self
+                    .client
+                    .list_multipart_uploads()
+                    .bucket(&self.name)
+                    .prefix(&under)
+                    .set_key_marker(key_marker.take())
+                    .set_upload_id_marker(id_marker.take())
+                    .send()
+                    .await
+                    .map_err(|e| s3_error(&under, e))?;
+                for u in out.uploads() {
+                    let old = u.initiated().is_some_and(|t| t.secs() < cutoff);
+                    if let (Some(k), Some(id), true) = (u.key(), u.upload_id(), old) {
+                        self.abort(k, id).await;
+                        n += 1;
+                    }
+                }
+                if out.is_truncated() != Some(true) {
+                    break;
+                }
+                key_marker = out.next_key_marker().map(str::to_owned);
+                id_marker = out.next_upload_id_marker().map(str::to_owned);
+                if key_marker.is_none() {
+                    break;
+                }
             }
         }
         let mut old = Vec::new();
@@ -1264,6 +1314,7 @@ impl BlobStore for S3Store {
             written: 0,
             buf: BytesMut::new(),
             multipart: None,
+            named: None,
         }))
     }
 
@@ -1486,6 +1537,9 @@ pub struct S3Writer {
     /// The part being filled.
     buf: BytesMut,
     multipart: Option<Multipart>,
+    /// The digest the client named up front, when the multipart upload goes straight to its
+    /// key (set only before the upload starts, and only for this writer's hash algorithm).
+    named: Option<Digest>,
 }
 
 impl S3Writer {
@@ -1496,7 +1550,13 @@ impl S3Writer {
         if self.multipart.is_none() {
             let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(1);
             let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
-            let key = self.bucket.key(&format!("uploads/{}", random_name()));
+            // Named up front: the parts go to the blob's own key, where nothing is visible
+            // until the upload is completed after the digest matched. Otherwise to a
+            // temporary key, copied to the digest's key once that is known.
+            let key = match &self.named {
+                Some(d) => self.bucket.blob_key(d),
+                None => self.bucket.key(&format!("uploads/{}", random_name())),
+            };
             let b = self.bucket.clone();
             let k = key.clone();
             self.bucket.rt.spawn(async move {
@@ -1613,6 +1673,12 @@ impl BlobWriter for S3Writer {
         self.written
     }
 
+    fn named(&mut self, digest: &Digest) {
+        if self.multipart.is_none() && digest.algorithm() == self.hasher.algorithm() {
+            self.named = Some(*digest);
+        }
+    }
+
     fn commit(mut self: Box<Self>, expect: Expect) -> Result<u64> {
         let alg = expect.digest.algorithm();
         let hasher = std::mem::replace(&mut self.hasher, alg.hasher());
@@ -1630,7 +1696,10 @@ impl BlobWriter for S3Writer {
             // Placeholder; checked after the upload completes below.
             expect.digest
         };
-        let mismatch = if got != expect.digest {
+        // Parts sent to the key of a digest the client named, but committed under another: the
+        // bytes cannot be moved there (and must never complete under the first name).
+        let misnamed = self.multipart.is_some() && self.named.is_some_and(|n| n != expect.digest);
+        let mismatch = if got != expect.digest || misnamed {
             Some(Error::new(
                 ErrorKind::DigestMismatch,
                 format!("uploaded content hashes to {got}, not {}", expect.digest),
@@ -1674,6 +1743,10 @@ impl BlobWriter for S3Writer {
                 match m.done.recv() {
                     Ok(r) => r?,
                     Err(_) => return Err(Error::new(ErrorKind::Unavailable, "S3 upload stopped")),
+                }
+                if self.named.is_some() {
+                    // Completed at the blob's own key: that was the commit.
+                    return Ok(size);
                 }
                 let tmp = m.key;
                 if rehash_in_s3 {

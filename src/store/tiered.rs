@@ -338,6 +338,10 @@ impl BlobWriter for TieredWriter {
         self.slow.written()
     }
 
+    fn named(&mut self, digest: &Digest) {
+        self.slow.named(digest)
+    }
+
     fn park(&mut self) -> Result<()> {
         if let Some(f) = &mut self.fast {
             if f.park().is_err() {
