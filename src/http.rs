@@ -166,13 +166,74 @@ impl http_body::Body for BlobBody {
     }
 }
 
+/// A blob whose store streams it (S3) as a response body: the store's chunks are passed on as
+/// they arrive, no copy and no blocking thread; the store's fetch waits while hyper has not
+/// taken them (a bounded channel), so a stalled client holds a few chunks.
+struct ChunkBody {
+    chunks: crate::store::Chunks,
+    remaining: u64,
+    _permit: Option<TransferPermit>,
+}
+
+impl http_body::Body for ChunkBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        match std::task::ready!(self.chunks.poll_recv(cx)) {
+            Some(Ok(mut b)) => {
+                if b.len() as u64 > self.remaining {
+                    b.truncate(self.remaining as usize);
+                }
+                self.remaining -= b.len() as u64;
+                Poll::Ready(Some(Ok(Frame::data(b))))
+            }
+            Some(Err(e)) => {
+                self.remaining = 0;
+                Poll::Ready(Some(Err(e)))
+            }
+            None => {
+                let left = self.remaining;
+                self.remaining = 0;
+                Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the store ended the blob {left} bytes short"),
+                ))))
+            }
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+}
+
 /// Streams `len` bytes from `r` (already positioned) as a response body, holding `permit`
 /// until the body is sent or dropped.
 pub async fn stream_blob(
-    r: Box<dyn BlobRead>,
+    mut r: Box<dyn BlobRead>,
     len: u64,
     permit: Option<TransferPermit>,
 ) -> io::Result<Body> {
+    if len > SMALL_READ {
+        if let Some(chunks) = r.chunks() {
+            return Ok(BoxBody::new(ChunkBody {
+                chunks,
+                remaining: len,
+                _permit: permit,
+            }));
+        }
+    }
     let mut body = BlobBody {
         reader: None,
         reading: None,

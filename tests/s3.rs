@@ -354,6 +354,19 @@ fn multipart_uploads_stream_in_parts_and_a_wrong_digest_leaves_nothing() {
         .req("GET", &format!("/v2/big/blobs/{}", sha256(&named)))
         .send();
     assert!(got.body == named, "bytes differ");
+    // Ranged pulls stream from S3 as they arrive, cut exactly at the range's end.
+    for (range, want) in [
+        ("bytes=1000-5000999", &named[1000..5_001_000]),
+        ("bytes=-300000", &named[named.len() - 300_000..]),
+        ("bytes=9000000-", &named[9_000_000..]),
+    ] {
+        let r = h
+            .req("GET", &format!("/v2/big/blobs/{}", sha256(&named)))
+            .header("Range", range)
+            .send();
+        assert_eq!(r.status, 206, "{range}");
+        assert!(r.body == want, "{range}: {} bytes differ", r.body.len());
+    }
     assert!(s3.list("parts", "hoard/uploads/").is_empty());
     assert_eq!(s3.multipart_uploads("parts"), 0);
 

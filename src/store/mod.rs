@@ -18,7 +18,16 @@ use crate::error::Result;
 /// The bytes of one stored blob, positioned at its start.
 pub trait BlobRead: Read + Seek + Send + Sync {
     fn size(&self) -> u64;
+    /// A reader whose bytes already arrive as a stream of chunks (an S3 GET) hands the stream
+    /// over, from its position on, so a response can pass the chunks on as they come instead
+    /// of copying them through blocking reads. `None`: read it with `read`.
+    fn chunks(&mut self) -> Option<Chunks> {
+        None
+    }
 }
+
+/// Chunks of a blob as they arrive; the sender stops when the receiver is dropped.
+pub type Chunks = tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>;
 
 /// An upload in progress: bytes are hashed and counted as they are written, so the commit
 /// compares digests without re-reading anything. Dropping a writer discards the upload.

@@ -277,6 +277,29 @@ impl aws_sdk_s3::config::Intercept for Watch {
     }
 }
 
+/// Signs a `PutObject` with a payload hash known beforehand (a blob's own sha256 digest, when
+/// its bytes are the whole body), so the SDK does not hash the body a second time.
+#[derive(Debug)]
+struct PayloadHash(String);
+
+impl aws_sdk_s3::config::Intercept for PayloadHash {
+    fn name(&self) -> &'static str {
+        "hoard-payload-hash"
+    }
+    fn modify_before_signing(
+        &self,
+        _ctx: &mut aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextMut<'_>,
+        _rc: &aws_sdk_s3::config::RuntimeComponents,
+        cfg: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> std::result::Result<(), aws_sdk_s3::error::BoxError> {
+        cfg.interceptor_state()
+            .store_put(aws_runtime::auth::PayloadSigningOverride::Precomputed(
+                self.0.clone(),
+            ));
+        Ok(())
+    }
+}
+
 /// The runtime S3 requests run on: its own, so that they progress whatever the server's
 /// worker threads are doing (a request handler waiting for a lock held across an S3 call must
 /// not starve the call it waits for).
@@ -523,7 +546,7 @@ impl Bucket {
     pub async fn probe(&self) -> Result<Probe> {
         self.check().await?;
         let key = self.key(&format!("probe/{}", random_name()));
-        let put = |cond: Cond| self.put_with(&key, Bytes::from_static(b"probe"), cond, true);
+        let put = |cond: Cond| self.put_with(&key, Bytes::from_static(b"probe"), cond, true, None);
         put(Cond::Create).await.map_err(|e| {
             Error::new(
                 e.kind,
@@ -557,10 +580,24 @@ impl Bucket {
     /// ignores conditions (a single-writer bucket) none are sent.
     pub async fn put(&self, key: &str, body: Bytes, cond: Cond) -> Result<String> {
         let honour = self.conditions.load(Ordering::Relaxed);
-        self.put_with(key, body, cond, honour).await
+        self.put_with(key, body, cond, honour, None).await
     }
 
-    async fn put_with(&self, key: &str, body: Bytes, cond: Cond, honour: bool) -> Result<String> {
+    /// Writes a blob whose sha256 is `sha256_hex` (its digest): the signature takes the hash
+    /// as it is instead of hashing the body again.
+    pub async fn put_hashed(&self, key: &str, body: Bytes, sha256_hex: String) -> Result<String> {
+        self.put_with(key, body, Cond::None, false, Some(sha256_hex))
+            .await
+    }
+
+    async fn put_with(
+        &self,
+        key: &str,
+        body: Bytes,
+        cond: Cond,
+        honour: bool,
+        sha256_hex: Option<String>,
+    ) -> Result<String> {
         let mut req = self
             .client
             .put_object()
@@ -574,7 +611,11 @@ impl Bucket {
             Cond::Create => req.if_none_match("*"),
             Cond::Match(etag) => req.if_match(etag),
         };
-        let out = req.send().await.map_err(|e| s3_error(key, e))?;
+        let out = match sha256_hex {
+            Some(h) => req.customize().interceptor(PayloadHash(h)).send().await,
+            None => req.send().await,
+        }
+        .map_err(|e| s3_error(key, e))?;
         Ok(out.e_tag().unwrap_or_default().to_owned())
     }
 
@@ -1390,7 +1431,7 @@ fn start_get(
     key: &str,
     start: u64,
 ) -> Result<(u64, tokio::sync::mpsc::Receiver<io::Result<Bytes>>)> {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
     let b = bucket.clone();
     let k = key.to_owned();
     let head = bucket.wait(async move {
@@ -1449,6 +1490,15 @@ pub struct S3Read {
 impl BlobRead for S3Read {
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn chunks(&mut self) -> Option<crate::store::Chunks> {
+        // Only a GET already streaming from the current position with nothing buffered:
+        // otherwise the bytes are read with `read`.
+        if !self.cur.is_empty() {
+            return None;
+        }
+        self.rx.get_mut().ok()?.take()
     }
 }
 
@@ -1726,8 +1776,14 @@ impl BlobWriter for S3Writer {
                 let body = self.buf.split().freeze();
                 // Unconditional: the same bytes under their name, and a fresh last-modified time
                 // is what tells a collector about to delete this blob that it was pushed again.
-                self.bucket
-                    .wait(async move { b.put(&key, body, Cond::None).await.map(|_| ()) })??;
+                // A sha256 blob's digest is the body's hash the signature needs.
+                let hashed = (alg == Algorithm::Sha256).then(|| expect.digest.hex().to_owned());
+                self.bucket.wait(async move {
+                    match hashed {
+                        Some(h) => b.put_hashed(&key, body, h).await.map(|_| ()),
+                        None => b.put(&key, body, Cond::None).await.map(|_| ()),
+                    }
+                })??;
             }
             Some(m) => {
                 let last = self.buf.split().freeze();
