@@ -37,7 +37,7 @@ pub enum What {
     Parameter,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Error {
     pub kind: ErrorKind,
     pub message: String,

@@ -38,7 +38,9 @@ struct Held {
 /// One fetch from S3 in progress; later readers of the same digest wait on it.
 #[derive(Default)]
 struct Fill {
-    done: Mutex<Option<bool>>,
+    /// The leader's outcome: kept in the fast tier or not, or the error its fetch met (the
+    /// waiters answer with it too rather than fetch the same bytes from S3 unverified).
+    done: Mutex<Option<std::result::Result<bool, Error>>>,
     cv: Condvar,
 }
 
@@ -233,7 +235,7 @@ impl Inner {
             let r = self.fetch(d);
             {
                 let mut done = fill.done.lock().unwrap_or_else(|p| p.into_inner());
-                *done = Some(matches!(r, Ok(true)));
+                *done = Some(r.clone());
                 fill.cv.notify_all();
             }
             self.fills
@@ -246,7 +248,11 @@ impl Inner {
             while done.is_none() {
                 done = fill.cv.wait(done).unwrap_or_else(|p| p.into_inner());
             }
-            done.unwrap_or(false)
+            match done.clone() {
+                Some(Err(e)) if e.kind == ErrorKind::Internal => return Err(e),
+                Some(r) => r.unwrap_or(false),
+                None => false,
+            }
         };
         if kept {
             if let Some(r) = self.fast_open(d, start)? {
