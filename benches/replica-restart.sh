@@ -31,7 +31,7 @@ last=$(( (N + 99) / 100 - 1 ))
 run() { # data dir -> ms to the first pull by tag
   local start end port pid
   start=$(date +%s%N)
-  HOARD_LOG=info "$BIN" serve --data-dir "$1" --listen 127.0.0.1:0 2>"$1.log" &
+  HOARD_LOG=info "$BIN" serve --data-dir "$1" --listen 127.0.0.1:0 >"$1.log" 2>&1 &
   pid=$!
   port=""
   until [ -n "$port" ]; do
@@ -43,6 +43,8 @@ run() { # data dir -> ms to the first pull by tag
   end=$(date +%s%N)
   echo "$(( (end - start) / 1000000 )) $pid $port"
 }
+# Stops a replica and waits until it is gone (it was started in a subshell: not ours to wait for).
+stop() { kill -TERM "$1"; while kill -0 "$1" 2>/dev/null; do sleep 0.05; done; }
 fresh=(); again=()
 for r in $(seq "$RUNS"); do
   rm -rf "$WORK/d$r"
@@ -51,10 +53,10 @@ for r in $(seq "$RUNS"); do
   # Wait for its first full re-listing, then stop it cleanly and start it again on its cache.
   until curl -s "http://127.0.0.1:$port/" | grep -q '^bucket re-listings: [1-9]'; do sleep 0.2; done
   listing=$(curl -s "http://127.0.0.1:$port/" | grep '^bucket re-listings')
-  kill -TERM "$pid"; wait "$pid" || true
+  stop "$pid"
   read -r ms pid port < <(run "$WORK/d$r")
   again+=("$ms")
-  kill -TERM "$pid"; wait "$pid" || true
+  stop "$pid"
   echo "run $r: new replica served in ${fresh[-1]} ms, restarted in ${again[-1]} ms; $listing"
 done
 med() { printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"; }
