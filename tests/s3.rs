@@ -640,3 +640,60 @@ fn kill9_mid_multipart_push_loses_nothing_acknowledged_and_leaves_nothing_behind
     let r = h.req("POST", "/admin/verify").send();
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// A pull whose S3 body stops arriving mid-way is cut (the client sees a short body and retries)
+/// instead of hanging; the same pull succeeds once S3 answers again.
+#[test]
+fn a_pull_whose_s3_body_stalls_is_cut_not_hung() {
+    use std::io::{Read, Write};
+    let s3 = S3Server::start();
+    s3.create_bucket("stall");
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hoard::start_env(
+        &tmp.path().join("d"),
+        &[],
+        &env(StoreKind::S3, &s3, "stall", &[("TIMEOUT", "1s")]),
+    );
+    wait_ready(&h, 200, Duration::from_secs(10));
+    let data = bytes(60, 96 << 20);
+    let (status, body) = push_mono(&h, "app", &data);
+    assert_eq!(status, 201, "{body}");
+    let d = sha256(&data);
+
+    let mut s = std::net::TcpStream::connect(h.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET /v2/app/blobs/{d} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0usize;
+    while got < 1 << 20 {
+        got += s.read(&mut buf).unwrap();
+    }
+    // The client pauses, the pipe behind it fills, and S3 hangs.
+    std::thread::sleep(Duration::from_millis(500));
+    s3.freeze();
+    let t = Instant::now();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    let waited = t.elapsed();
+    s3.thaw();
+    assert!(
+        got < data.len(),
+        "the whole blob came through S3 before it froze"
+    );
+    assert!(
+        waited < Duration::from_secs(20),
+        "the stalled pull was cut after {waited:?}"
+    );
+    assert!(
+        h.log().contains("S3 broke off a body"),
+        "the log says why:\n{}",
+        h.log()
+    );
+    let r = h.req("GET", &format!("/v2/app/blobs/{d}")).send();
+    assert_eq!(r.status, 200);
+    assert!(r.body == data, "the pull after S3 is back is whole");
+}

@@ -1458,6 +1458,8 @@ fn start_get(
         let mut body = out.body;
         tokio::spawn(async move {
             loop {
+                // A body that stops arriving is cut by the SDK's stalled-stream protection
+                // (nothing for 5 s): the client sees its pull fail instead of hanging.
                 match body.next().await {
                     Some(Ok(chunk)) => {
                         if tx.send(Ok(chunk)).await.is_err() {
@@ -1465,6 +1467,7 @@ fn start_get(
                         }
                     }
                     Some(Err(e)) => {
+                        tracing::warn!(key = %k, error = %detail(&e), "S3 broke off a body; the pull is cut");
                         let _ = tx.send(Err(io::Error::other(detail(&e)))).await;
                         return;
                     }
