@@ -477,7 +477,9 @@ async fn watch_bucket(app: Arc<App>, bucket: Arc<Bucket>) {
         .map_or(PROBE_EVERY, |s| s.timing.heartbeat.min(PROBE_EVERY));
     let mut renewed = tokio::time::Instant::now();
     let mut busy_logged = false;
-    let mut swept_uploads = false;
+    // Uploads a crashed run (or a failed abort) left in the bucket: cleared at start, then
+    // hourly, so a bucket without a lifecycle rule for them does not keep paying for them.
+    let mut swept_uploads: Option<std::time::Instant> = None;
     loop {
         let was_ready = app.ready.why_not().is_none();
         let b = bucket.clone();
@@ -513,7 +515,7 @@ async fn watch_bucket(app: Arc<App>, bucket: Arc<Bucket>) {
                     tracing::info!(bucket = %bucket.describe, "S3 bucket reachable again");
                 }
                 first = false;
-                if !swept_uploads {
+                if swept_uploads.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
                     let (b, age) = (bucket.clone(), app.config.upload_timeout.0);
                     match bucket
                         .run(async move { b.sweep_uploads(age).await })
@@ -526,7 +528,7 @@ async fn watch_bucket(app: Arc<App>, bucket: Arc<Bucket>) {
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot clear old uploads in S3"),
                     }
-                    swept_uploads = true;
+                    swept_uploads = Some(std::time::Instant::now());
                 }
                 if single {
                     let b = bucket.clone();

@@ -18,7 +18,12 @@ pub type SharedClock = Arc<dyn Clock>;
 /// `Instant`, which stands still then): for deadlines another machine also keeps, such as a
 /// lease, where a process that slept through its deadline must know it did.
 pub fn boot_ms() -> i64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let id = rustix::time::ClockId::Boottime;
+    // Elsewhere the monotonic clock (which on macOS and the BSDs' uptime clocks differs).
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let id = rustix::time::ClockId::Monotonic;
+    let t = rustix::time::clock_gettime(id);
     t.tv_sec.saturating_mul(1000) + t.tv_nsec / 1_000_000
 }
 

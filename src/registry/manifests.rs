@@ -286,8 +286,9 @@ impl Registry {
                         return Err(blob_unknown(m));
                     }
                     // A collection may also have removed a child manifest's record while its
-                    // bytes stay (another repository holds them): checked in the bucket too.
-                    if waited && !child_manifests.is_empty() {
+                    // bytes stay (another repository holds them), one this replica may not have
+                    // heard of yet: checked in the bucket, one HEAD per child manifest.
+                    if !child_manifests.is_empty() {
                         let gone = s.missing_records(&repo, child_manifests.clone()).await?;
                         if let Some(m) = gone.first() {
                             return Err(blob_unknown(m));

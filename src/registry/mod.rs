@@ -355,6 +355,14 @@ impl Registry {
             }
         }
         self.record_blob(repo, expect.digest, size)?;
+        if let Some(s) = &self.shared {
+            // Pushed now, whatever last-modified time S3 gives the object (a multipart upload's
+            // is when it began): the collector hears of it with the next shipped reads.
+            s.queue_access(&[Op::BlobTouched {
+                digest: expect.digest,
+                at: self.clock.now_ms(),
+            }]);
+        }
         self.settle().await?;
         tracing::debug!(repo = %repo, digest = %expect.digest, size, "blob committed");
         Ok(size)

@@ -1804,7 +1804,10 @@ impl BlobWriter for S3Writer {
                     Err(_) => return Err(Error::new(ErrorKind::Unavailable, "S3 upload stopped")),
                 }
                 if self.named.is_some() {
-                    // Completed at the blob's own key: that was the commit.
+                    // Completed at the blob's own key: that was the commit. (S3 dates such an
+                    // object from when the upload began: a new object all the same, whose time
+                    // differs from one a collector listed before; the registry ships the push's
+                    // own time as an access record.)
                     return Ok(size);
                 }
                 let tmp = m.key;
