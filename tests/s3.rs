@@ -57,6 +57,24 @@ fn wait_ready(h: &Hoard, want: u16, within: Duration) -> String {
 }
 
 /// Pushes `data` monolithically; the status and body text.
+/// Starts an upload of `data` to `repo` the way BuildKit finishes one (`PUT ?digest=` with the
+/// body) and sends only its first `sent` bytes; the connection stays open while it is held.
+fn named_put_cut_short(h: &Hoard, repo: &str, data: &[u8], sent: usize) -> std::net::TcpStream {
+    use std::io::Write;
+    let loc = start_upload(h, repo);
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let mut s = std::net::TcpStream::connect(h.addr).unwrap();
+    write!(
+        s,
+        "PUT {loc}{sep}digest={} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        sha256(data),
+        data.len()
+    )
+    .unwrap();
+    s.write_all(&data[..sent]).unwrap();
+    s
+}
+
 fn push_mono(h: &Hoard, repo: &str, data: &[u8]) -> (u16, String) {
     let r = h
         .req(
@@ -397,19 +415,8 @@ fn multipart_uploads_stream_in_parts_and_a_wrong_digest_leaves_nothing() {
 
     // A client cut off while its named blob streams: the multipart upload is aborted.
     let cut = bytes(43, 14 << 20);
-    let loc = start_upload(&h, "big");
-    let sep = if loc.contains('?') { '&' } else { '?' };
     {
-        use std::io::Write;
-        let mut s = std::net::TcpStream::connect(h.addr).unwrap();
-        write!(
-            s,
-            "PUT {loc}{sep}digest={} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
-            sha256(&cut),
-            cut.len()
-        )
-        .unwrap();
-        s.write_all(&cut[..11 << 20]).unwrap();
+        let _s = named_put_cut_short(&h, "big", &cut, 11 << 20);
         wait_until(
             "its multipart upload to begin",
             Duration::from_secs(10),
@@ -608,17 +615,7 @@ fn kill9_mid_multipart_push_loses_nothing_acknowledged_and_leaves_nothing_behind
 
     // The same for a blob named up front, whose parts go to its own key under blobs/.
     let named = bytes(82, 20 << 20);
-    let loc = start_upload(&h, "app");
-    let sep = if loc.contains('?') { '&' } else { '?' };
-    let mut s = std::net::TcpStream::connect(h.addr).unwrap();
-    write!(
-        s,
-        "PUT {loc}{sep}digest={} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
-        sha256(&named),
-        named.len()
-    )
-    .unwrap();
-    s.write_all(&named[..15 << 20]).unwrap();
+    let s = named_put_cut_short(&h, "app", &named, 15 << 20);
     wait_until(
         "a multipart upload to begin",
         Duration::from_secs(10),
