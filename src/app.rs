@@ -29,6 +29,8 @@ use crate::store::BlobStore;
 pub struct App {
     pub config: Config,
     pub registry: Arc<Registry>,
+    /// The caching module proxy at `/gomod/`.
+    pub gomod: Arc<crate::gomod::GoProxy>,
     pub index: Arc<Index>,
     pub store: Arc<dyn BlobStore>,
     /// Woken when the disk store wants its group commit early (never, for other stores).
@@ -197,9 +199,15 @@ impl App {
             registry.unsynced_bound = Some(disk.sync_interval.0 * 2);
         }
         let registry = Arc::new(registry);
+        let gomod = Arc::new(crate::gomod::GoProxy::new(
+            registry.clone(),
+            &config.gomod,
+            root.join("gomod-tmp"),
+        )?);
         Ok(App {
             config,
             registry,
+            gomod,
             index,
             store,
             sync_wanted,
@@ -842,6 +850,9 @@ async fn route(app: &Arc<App>, req: hyper::Request<hyper::body::Incoming>) -> Re
             *req.uri_mut() = http::Uri::from_static("/v2/");
         }
         return crate::oci::handle(app.registry.clone(), req).await;
+    }
+    if path.starts_with("/gomod/") {
+        return app.gomod.handle(req).await;
     }
     if path.starts_with("/admin/") {
         return admin(app, req).await;

@@ -46,6 +46,77 @@ pub struct Config {
     /// One log line per request at info.
     pub access_log: bool,
     pub store: StoreConfig,
+    /// The caching module proxy at `/gomod/`.
+    pub gomod: GomodConfig,
+}
+
+/// `[gomod]`: where module proxy misses are fetched from and how kept files are refreshed.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GomodConfig {
+    /// Upstream module proxies, tried in order; each entry may itself be a GOPROXY-style list
+    /// (`a,b|c`: after `|` any error moves on, after `,` only 404/410).
+    pub upstreams: Vec<String>,
+    /// `list`, `@latest`, `.info` and checksum lookups older than this are fetched again.
+    pub refresh: HumanDuration,
+    /// Connecting, the response head, and each body chunk from an upstream.
+    pub timeout: HumanDuration,
+    /// The checksum database zips and go.mod files are checked against ("off": none).
+    pub sumdb: String,
+    /// Module path patterns the checksum database is not asked about (as GONOSUMDB).
+    pub nosumdb: Vec<String>,
+}
+
+impl Default for GomodConfig {
+    fn default() -> GomodConfig {
+        GomodConfig {
+            upstreams: vec!["https://proxy.golang.org".into()],
+            refresh: HumanDuration(Duration::from_secs(60)),
+            timeout: HumanDuration(Duration::from_secs(30)),
+            sumdb: "sum.golang.org".into(),
+            nosumdb: Vec::new(),
+        }
+    }
+}
+
+impl GomodConfig {
+    /// Applies `HOARD_GOMOD_*` variables: UPSTREAMS (a GOPROXY-style list), REFRESH, TIMEOUT,
+    /// SUMDB, NOSUMDB (comma-separated patterns).
+    fn with_env(
+        mut self,
+        vars: impl Iterator<Item = (String, String)>,
+    ) -> Result<GomodConfig, String> {
+        for (k, v) in vars {
+            let Some(key) = k.strip_prefix("HOARD_GOMOD_") else {
+                continue;
+            };
+            match key {
+                "UPSTREAMS" => self.upstreams = vec![v],
+                "REFRESH" => {
+                    self.refresh =
+                        HumanDuration(parse_duration(&v).map_err(|e| format!("{k}: {e}"))?)
+                }
+                "TIMEOUT" => {
+                    self.timeout =
+                        HumanDuration(parse_duration(&v).map_err(|e| format!("{k}: {e}"))?)
+                }
+                "SUMDB" => self.sumdb = v,
+                "NOSUMDB" => {
+                    self.nosumdb = v
+                        .split(',')
+                        .map(|s| s.trim().to_owned())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                }
+                _ => return Err(format!("unknown variable {k}")),
+            }
+        }
+        crate::gomod::upstream::parse_list(&self.upstreams.join(","))?;
+        if self.timeout.0.is_zero() {
+            return Err("gomod.timeout must be greater than zero".into());
+        }
+        Ok(self)
+    }
 }
 
 impl Default for Config {
@@ -68,6 +139,7 @@ impl Default for Config {
             send_timeout: HumanDuration(Duration::from_secs(60)),
             access_log: true,
             store: StoreConfig::default(),
+            gomod: GomodConfig::default(),
         }
     }
 }
@@ -699,6 +771,7 @@ impl Config {
             c.orphan_grace = HumanDuration(v);
         }
         c.store = std::mem::take(&mut c.store).with_env(std::env::vars())?;
+        c.gomod = std::mem::take(&mut c.gomod).with_env(std::env::vars())?;
         match &mut c.store {
             StoreConfig::Disk(disk) => {
                 if let Some(v) = &co.store_path {

@@ -60,8 +60,24 @@ pub async fn handle(reg: Arc<Registry>, req: Request<Incoming>) -> Response<Body
     resp
 }
 
+/// Repositories written only by hoard's own front ends (the module proxy's files): readable
+/// here, never written or deleted through `/v2/`.
+const RESERVED: &[&str] = &["gomod/"];
+
 async fn dispatch(reg: &Registry, route: Route<'_>, req: Request<Incoming>) -> HandlerResult {
     let method = req.method().clone();
+    if !matches!(method, Method::GET | Method::HEAD) {
+        if let Some(name) = route.name() {
+            if RESERVED.iter().any(|p| name.as_str().starts_with(p)) {
+                return Err(OciError::new(
+                    Code::Denied,
+                    format!(
+                        "repository {name} is kept by hoard's module proxy: read-only through /v2/"
+                    ),
+                ));
+            }
+        }
+    }
     match (route, method) {
         (Route::Base, Method::GET | Method::HEAD) => Ok(json_response(StatusCode::OK, "{}")),
         (Route::Catalog, Method::GET) => listing::catalog(reg, &req).await,

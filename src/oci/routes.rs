@@ -24,6 +24,21 @@ pub enum Route<'a> {
     Referrers(RepoName, &'a str),
 }
 
+impl Route<'_> {
+    /// The repository the route names, if any.
+    pub fn name(&self) -> Option<&RepoName> {
+        match self {
+            Route::Base | Route::Catalog => None,
+            Route::Tags(n)
+            | Route::Manifest(n, _)
+            | Route::Blob(n, _)
+            | Route::UploadStart(n)
+            | Route::Upload(n, _)
+            | Route::Referrers(n, _) => Some(n),
+        }
+    }
+}
+
 /// Parses the path after `/v2/`. `Ok(None)` means no such endpoint (404); `Err` means the
 /// endpoint matched but the repository name is invalid.
 pub fn parse(rest: &str) -> Result<Option<Route<'_>>> {

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod goproxy;
 pub mod proxy;
 pub mod s3;
 pub use s3::{on_disk, store_kind, StoreKind};
@@ -43,6 +44,13 @@ impl Hoard {
     pub fn start_via(wrapper: &[&str], data: &Path, extra: &[&str]) -> Hoard {
         let env = suite_store_env(data, extra);
         Hoard::start_full(wrapper, data, extra, &env)
+    }
+
+    /// Starts hoard on `data` on the suite's store, with these variables added.
+    pub fn start_suite_env(data: &Path, extra: &[&str], env: &[(String, String)]) -> Hoard {
+        let mut all = suite_store_env(data, extra);
+        all.extend(env.iter().cloned());
+        Hoard::start_full(&[], data, extra, &all)
     }
 
     /// Starts hoard on `data` with this environment (a store of the test's own choosing).
@@ -143,7 +151,8 @@ impl Hoard {
     }
 
     /// S3 requests sent so far on clients' behalf: requests on blobs, uploads, tags, manifest
-    /// records, links, catalog entries and claims, except listings (the background's
+    /// records, links, catalog entries and claims, except listings (of objects or of multipart
+    /// uploads: the hourly sweep of abandoned uploads lists both; the background's
     /// heartbeats, lease renewals, announcements, access records and re-listings are left out,
     /// so a count taken around a client's request is that request's alone).
     pub fn s3_requests(&self) -> u64 {
@@ -156,7 +165,7 @@ impl Hoard {
             .filter_map(|l| {
                 let (what, n) = l.split_once(": ")?;
                 let (op, kind) = what.split_once(' ')?;
-                (op != "ListObjectsV2" && CLIENT.contains(&kind))
+                (!op.starts_with("List") && CLIENT.contains(&kind))
                     .then(|| n.trim().parse::<u64>().ok())?
             })
             .sum()
