@@ -851,6 +851,9 @@ async fn route(app: &Arc<App>, req: hyper::Request<hyper::body::Incoming>) -> Re
         }
         return crate::oci::handle(app.registry.clone(), req).await;
     }
+    if path.starts_with("/gocache/") {
+        return crate::gocache::handle(&app.registry, req).await;
+    }
     if path.starts_with("/gomod/") {
         return app.gomod.handle(req).await;
     }

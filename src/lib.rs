@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod digest;
 pub mod error;
+pub mod gocache;
 pub mod gomod;
 pub mod http;
 pub mod lifecycle;

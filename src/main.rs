@@ -53,6 +53,9 @@ enum Command {
         #[arg(long, env = "HOARD_LISTEN", default_value = "127.0.0.1:5000")]
         listen: String,
     },
+    /// Go's GOCACHEPROG helper: `GOCACHEPROG="hoard gocacheprog --url http://hoard:5000"` shares
+    /// Go's build cache through hoard, with a local disk tier.
+    Gocacheprog(hoard::gocache::prog::ProgArgs),
     /// Measure push/HEAD/pull/manifest throughput against a registry URL (see benches/).
     Bench(hoard::bench::BenchArgs),
     /// Print one core's sha256 throughput in MB/s.
@@ -225,6 +228,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Gocacheprog(a) => hoard::gocache::prog::run(a),
         Command::Serve(a) => {
             let (config, offset) = a.config()?;
             init_logging(config.log_format);

@@ -36,16 +36,13 @@ use crate::config::GomodConfig;
 use crate::digest::{Algorithm, Digest};
 use crate::error::{Error, ErrorKind, Result};
 use crate::http::{empty, full, stream_blob, Body};
-use crate::names::{Reference, RepoName, Tag};
-use crate::registry::manifests::PutManifest;
+use crate::names::{RepoName, Tag};
+use crate::registry::refs::FileRef;
 use crate::registry::{blocking, Registry};
 use crate::store::Expect;
 use names::{ModPath, Version};
 use upstream::{Attempt, HttpClient, Upstream};
 
-/// The OCI empty config every kept file's manifest names.
-const EMPTY_CONFIG: &[u8] = b"{}";
-const EMPTY_CONFIG_TYPE: &str = "application/vnd.oci.empty.v1+json";
 const ARTIFACT_TYPE: &str = "application/vnd.hoard.gomod.v1";
 /// Caps on what upstreams may send for the small files.
 const MAX_LIST: u64 = 4 << 20;
@@ -205,24 +202,11 @@ pub struct GoProxy {
     nosumdb: Vec<String>,
     /// When each mutable file was last fetched by this replica (a restart fetches once again).
     fetched: Mutex<lru::LruCache<String, Instant>>,
-    /// Parsed manifests: manifest digest → its layer.
-    layers: Mutex<lru::LruCache<Digest, Entry>>,
     flights: Mutex<HashMap<String, Flight>>,
     tmp: PathBuf,
     seq: AtomicU64,
     /// Upstream fetches started (for tests and the status page).
     pub fetches: AtomicU64,
-}
-
-#[derive(Deserialize)]
-struct Manifest {
-    layers: Vec<Layer>,
-}
-
-#[derive(Deserialize)]
-struct Layer {
-    digest: String,
-    size: u64,
 }
 
 fn nz(n: usize) -> NonZeroUsize {
@@ -245,7 +229,6 @@ impl GoProxy {
             sumdb: (cfg.sumdb != "off" && !cfg.sumdb.is_empty()).then(|| cfg.sumdb.clone()),
             nosumdb: cfg.nosumdb.clone(),
             fetched: Mutex::new(lru::LruCache::new(nz(100_000))),
-            layers: Mutex::new(lru::LruCache::new(nz(100_000))),
             flights: Mutex::new(HashMap::new()),
             tmp,
             seq: AtomicU64::new(0),
@@ -404,43 +387,17 @@ impl GoProxy {
 
     /// The entry a slot's tag points at now, if any.
     async fn kept(&self, slot: &Slot) -> Result<Option<Entry>> {
-        let reference = Reference::Tag(slot.tag.clone());
-        let digest = match self.reg.resolve_manifest(&slot.repo, &reference).await {
-            Ok((d, _)) => d,
-            Err(e) if e.is_not_found() => return Ok(None),
+        match self.reg.file_ref(&slot.repo, &slot.tag).await {
+            Ok(f) => Ok(f.map(|f| Entry {
+                digest: f.digest,
+                size: f.size,
+            })),
             Err(e) if e.kind == ErrorKind::Unavailable => {
                 tracing::info!(file = %slot.url_path, reason = %e.message, "the store is unreachable: fetching upstream");
-                return Ok(None);
+                Ok(None)
             }
-            Err(e) => return Err(e),
-        };
-        if let Some(e) = self
-            .layers
-            .lock()
-            .ok()
-            .and_then(|mut l| l.get(&digest).copied())
-        {
-            return Ok(Some(e));
+            Err(e) => Err(e),
         }
-        let (_, _, bytes) = match self.reg.get_manifest(&slot.repo, &reference).await {
-            Ok(v) => v,
-            Err(e) if e.is_not_found() => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let m: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::internal(format!("kept manifest {digest}: {e}")))?;
-        let layer = m
-            .layers
-            .first()
-            .ok_or_else(|| Error::internal(format!("kept manifest {digest} has no layer")))?;
-        let e = Entry {
-            digest: layer.digest.parse()?,
-            size: layer.size,
-        };
-        if let Ok(mut l) = self.layers.lock() {
-            l.put(digest, e);
-        }
-        Ok(Some(e))
     }
 
     /// Fetches `slot` upstream and keeps it; concurrent callers share one fetch.
@@ -689,47 +646,27 @@ impl GoProxy {
         from: &str,
         h1: Option<&str>,
     ) -> std::result::Result<(), Attempt> {
-        let fail = |e: Error| Attempt::Failed(format!("keeping {}: {}", slot.url_path, e.message));
-        let config = Digest::sha256_of(EMPTY_CONFIG);
-        self.reg
-            .put_bytes(&slot.repo, config, Bytes::from_static(EMPTY_CONFIG))
-            .await
-            .map_err(fail)?;
         let mut ann = serde_json::Map::new();
         ann.insert("dev.hoard.gomod.file".into(), slot.url_path.clone().into());
         ann.insert("dev.hoard.gomod.upstream".into(), from.into());
         if let Some(h) = h1 {
             ann.insert("dev.hoard.gomod.h1".into(), h.into());
         }
-        let manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": crate::registry::manifests::OCI_MANIFEST,
-            "artifactType": ARTIFACT_TYPE,
-            "config": {"mediaType": EMPTY_CONFIG_TYPE, "digest": config.to_string(), "size": EMPTY_CONFIG.len()},
-            "layers": [{
-                "mediaType": slot.content_type,
-                "digest": e.digest.to_string(),
-                "size": e.size,
-                "annotations": ann,
-            }],
-        });
-        let body =
-            Bytes::from(serde_json::to_vec(&manifest).map_err(|e| Attempt::Failed(e.to_string()))?);
-        let reference = Reference::Tag(slot.tag.clone());
-        let stored = self
-            .reg
-            .put_manifest(PutManifest {
-                repo: &slot.repo,
-                reference: &reference,
-                content_type: Some(crate::registry::manifests::OCI_MANIFEST),
-                body,
-                extra_tags: &[],
-            })
+        let file = FileRef {
+            digest: e.digest,
+            size: e.size,
+            annotations: ann,
+        };
+        self.reg
+            .set_file_ref(
+                &slot.repo,
+                &slot.tag,
+                ARTIFACT_TYPE,
+                slot.content_type,
+                file,
+            )
             .await
-            .map_err(fail)?;
-        if let Ok(mut l) = self.layers.lock() {
-            l.put(stored.digest, e);
-        }
+            .map_err(|e| Attempt::Failed(format!("keeping {}: {}", slot.url_path, e.message)))?;
         Ok(())
     }
 

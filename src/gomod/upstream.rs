@@ -69,6 +69,40 @@ pub fn parse_list(s: &str) -> Result<Vec<Upstream>, String> {
     Ok(out)
 }
 
+/// An HTTP and HTTPS connector (the system's CA certificates) that gives up connecting after
+/// `timeout`.
+pub fn connector(timeout: Duration) -> hyper_rustls::HttpsConnector<HttpConnector> {
+    use hyper_rustls::ConfigBuilderExt as _;
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = match rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+    {
+        Ok(b) => match b.clone().with_native_roots() {
+            Ok(b) => b.with_no_client_auth(),
+            Err(e) => {
+                tracing::warn!(error = %e, "no CA certificates found: https URLs will fail (install ca-certificates)");
+                b.with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth()
+            }
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "TLS set-up failed: only http:// URLs will work");
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        }
+    };
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(timeout));
+    http.set_nodelay(true);
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
+}
+
 /// Why one upstream did not give the file.
 #[derive(Clone, Debug)]
 pub enum Attempt {
@@ -88,34 +122,7 @@ pub struct HttpClient {
 
 impl HttpClient {
     pub fn new(timeout: Duration) -> HttpClient {
-        use hyper_rustls::ConfigBuilderExt as _;
-        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let tls = match rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-        {
-            Ok(b) => match b.clone().with_native_roots() {
-                Ok(b) => b.with_no_client_auth(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no CA certificates found: https gomod upstreams will fail (install ca-certificates)");
-                    b.with_root_certificates(rustls::RootCertStore::empty())
-                        .with_no_client_auth()
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "TLS set-up failed: only http:// gomod upstreams will work");
-                rustls::ClientConfig::builder()
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth()
-            }
-        };
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let connector = connector(timeout);
         HttpClient {
             http: Client::builder(TokioExecutor::new()).build(connector),
             timeout,

@@ -2,6 +2,7 @@
 //! over the blob store and the index. Protocol-free: the OCI front end maps its results to HTTP.
 
 pub mod manifests;
+pub mod refs;
 pub mod uploads;
 
 use std::io::Read;
@@ -40,6 +41,8 @@ pub struct Registry {
     /// On a bucket shared by several replicas: the bucket is the truth and the index a cache of
     /// it; misses read through, writes go to the bucket before the cache.
     pub shared: Option<Arc<Shared>>,
+    /// File refs' manifests, parsed: manifest digest → the file (see `refs`).
+    file_refs: std::sync::Mutex<lru::LruCache<Digest, refs::FileRef>>,
 }
 
 /// How long a transfer waits for a slot before it is answered 503.
@@ -77,6 +80,9 @@ impl Registry {
             body_timeout: DEFAULT_BODY_TIMEOUT,
             manifest_bytes: Arc::new(tokio::sync::Semaphore::new(MANIFEST_BUDGET_KIB)),
             shared,
+            file_refs: std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(100_000).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
         }
     }
 

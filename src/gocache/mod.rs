@@ -1,0 +1,248 @@
+//! The Go build cache's server side (`/gocache/<namespace>/…`) and its GOCACHEPROG helper
+//! (`prog`). An action entry (action id → output id, size, time) is a file ref: tag `<action
+//! hex>` in repository `gocache/<namespace>`, its layer the output blob (whose digest is the
+//! output id: `go` names an output by its SHA-256), the time of the put in the layer's
+//! annotations. So entries live under the lifecycle like image tags, and outputs are shared
+//! blobs.
+//!
+//! - `GET /gocache/<ns>/action/<hex>`: the output's bytes in one round trip, with
+//!   `Go-Output-Id` and `Go-Time` (milliseconds, hoard's cache clock); `404` on a miss.
+//! - `PUT /gocache/<ns>/action/<hex>?output=<hex>` with the output's bytes: verified against the
+//!   output id, stored, then the entry is pointed at it (`201`).
+//!
+//! Every answer carries `Hoard-Now` (milliseconds, the cache clock) so a client can carry times
+//! into its own clock.
+
+pub mod prog;
+
+use std::sync::Arc;
+
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Method, StatusCode};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+
+use crate::digest::{Algorithm, Digest};
+use crate::error::{Error, ErrorKind, Result, What};
+use crate::http::{empty, full, stream_blob, Body};
+use crate::names::{RepoName, Tag};
+use crate::registry::refs::FileRef;
+use crate::registry::{pump, Registry};
+use crate::store::Expect;
+
+pub const OUTPUT_ID: HeaderName = HeaderName::from_static("go-output-id");
+pub const TIME: HeaderName = HeaderName::from_static("go-time");
+pub const NOW: HeaderName = HeaderName::from_static("hoard-now");
+const ARTIFACT_TYPE: &str = "application/vnd.hoard.gocache.v1";
+const TIME_KEY: &str = "dev.hoard.gocache.time";
+/// The largest output accepted (a linked binary of a big program is a few hundred MB).
+const MAX_OUTPUT: u64 = 4 << 30;
+
+/// `/gocache/<ns>/action/<hex>`, parsed at the edge.
+#[derive(Debug, PartialEq)]
+struct Route {
+    repo: RepoName,
+    action: Tag,
+}
+
+fn parse_route(path: &str) -> Result<Route> {
+    let rest = path.strip_prefix("/gocache/").unwrap_or("");
+    let (ns, action) = rest
+        .split_once("/action/")
+        .ok_or_else(|| Error::not_found("no such endpoint (/gocache/<namespace>/action/<id>)"))?;
+    if ns.is_empty() || ns.len() > 64 || ns.contains('/') {
+        return Err(Error::invalid(
+            What::Name,
+            format!("invalid namespace {ns:?}: one path element of at most 64 characters"),
+        ));
+    }
+    let repo = RepoName::parse(&format!("gocache/{ns}"))?;
+    let action = hex_id(action, "action id")?;
+    Ok(Route {
+        repo,
+        action: Tag::parse(&action)?,
+    })
+}
+
+/// A 32-byte id as 64 lower-case hex digits.
+fn hex_id(s: &str, what: &str) -> Result<String> {
+    if s.len() == 64
+        && s.bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    {
+        Ok(s.to_owned())
+    } else {
+        Err(Error::invalid(
+            What::Parameter,
+            format!(
+                "invalid {what} {:?}: 64 lower-case hex digits",
+                crate::digest::truncate(s, 80)
+            ),
+        ))
+    }
+}
+
+pub async fn handle(reg: &Arc<Registry>, req: Request<Incoming>) -> Response<Body> {
+    let now = reg.clock.now_ms();
+    let path = req.uri().path().to_owned();
+    let head = req.method() == Method::HEAD;
+    let r = match parse_route(req.uri().path()) {
+        Ok(route) => match *req.method() {
+            Method::GET | Method::HEAD => get(reg, &route, head).await,
+            Method::PUT => put(reg, &route, req).await,
+            _ => Err(Error::new(
+                ErrorKind::Conflict,
+                "use GET, HEAD or PUT on an action".to_owned(),
+            )),
+        },
+        Err(e) => Err(e),
+    };
+    let mut resp = match r {
+        Ok(r) => r,
+        Err(e) => {
+            let status = match e.kind {
+                ErrorKind::NotFound => StatusCode::NOT_FOUND,
+                ErrorKind::InvalidArgument(_)
+                | ErrorKind::DigestMismatch
+                | ErrorKind::SizeMismatch => StatusCode::BAD_REQUEST,
+                ErrorKind::Conflict => StatusCode::METHOD_NOT_ALLOWED,
+                ErrorKind::Exhausted => StatusCode::INSUFFICIENT_STORAGE,
+                ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            if status != StatusCode::NOT_FOUND {
+                tracing::info!(path = %path, status = status.as_u16(), reason = %e.message, "gocache request refused");
+            }
+            let mut r = Response::new(if head {
+                empty()
+            } else {
+                full(format!("{}\n", e.message))
+            });
+            *r.status_mut() = status;
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            r
+        }
+    };
+    resp.headers_mut().insert(NOW, HeaderValue::from(now));
+    resp
+}
+
+async fn get(reg: &Arc<Registry>, route: &Route, head: bool) -> Result<Response<Body>> {
+    let f = reg
+        .file_ref(&route.repo, &route.action)
+        .await?
+        .ok_or_else(|| Error::not_found("no such action"))?;
+    let time: i64 = f
+        .annotation(TIME_KEY)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    let mut resp = if head {
+        Response::new(empty())
+    } else {
+        let permit = reg.transfer().await?;
+        let r = match reg.open_blob(&route.repo, &f.digest, 0).await {
+            Ok(r) => r,
+            // The entry's output went with a collection just now: a miss.
+            Err(e) if e.is_not_found() => return Err(Error::not_found("no such action")),
+            Err(e) => return Err(e),
+        };
+        let body = stream_blob(r, f.size, Some(permit))
+            .await
+            .map_err(|e| Error::io(format!("reading {}", f.digest), e))?;
+        Response::new(body)
+    };
+    let h = resp.headers_mut();
+    h.insert(CONTENT_LENGTH, HeaderValue::from(f.size));
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&f.digest.hex()) {
+        h.insert(OUTPUT_ID, v);
+    }
+    h.insert(TIME, HeaderValue::from(time));
+    Ok(resp)
+}
+
+async fn put(reg: &Arc<Registry>, route: &Route, req: Request<Incoming>) -> Result<Response<Body>> {
+    let output = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("output="))
+        .ok_or_else(|| Error::invalid(What::Parameter, "missing ?output=<output id>"))?;
+    let output = hex_id(output, "output id")?;
+    let digest: Digest = format!("sha256:{output}").parse()?;
+    let size: u64 = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::invalid(What::Parameter, "a put needs Content-Length"))?;
+    if size > MAX_OUTPUT {
+        return Err(Error::exhausted(format!(
+            "an output of {size} bytes is over the {MAX_OUTPUT} byte limit"
+        )));
+    }
+    let _permit = reg.transfer().await?;
+    let mut writer = reg.new_writer(Algorithm::Sha256)?;
+    writer.named(&digest);
+    writer.reserve(size)?;
+    let (writer, res) = pump(writer, req.into_body(), reg.body_timeout).await;
+    res?;
+    reg.commit_upload(
+        &route.repo,
+        writer,
+        Expect {
+            digest,
+            size: Some(size),
+        },
+    )
+    .await?;
+    let mut ann = serde_json::Map::new();
+    ann.insert(TIME_KEY.into(), reg.clock.now_ms().to_string().into());
+    reg.set_file_ref(
+        &route.repo,
+        &route.action,
+        ARTIFACT_TYPE,
+        "application/octet-stream",
+        FileRef {
+            digest,
+            size,
+            annotations: ann,
+        },
+    )
+    .await?;
+    let mut r = Response::new(empty());
+    *r.status_mut() = StatusCode::CREATED;
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        let a = "ab".repeat(32);
+        let r = parse_route(&format!("/gocache/default/action/{a}")).unwrap();
+        assert_eq!(r.repo.as_str(), "gocache/default");
+        assert_eq!(r.action.as_str(), a);
+        for bad in [
+            format!("/gocache//action/{a}"),
+            format!("/gocache/a/b/action/{a}"),
+            format!("/gocache/UP/action/{a}"),
+            "/gocache/default/action/abc".to_owned(),
+            format!("/gocache/default/action/{}", "AB".repeat(32)),
+        ] {
+            assert!(parse_route(&bad).is_err(), "{bad}");
+        }
+        assert!(parse_route("/gocache/default/other")
+            .unwrap_err()
+            .is_not_found());
+    }
+}

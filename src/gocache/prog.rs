@@ -1,0 +1,694 @@
+//! `hoard gocacheprog`: Go's GOCACHEPROG protocol on stdin/stdout, in front of a local disk
+//! tier and a hoard server.
+//!
+//! `go` starts the helper and writes newline-delimited JSON requests (`get`, `put`, `close`);
+//! a `put` with a body is followed by one line holding the body as a JSON string of base64. The
+//! helper first announces what it knows (`ID` 0, `KnownCommands`), then answers each request by
+//! `ID` as soon as it is done, in any order. A hit names a local file (`DiskPath`) holding the
+//! output, valid until `close`.
+//!
+//! Local tier (`--dir`):
+//! ```text
+//! <dir>/o/<xx>/<output hex>   outputs, the files `DiskPath` names
+//! <dir>/a/<xx>/<action hex>   "<output hex> <size> <unix ms>\n"
+//! <dir>/tmp/                  files being written (renamed into place when complete)
+//! ```
+//! A get answers from the local tier, else fetches the entry from hoard in one round trip
+//! (output bytes and id together) into it. A put is written locally and answered at once, then
+//! uploaded in the background (a bounded queue, flushed on `close`). Any server error, an
+//! unreachable hoard or a timeout is a miss, never a failed build; after a connection failure
+//! the server is left alone for a while rather than costing every request a timeout.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct ProgArgs {
+    /// The hoard server, e.g. http://hoard:5000.
+    #[arg(long, env = "HOARD_GOCACHE_URL")]
+    pub url: String,
+    /// The local disk tier (default: $XDG_CACHE_HOME/hoard-gocacheprog or
+    /// ~/.cache/hoard-gocacheprog).
+    #[arg(long, env = "HOARD_GOCACHE_DIR")]
+    pub dir: Option<PathBuf>,
+    /// Entries are shared within a namespace (e.g. one per toolchain or per team).
+    #[arg(long, env = "HOARD_GOCACHE_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// A request to hoard that takes longer is a miss.
+    #[arg(long, default_value = "30s", value_parser = crate::config::parse_duration)]
+    pub timeout: Duration,
+    /// Uploads running at once.
+    #[arg(long, default_value_t = 4)]
+    pub uploads: usize,
+    /// Puts waiting for upload; past it a put is kept locally only.
+    #[arg(long, default_value_t = 4096)]
+    pub queue: usize,
+    /// How long `close` waits for queued uploads.
+    #[arg(long, default_value = "120s", value_parser = crate::config::parse_duration)]
+    pub flush_timeout: Duration,
+    /// One summary line on stderr at close (hits, misses, uploads).
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+#[derive(Deserialize, Debug)]
+struct Request {
+    #[serde(rename = "ID")]
+    id: i64,
+    #[serde(rename = "Command")]
+    command: String,
+    #[serde(rename = "ActionID", default)]
+    action_id: Option<String>,
+    #[serde(rename = "OutputID", default)]
+    output_id: Option<String>,
+    /// The name of `OutputID` before Go 1.24.
+    #[serde(rename = "ObjectID", default)]
+    object_id: Option<String>,
+    #[serde(rename = "BodySize", default)]
+    body_size: i64,
+}
+
+#[derive(Serialize, Default, Debug)]
+struct Response {
+    #[serde(rename = "ID")]
+    id: i64,
+    #[serde(rename = "Err", skip_serializing_if = "String::is_empty")]
+    err: String,
+    #[serde(rename = "KnownCommands", skip_serializing_if = "Option::is_none")]
+    known_commands: Option<Vec<&'static str>>,
+    #[serde(rename = "Miss", skip_serializing_if = "std::ops::Not::not")]
+    miss: bool,
+    #[serde(rename = "OutputID", skip_serializing_if = "Option::is_none")]
+    output_id: Option<String>,
+    #[serde(rename = "Size", skip_serializing_if = "is_zero")]
+    size: i64,
+    #[serde(rename = "Time", skip_serializing_if = "Option::is_none")]
+    time: Option<String>,
+    #[serde(rename = "DiskPath", skip_serializing_if = "Option::is_none")]
+    disk_path: Option<String>,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+/// A local entry: which output an action produced, its size, when it was put (local ms).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Entry {
+    output: [u8; 32],
+    size: u64,
+    time_ms: i64,
+}
+
+struct Upload {
+    action: [u8; 32],
+    output: [u8; 32],
+    path: PathBuf,
+}
+
+#[derive(Default)]
+struct Counts {
+    local_hits: AtomicU64,
+    remote_hits: AtomicU64,
+    misses: AtomicU64,
+    puts: AtomicU64,
+    uploaded: AtomicU64,
+    upload_failed: AtomicU64,
+    dropped: AtomicU64,
+}
+
+struct Helper {
+    dir: PathBuf,
+    base: String,
+    http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    timeout: Duration,
+    /// Unix ms until which the server is not asked (after a connection failure).
+    down_until: AtomicI64,
+    /// Warned once about an unreachable server.
+    warned: AtomicI64,
+    seq: AtomicU64,
+    counts: Counts,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn hex(b: &[u8]) -> String {
+    crate::digest::hex_encode(b)
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn id32(b64: &Option<String>) -> Option<[u8; 32]> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.as_deref()?)
+        .ok()?;
+    raw.try_into().ok()
+}
+
+/// Go's `time.Time` in JSON: RFC 3339 with a fraction.
+fn go_time(ms: i64) -> String {
+    let base = crate::clock::rfc3339(ms);
+    let frac = ms.rem_euclid(1000);
+    match base.strip_suffix('Z') {
+        Some(b) => format!("{b}.{frac:03}Z"),
+        None => base,
+    }
+}
+
+/// Runs the helper until `go` sends `close` (or closes stdin).
+pub fn run(args: ProgArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(main(args))
+}
+
+fn default_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("hoard-gocacheprog");
+    }
+    match std::env::var_os("HOME").filter(|x| !x.is_empty()) {
+        Some(h) => PathBuf::from(h).join(".cache/hoard-gocacheprog"),
+        None => std::env::temp_dir().join("hoard-gocacheprog"),
+    }
+}
+
+async fn main(args: ProgArgs) -> anyhow::Result<()> {
+    let dir = args.dir.clone().unwrap_or_else(default_dir);
+    for sub in ["o", "a", "tmp"] {
+        std::fs::create_dir_all(dir.join(sub))
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.join(sub).display()))?;
+    }
+    let base = format!(
+        "{}/gocache/{}",
+        args.url.trim_end_matches('/'),
+        args.namespace
+    );
+    let helper = Arc::new(Helper {
+        dir,
+        base,
+        http: Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(crate::gomod::upstream::connector(Duration::from_secs(2))),
+        timeout: args.timeout,
+        down_until: AtomicI64::new(0),
+        warned: AtomicI64::new(0),
+        seq: AtomicU64::new(0),
+        counts: Counts::default(),
+    });
+
+    // Replies go out through one writer, each line whole, as soon as ready.
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::spawn(async move {
+        let mut stdout = tokio::io::stdout();
+        while let Some(line) = out_rx.recv().await {
+            if stdout.write_all(&line).await.is_err() || stdout.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let send = move |r: Response| {
+        let mut line = serde_json::to_vec(&r).unwrap_or_default();
+        line.push(b'\n');
+        let _ = out_tx.send(line);
+    };
+    send(Response {
+        id: 0,
+        known_commands: Some(vec!["get", "put", "close"]),
+        ..Response::default()
+    });
+
+    let (up_tx, up_rx) = tokio::sync::mpsc::channel::<Upload>(args.queue.max(1));
+    let up_rx = Arc::new(tokio::sync::Mutex::new(up_rx));
+    let mut uploaders = Vec::new();
+    for _ in 0..args.uploads.max(1) {
+        let (h, rx) = (helper.clone(), up_rx.clone());
+        uploaders.push(tokio::spawn(async move {
+            loop {
+                let next = rx.lock().await.recv().await;
+                let Some(u) = next else { return };
+                h.upload(u).await;
+            }
+        }));
+    }
+
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    let mut line = String::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut close_id = None;
+    loop {
+        line.clear();
+        if stdin.read_line(&mut line).await? == 0 {
+            break;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let req: Request = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => anyhow::bail!("hoard gocacheprog: unreadable request from go: {e}"),
+        };
+        let mut body = None;
+        if req.body_size > 0 {
+            // `go` ends each request with an empty line; the body is the next line with text.
+            loop {
+                line.clear();
+                if stdin.read_line(&mut line).await? == 0 {
+                    anyhow::bail!("hoard gocacheprog: go closed its pipe before a put's body");
+                }
+                if !line.trim().is_empty() {
+                    break;
+                }
+            }
+            let b64: String = serde_json::from_str(line.trim_end())
+                .map_err(|e| anyhow::anyhow!("hoard gocacheprog: unreadable body line: {e}"))?;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| anyhow::anyhow!("hoard gocacheprog: body is not base64: {e}"))?;
+            body = Some(Bytes::from(raw));
+        }
+        match req.command.as_str() {
+            "close" => {
+                close_id = Some(req.id);
+                break;
+            }
+            "get" => {
+                let (h, send) = (helper.clone(), send.clone());
+                tasks.spawn(async move { send(h.get(&req).await) });
+            }
+            "put" => {
+                let (h, send, up_tx) = (helper.clone(), send.clone(), up_tx.clone());
+                tasks.spawn(async move {
+                    let (resp, upload) = h.put(&req, body.unwrap_or_default()).await;
+                    send(resp);
+                    if let Some(u) = upload {
+                        if up_tx.try_send(u).is_err() {
+                            h.counts.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+            other => send(Response {
+                id: req.id,
+                err: format!("unknown command {other:?}"),
+                ..Response::default()
+            }),
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+    // Answer everything asked, then flush the uploads, then answer close.
+    while tasks.join_next().await.is_some() {}
+    drop(up_tx);
+    let flushed = tokio::time::timeout(args.flush_timeout, async {
+        for u in uploaders {
+            let _ = u.await;
+        }
+    })
+    .await;
+    let c = &helper.counts;
+    if flushed.is_err() {
+        eprintln!(
+            "hoard gocacheprog: uploads still running after {:?} at close; the rest stay local",
+            args.flush_timeout
+        );
+    }
+    if args.verbose {
+        eprintln!(
+            "hoard gocacheprog: {} local hits, {} hits from hoard, {} misses, {} puts ({} uploaded, {} failed, {} not queued)",
+            c.local_hits.load(Ordering::Relaxed),
+            c.remote_hits.load(Ordering::Relaxed),
+            c.misses.load(Ordering::Relaxed),
+            c.puts.load(Ordering::Relaxed),
+            c.uploaded.load(Ordering::Relaxed),
+            c.upload_failed.load(Ordering::Relaxed),
+            c.dropped.load(Ordering::Relaxed),
+        );
+    }
+    if let Some(id) = close_id {
+        send(Response {
+            id,
+            ..Response::default()
+        });
+    }
+    drop(send);
+    let _ = writer.await;
+    Ok(())
+}
+
+impl Helper {
+    fn output_path(&self, o: &[u8; 32]) -> PathBuf {
+        let h = hex(o);
+        self.dir.join("o").join(&h[..2]).join(h)
+    }
+
+    fn action_path(&self, a: &[u8; 32]) -> PathBuf {
+        let h = hex(a);
+        self.dir.join("a").join(&h[..2]).join(h)
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        self.dir.join("tmp").join(format!(
+            "{}-{}",
+            std::process::id(),
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    /// The local entry for `a`, if its output file is there whole.
+    fn local(&self, a: &[u8; 32]) -> Option<(Entry, PathBuf)> {
+        let text = std::fs::read_to_string(self.action_path(a)).ok()?;
+        let mut f = text.split_whitespace();
+        let output = unhex32(f.next()?)?;
+        let size: u64 = f.next()?.parse().ok()?;
+        let time_ms: i64 = f.next()?.parse().ok()?;
+        let path = self.output_path(&output);
+        let meta = std::fs::metadata(&path).ok()?;
+        (meta.len() == size).then_some((
+            Entry {
+                output,
+                size,
+                time_ms,
+            },
+            path,
+        ))
+    }
+
+    /// Writes `data` to `path` through a temporary file (a reader never sees it half-written).
+    fn write_atomic(&self, path: &Path, data: &[u8]) -> std::io::Result<()> {
+        if let Some(p) = path.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        let tmp = self.tmp_path();
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        drop(f);
+        std::fs::rename(&tmp, path).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+    }
+
+    fn record(&self, a: &[u8; 32], e: &Entry) -> std::io::Result<()> {
+        self.write_atomic(
+            &self.action_path(a),
+            format!("{} {} {}\n", hex(&e.output), e.size, e.time_ms).as_bytes(),
+        )
+    }
+
+    fn hit(id: i64, e: &Entry, path: &Path) -> Response {
+        Response {
+            id,
+            output_id: Some(base64::engine::general_purpose::STANDARD.encode(e.output)),
+            size: e.size as i64,
+            time: Some(go_time(e.time_ms)),
+            disk_path: Some(path.to_string_lossy().into_owned()),
+            ..Response::default()
+        }
+    }
+
+    fn miss(&self, id: i64) -> Response {
+        self.counts.misses.fetch_add(1, Ordering::Relaxed);
+        Response {
+            id,
+            miss: true,
+            ..Response::default()
+        }
+    }
+
+    async fn get(&self, req: &Request) -> Response {
+        let Some(a) = id32(&req.action_id) else {
+            return Response {
+                id: req.id,
+                err: "get without a 32-byte ActionID".into(),
+                ..Response::default()
+            };
+        };
+        if let Some((e, path)) = self.local(&a) {
+            self.counts.local_hits.fetch_add(1, Ordering::Relaxed);
+            return Self::hit(req.id, &e, &path);
+        }
+        match self.fetch(&a).await {
+            Some((e, path)) => {
+                self.counts.remote_hits.fetch_add(1, Ordering::Relaxed);
+                Self::hit(req.id, &e, &path)
+            }
+            None => self.miss(req.id),
+        }
+    }
+
+    fn server_ok(&self) -> bool {
+        self.down_until.load(Ordering::Relaxed) <= now_ms()
+    }
+
+    /// A connection-level failure: the server is left alone for a while, and the user hears
+    /// about it once.
+    fn server_failed(&self, why: &str) {
+        self.down_until.store(now_ms() + 30_000, Ordering::Relaxed);
+        if self.warned.swap(1, Ordering::Relaxed) == 0 {
+            eprintln!(
+                "hoard gocacheprog: {} is unreachable ({why}); building with the local cache only",
+                self.base
+            );
+        }
+    }
+
+    /// The entry for `a` from the server, written into the local tier.
+    async fn fetch(&self, a: &[u8; 32]) -> Option<(Entry, PathBuf)> {
+        if !self.server_ok() {
+            return None;
+        }
+        let url = format!("{}/action/{}", self.base, hex(a));
+        let req = hyper::Request::get(&url)
+            .body(Full::new(Bytes::new()))
+            .ok()?;
+        let sent = Instant::now();
+        let resp = match tokio::time::timeout(self.timeout, self.http.request(req)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                self.server_failed(&e.to_string());
+                return None;
+            }
+            Err(_) => {
+                self.server_failed("timed out");
+                return None;
+            }
+        };
+        let local_now = now_ms();
+        if resp.status() != http::StatusCode::OK {
+            return None;
+        }
+        let h = resp.headers();
+        let num =
+            |k: &http::header::HeaderName| -> Option<i64> { h.get(k)?.to_str().ok()?.parse().ok() };
+        let output = unhex32(h.get(super::OUTPUT_ID)?.to_str().ok()?)?;
+        let size: u64 = h
+            .get(http::header::CONTENT_LENGTH)?
+            .to_str()
+            .ok()?
+            .parse()
+            .ok()?;
+        let time = match (num(&super::TIME), num(&super::NOW)) {
+            // The put's time in the server's clock, carried into ours by the difference of
+            // the two clocks now, and never later than our now (clock-skew-ttl §3.8).
+            (Some(t), Some(server_now)) => (t - (server_now - local_now)).min(local_now),
+            _ => local_now,
+        };
+        let path = self.output_path(&output);
+        let tmp = self.tmp_path();
+        let mut file = std::fs::File::create(&tmp).ok()?;
+        let mut hash = Sha256::new();
+        let mut n: u64 = 0;
+        let mut body = resp.into_body();
+        let ok = loop {
+            let left = self.timeout.saturating_sub(sent.elapsed());
+            match tokio::time::timeout(left, body.frame()).await {
+                Ok(Some(Ok(f))) => {
+                    if let Ok(d) = f.into_data() {
+                        hash.update(&d);
+                        n += d.len() as u64;
+                        if file.write_all(&d).is_err() {
+                            break false;
+                        }
+                    }
+                }
+                Ok(None) => break true,
+                _ => break false,
+            }
+        };
+        drop(file);
+        let good = ok && n == size && hash.finalize().as_slice() == output;
+        if !good {
+            let _ = std::fs::remove_file(&tmp);
+            return None;
+        }
+        if let Some(p) = path.parent() {
+            let _ = std::fs::create_dir_all(p);
+        }
+        if std::fs::rename(&tmp, &path).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            return None;
+        }
+        let e = Entry {
+            output,
+            size,
+            time_ms: time,
+        };
+        self.record(a, &e).ok()?;
+        Some((e, path))
+    }
+
+    async fn put(&self, req: &Request, body: Bytes) -> (Response, Option<Upload>) {
+        self.counts.puts.fetch_add(1, Ordering::Relaxed);
+        let err = |m: String| {
+            (
+                Response {
+                    id: req.id,
+                    err: m,
+                    ..Response::default()
+                },
+                None,
+            )
+        };
+        let (Some(a), Some(o)) = (
+            id32(&req.action_id),
+            id32(&req.output_id).or_else(|| id32(&req.object_id)),
+        ) else {
+            return err("put without a 32-byte ActionID and OutputID".into());
+        };
+        if body.len() as i64 != req.body_size {
+            return err(format!(
+                "put body is {} bytes, BodySize says {}",
+                body.len(),
+                req.body_size
+            ));
+        }
+        if Sha256::digest(&body).as_slice() != o {
+            return err("put body does not hash to its OutputID".into());
+        }
+        let path = self.output_path(&o);
+        let have = std::fs::metadata(&path).is_ok_and(|m| m.len() == body.len() as u64);
+        if !have {
+            if let Err(e) = self.write_atomic(&path, &body) {
+                return err(format!("writing {}: {e}", path.display()));
+            }
+        }
+        let e = Entry {
+            output: o,
+            size: body.len() as u64,
+            time_ms: now_ms(),
+        };
+        if let Err(e) = self.record(&a, &e) {
+            return err(format!("writing the entry: {e}"));
+        }
+        let upload = Upload {
+            action: a,
+            output: o,
+            path: path.clone(),
+        };
+        (Self::hit(req.id, &e, &path), Some(upload))
+    }
+
+    async fn upload(&self, u: Upload) {
+        if !self.server_ok() {
+            self.counts.upload_failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let Ok(data) = std::fs::read(&u.path) else {
+            self.counts.upload_failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let url = format!(
+            "{}/action/{}?output={}",
+            self.base,
+            hex(&u.action),
+            hex(&u.output)
+        );
+        let req = hyper::Request::put(&url)
+            .header(http::header::CONTENT_LENGTH, data.len())
+            .body(Full::new(Bytes::from(data)));
+        let Ok(req) = req else { return };
+        let ok = match tokio::time::timeout(self.timeout, self.http.request(req)).await {
+            Ok(Ok(r)) => {
+                let ok = r.status().is_success();
+                let _ = r.into_body().collect().await;
+                ok
+            }
+            Ok(Err(e)) => {
+                self.server_failed(&e.to_string());
+                false
+            }
+            Err(_) => {
+                self.server_failed("timed out");
+                false
+            }
+        };
+        let c = if ok {
+            &self.counts.uploaded
+        } else {
+            &self.counts.upload_failed
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_and_ids() {
+        assert_eq!(go_time(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        let a = [7u8; 32];
+        assert_eq!(unhex32(&hex(&a)), Some(a));
+        assert_eq!(unhex32("zz"), None);
+        let b64 = Some(base64::engine::general_purpose::STANDARD.encode(a));
+        assert_eq!(id32(&b64), Some(a));
+        assert_eq!(id32(&Some("AAAA".into())), None);
+        assert_eq!(id32(&None), None);
+    }
+
+    #[test]
+    fn responses_leave_empty_fields_out() {
+        let r = serde_json::to_string(&Response {
+            id: 3,
+            miss: true,
+            ..Response::default()
+        })
+        .unwrap();
+        assert_eq!(r, r#"{"ID":3,"Miss":true}"#);
+        let r = serde_json::to_string(&Response {
+            id: 0,
+            known_commands: Some(vec!["get", "put", "close"]),
+            ..Response::default()
+        })
+        .unwrap();
+        assert_eq!(r, r#"{"ID":0,"KnownCommands":["get","put","close"]}"#);
+    }
+}
