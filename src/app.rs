@@ -31,6 +31,8 @@ pub struct App {
     pub registry: Arc<Registry>,
     /// The caching module proxy at `/gomod/`.
     pub gomod: Arc<crate::gomod::GoProxy>,
+    /// Cache-mount snapshots at `/snapshots/`.
+    pub snapshots: Arc<crate::snapshot::Snapshots>,
     pub index: Arc<Index>,
     pub store: Arc<dyn BlobStore>,
     /// Woken when the disk store wants its group commit early (never, for other stores).
@@ -204,10 +206,15 @@ impl App {
             &config.gomod,
             root.join("gomod-tmp"),
         )?);
+        let snapshots = Arc::new(crate::snapshot::Snapshots::new(
+            registry.clone(),
+            root.join("snapshot-tmp"),
+        )?);
         Ok(App {
             config,
             registry,
             gomod,
+            snapshots,
             index,
             store,
             sync_wanted,
@@ -850,6 +857,9 @@ async fn route(app: &Arc<App>, req: hyper::Request<hyper::body::Incoming>) -> Re
             *req.uri_mut() = http::Uri::from_static("/v2/");
         }
         return crate::oci::handle(app.registry.clone(), req).await;
+    }
+    if path.starts_with("/snapshots/") {
+        return app.snapshots.handle(req).await;
     }
     if path.starts_with("/gocache/") {
         return crate::gocache::handle(&app.registry, req).await;

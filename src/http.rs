@@ -261,6 +261,32 @@ pub async fn stream_blob(
     Ok(BoxBody::new(body))
 }
 
+/// A body of unknown length fed through a channel (chunked transfer): a producer on a blocking
+/// thread sends with `blocking_send`; an error cuts the response off.
+pub fn channel_body(rx: crate::store::Chunks) -> Body {
+    BoxBody::new(ChannelBody { rx })
+}
+
+struct ChannelBody {
+    rx: crate::store::Chunks,
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        match std::task::ready!(self.rx.poll_recv(cx)) {
+            Some(Ok(b)) => Poll::Ready(Some(Ok(Frame::data(b)))),
+            Some(Err(e)) => Poll::Ready(Some(Err(e))),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
 /// Connection limits the accept loop applies.
 #[derive(Clone, Copy, Debug)]
 pub struct ConnLimits {

@@ -16,4 +16,5 @@ pub mod lifecycle;
 pub mod names;
 pub mod oci;
 pub mod registry;
+pub mod snapshot;
 pub mod store;

@@ -56,6 +56,10 @@ enum Command {
     /// Go's GOCACHEPROG helper: `GOCACHEPROG="hoard gocacheprog --url http://hoard:5000"` shares
     /// Go's build cache through hoard, with a local disk tier.
     Gocacheprog(hoard::gocache::prog::ProgArgs),
+    /// Save a directory (a cache mount: GOMODCACHE, GOCACHE, npm, cargo…) to hoard, or restore
+    /// one.
+    #[command(subcommand)]
+    Snapshot(hoard::snapshot::client::SnapshotCmd),
     /// Measure push/HEAD/pull/manifest throughput against a registry URL (see benches/).
     Bench(hoard::bench::BenchArgs),
     /// Print one core's sha256 throughput in MB/s.
@@ -229,6 +233,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Gocacheprog(a) => hoard::gocache::prog::run(a),
+        Command::Snapshot(c) => hoard::snapshot::client::run(c),
         Command::Serve(a) => {
             let (config, offset) = a.config()?;
             init_logging(config.log_format);

@@ -61,8 +61,8 @@ pub async fn handle(reg: Arc<Registry>, req: Request<Incoming>) -> Response<Body
 }
 
 /// Repositories written only by hoard's own front ends (the module proxy's files, the Go build
-/// cache's entries): readable here, never written or deleted through `/v2/`.
-const RESERVED: &[&str] = &["gomod/", "gocache/"];
+/// cache's entries, snapshots): readable here, never written or deleted through `/v2/`.
+const RESERVED: &[&str] = &["gomod/", "gocache/", "snapshots/"];
 
 async fn dispatch(reg: &Registry, route: Route<'_>, req: Request<Incoming>) -> HandlerResult {
     let method = req.method().clone();
@@ -72,7 +72,7 @@ async fn dispatch(reg: &Registry, route: Route<'_>, req: Request<Incoming>) -> H
                 return Err(OciError::new(
                     Code::Denied,
                     format!(
-                        "repository {name} is kept by one of hoard's Go front ends: read-only through /v2/"
+                        "repository {name} is written by hoard's own front ends only: read-only through /v2/"
                     ),
                 ));
             }

@@ -1431,7 +1431,9 @@ fn start_get(
     key: &str,
     start: u64,
 ) -> Result<(u64, tokio::sync::mpsc::Receiver<io::Result<Bytes>>)> {
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    // Room for about a MiB of the SDK's chunks: S3 keeps sending while the client is slow
+    // for a moment, and the other way round.
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
     let b = bucket.clone();
     let k = key.to_owned();
     let head = bucket.wait(async move {
