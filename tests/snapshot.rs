@@ -441,6 +441,41 @@ fn curl_and_tar_save_and_restore_and_skopeo_pulls_the_image_form() {
     assert_eq!(contents(&src), contents(&unpacked));
 }
 
+#[test]
+fn an_empty_directory_seeds_the_image_form_a_first_build_needs() {
+    let (tmp, h, url) = start(&[]);
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (ok, out, err) = hoard_snapshot(&[
+        "save",
+        "--url",
+        &url,
+        "--key",
+        "gomod",
+        empty.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out["files"], 0);
+    common::wait_until("the image form", Duration::from_secs(30), || {
+        h.req("HEAD", "/v2/snapshots/gomod/manifests/latest")
+            .send()
+            .status
+            == 200
+    });
+    let dst = tmp.path().join("dst");
+    let (ok, out, err) = hoard_snapshot(&[
+        "restore",
+        "--url",
+        &url,
+        "--key",
+        "gomod",
+        dst.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out["files"], 0);
+    assert!(dst.is_dir());
+}
+
 /// Paths, kinds, modes and bytes (tar keeps mtimes to the second only).
 fn contents(root: &Path) -> Vec<(String, char, u32, Vec<u8>)> {
     tree(root)
