@@ -261,6 +261,40 @@ pub async fn stream_blob(
     Ok(BoxBody::new(body))
 }
 
+/// A plain-text error answer for the non-OCI front ends (the module proxy, the build cache,
+/// snapshots): the message, and a status from the error's kind. `unavailable` is the status
+/// for `Unavailable` (503 when hoard's own store cannot be reached, 502 when an upstream it
+/// fetches from failed).
+pub fn error_text(
+    e: &crate::error::Error,
+    head: bool,
+    unavailable: http::StatusCode,
+) -> hyper::Response<Body> {
+    use crate::error::ErrorKind;
+    use http::StatusCode;
+    let status = match e.kind {
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::InvalidArgument(_) | ErrorKind::DigestMismatch | ErrorKind::SizeMismatch => {
+            StatusCode::BAD_REQUEST
+        }
+        ErrorKind::Conflict | ErrorKind::InUse => StatusCode::CONFLICT,
+        ErrorKind::Exhausted => StatusCode::INSUFFICIENT_STORAGE,
+        ErrorKind::Unavailable => unavailable,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let mut r = hyper::Response::new(if head {
+        empty()
+    } else {
+        full(format!("{}\n", e.message))
+    });
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
 /// A body of unknown length fed through a channel (chunked transfer): a producer on a blocking
 /// thread sends with `blocking_send`; an error cuts the response off.
 pub fn channel_body(rx: crate::store::Chunks) -> Body {

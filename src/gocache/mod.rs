@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 
 use crate::digest::{Algorithm, Digest};
-use crate::error::{Error, ErrorKind, Result, What};
+use crate::error::{Error, Result, What};
 use crate::http::{empty, full, stream_blob, Body};
 use crate::names::{RepoName, Tag};
 use crate::registry::refs::FileRef;
@@ -90,39 +90,21 @@ pub async fn handle(reg: &Arc<Registry>, req: Request<Incoming>) -> Response<Bod
         Ok(route) => match *req.method() {
             Method::GET | Method::HEAD => get(reg, &route, head).await,
             Method::PUT => put(reg, &route, req).await,
-            _ => Err(Error::new(
-                ErrorKind::Conflict,
-                "use GET, HEAD or PUT on an action".to_owned(),
-            )),
+            _ => {
+                let mut r = Response::new(full("use GET, HEAD or PUT on an action\n"));
+                *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+                return r;
+            }
         },
         Err(e) => Err(e),
     };
     let mut resp = match r {
         Ok(r) => r,
         Err(e) => {
-            let status = match e.kind {
-                ErrorKind::NotFound => StatusCode::NOT_FOUND,
-                ErrorKind::InvalidArgument(_)
-                | ErrorKind::DigestMismatch
-                | ErrorKind::SizeMismatch => StatusCode::BAD_REQUEST,
-                ErrorKind::Conflict => StatusCode::METHOD_NOT_ALLOWED,
-                ErrorKind::Exhausted => StatusCode::INSUFFICIENT_STORAGE,
-                ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            if status != StatusCode::NOT_FOUND {
-                tracing::info!(path = %path, status = status.as_u16(), reason = %e.message, "gocache request refused");
+            let r = crate::http::error_text(&e, head, StatusCode::SERVICE_UNAVAILABLE);
+            if r.status() != StatusCode::NOT_FOUND {
+                tracing::info!(path = %path, status = r.status().as_u16(), reason = %e.message, "gocache request refused");
             }
-            let mut r = Response::new(if head {
-                empty()
-            } else {
-                full(format!("{}\n", e.message))
-            });
-            *r.status_mut() = status;
-            r.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
             r
         }
     };

@@ -254,19 +254,9 @@ impl GoProxy {
         match r {
             Ok(resp) => resp,
             Err(e) => {
-                let status = match e.kind {
-                    ErrorKind::NotFound => StatusCode::NOT_FOUND,
-                    ErrorKind::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-                    ErrorKind::Unavailable => StatusCode::BAD_GATEWAY,
-                    ErrorKind::Exhausted => StatusCode::INSUFFICIENT_STORAGE,
-                    _ => StatusCode::INTERNAL_SERVER_ERROR,
-                };
-                if status != StatusCode::NOT_FOUND {
-                    tracing::info!(path = %path, status = status.as_u16(), reason = %e.message, "gomod request refused");
-                }
-                let mut r = text(status, format!("{}\n", e.message));
-                if head {
-                    *r.body_mut() = empty();
+                let r = crate::http::error_text(&e, head, StatusCode::BAD_GATEWAY);
+                if r.status() != StatusCode::NOT_FOUND {
+                    tracing::info!(path = %path, status = r.status().as_u16(), reason = %e.message, "gomod request refused");
                 }
                 r
             }
@@ -377,6 +367,11 @@ impl GoProxy {
             Err(a) => match (kept, a) {
                 (Some(e), a) => {
                     tracing::info!(file = %slot.url_path, reason = ?a, "every upstream failed: serving the kept copy");
+                    // Asked again after `refresh`, not by every request meanwhile: an upstream
+                    // that hangs would otherwise cost each of them the whole timeout.
+                    if let Ok(mut f) = self.fetched.lock() {
+                        f.put(key, Instant::now());
+                    }
                     Ok(e)
                 }
                 (None, Attempt::NotFound(m)) => Err(Error::not_found(format!("not found: {m}"))),

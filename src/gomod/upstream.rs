@@ -146,7 +146,12 @@ impl HttpClient {
                 .map_err(|e| Attempt::Failed(format!("{url}: {e}")))?;
             let resp = match tokio::time::timeout(self.timeout, self.http.request(req)).await {
                 Ok(Ok(r)) => r,
-                Ok(Err(e)) => return Err(Attempt::Failed(format!("{url}: {}", chain(&e)))),
+                Ok(Err(e)) => {
+                    return Err(Attempt::Failed(format!(
+                        "{url}: {}",
+                        crate::error::chain(&e)
+                    )))
+                }
                 Err(_) => {
                     return Err(Attempt::Failed(format!(
                         "{url}: no answer within {:?}",
@@ -244,7 +249,7 @@ impl HttpClient {
                 Ok(Some(Err(e))) => {
                     return Err(Attempt::Failed(format!(
                         "{url}: the body broke off after {n} bytes: {}",
-                        chain(&e)
+                        crate::error::chain(&e)
                     )))
                 }
                 Ok(None) => break,
@@ -270,18 +275,6 @@ impl HttpClient {
         }
         Ok(n)
     }
-}
-
-/// An error with its sources (hyper's own message is terse: "client error (Connect)").
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// A `Location` against the URL it came from.

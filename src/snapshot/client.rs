@@ -90,7 +90,7 @@ impl Conn {
         let resp = tokio::time::timeout(Duration::from_secs(300), self.http.request(req))
             .await
             .map_err(|_| anyhow::anyhow!("{url}: no answer within 300 s"))?
-            .map_err(|e| anyhow::anyhow!("{url}: {}", chain(&e)))?;
+            .map_err(|e| anyhow::anyhow!("{url}: {}", crate::error::chain(&e)))?;
         let (parts, body) = resp.into_parts();
         let bytes = body
             .collect()
@@ -121,17 +121,6 @@ impl Conn {
         index.check().map_err(anyhow::Error::msg)?;
         Ok(Some((key, index)))
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Progress on a terminal (one line, redrawn), nothing otherwise.

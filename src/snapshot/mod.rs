@@ -35,7 +35,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::clock::Millis;
 use crate::digest::{Algorithm, Digest};
-use crate::error::{Error, ErrorKind, Result, What};
+use crate::error::{Error, Result, What};
 use crate::http::{channel_body, empty, full, stream_blob, Body};
 use crate::names::{Reference, RepoName, Tag};
 use crate::registry::manifests::{PutManifest, OCI_INDEX, OCI_MANIFEST};
@@ -123,29 +123,10 @@ impl Snapshots {
         match r {
             Ok(r) => r,
             Err(e) => {
-                let status = match e.kind {
-                    ErrorKind::NotFound => StatusCode::NOT_FOUND,
-                    ErrorKind::InvalidArgument(_)
-                    | ErrorKind::DigestMismatch
-                    | ErrorKind::SizeMismatch => StatusCode::BAD_REQUEST,
-                    ErrorKind::Conflict => StatusCode::CONFLICT,
-                    ErrorKind::Exhausted => StatusCode::INSUFFICIENT_STORAGE,
-                    ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-                    _ => StatusCode::INTERNAL_SERVER_ERROR,
-                };
-                if status != StatusCode::NOT_FOUND {
-                    tracing::info!(path = %path, status = status.as_u16(), reason = %e.message, "snapshot request refused");
+                let r = crate::http::error_text(&e, head, StatusCode::SERVICE_UNAVAILABLE);
+                if r.status() != StatusCode::NOT_FOUND {
+                    tracing::info!(path = %path, status = r.status().as_u16(), reason = %e.message, "snapshot request refused");
                 }
-                let mut r = Response::new(if head {
-                    empty()
-                } else {
-                    full(format!("{}\n", e.message))
-                });
-                *r.status_mut() = status;
-                r.headers_mut().insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; charset=utf-8"),
-                );
                 r
             }
         }
@@ -157,12 +138,6 @@ impl Snapshots {
         req: Request<Incoming>,
     ) -> Result<Response<Body>> {
         let m = req.method().clone();
-        let not_allowed = || {
-            Error::new(
-                ErrorKind::Conflict,
-                format!("method {m} is not allowed here"),
-            )
-        };
         match (route, &m) {
             (Route::Newest(p), &Method::GET) => {
                 let key = self.newest(&p).await?.ok_or_else(|| {
@@ -237,7 +212,11 @@ impl Snapshots {
                 let out = self.put_tar(&k, req).await?;
                 Ok(json(StatusCode::CREATED, out))
             }
-            _ => Err(not_allowed()),
+            _ => {
+                let mut r = Response::new(full(format!("method {m} is not allowed here\n")));
+                *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+                Ok(r)
+            }
         }
     }
 

@@ -1260,14 +1260,7 @@ fn random_name() -> String {
 }
 
 fn detail<E: std::error::Error>(e: &E) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
+    crate::error::chain(e)
 }
 
 fn unavailable(key: &str, e: impl std::error::Error) -> Error {
