@@ -574,3 +574,42 @@ fn bad_paths_are_refused_and_module_repositories_are_read_only_over_v2() {
         .send();
     assert_eq!(r.status, 200);
 }
+
+#[test]
+fn kept_files_expire_by_ttl_like_tags_and_come_back_from_upstream() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("upstream");
+    fixture(&root);
+    let up = Upstream::start(&root);
+    let h = Hoard::start_suite_env(
+        &tmp.path().join("data"),
+        &[
+            "--ttl",
+            "1s",
+            "--clock-skew-tolerance",
+            "1s",
+            "--orphan-grace",
+            "1s",
+        ],
+        &[("HOARD_GOMOD_UPSTREAMS".into(), up.url())],
+    );
+    ready(&h);
+    let path = "/example.com/hello/@v/v1.0.0.zip";
+    let first = h.req("GET", &format!("/gomod{path}")).send();
+    assert_eq!(first.status, 200);
+    assert!(kept_h1(&h, "example.com/hello", "v1.0.0").is_some());
+    std::thread::sleep(Duration::from_millis(3000));
+    let r = h.req("POST", "/admin/gc").send();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        kept_h1(&h, "example.com/hello", "v1.0.0"),
+        None,
+        "expired: {}",
+        r.text()
+    );
+    common::assert_invariant_1(&h, "a module file expired");
+    let again = h.req("GET", &format!("/gomod{path}")).send();
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body, first.body);
+    assert_eq!(up.hits(path), 2, "fetched again after it expired");
+}

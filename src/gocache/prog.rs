@@ -33,7 +33,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ProgArgs {
@@ -225,13 +224,38 @@ async fn main(args: ProgArgs) -> anyhow::Result<()> {
         counts: Counts::default(),
     });
 
-    // Replies go out through one writer, each line whole, as soon as ready.
-    let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-    let writer = tokio::spawn(async move {
-        let mut stdout = tokio::io::stdout();
-        while let Some(line) = out_rx.recv().await {
-            if stdout.write_all(&line).await.is_err() || stdout.flush().await.is_err() {
+    // Replies go out through one writer thread, each line whole, as soon as ready; requests
+    // come in through one reader thread. (Plain threads: tokio's stdin and stdout hand every
+    // read and write to its blocking pool, a hop each way per request.)
+    let (out_tx, out_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let writer = std::thread::spawn(move || {
+        let mut stdout = std::io::stdout().lock();
+        for line in out_rx {
+            if stdout
+                .write_all(&line)
+                .and_then(|()| stdout.flush())
+                .is_err()
+            {
                 return;
+            }
+        }
+    });
+    let (line_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<std::io::Result<String>>();
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            let mut l = String::new();
+            match std::io::BufRead::read_line(&mut stdin, &mut l) {
+                Ok(0) => return,
+                Ok(_) => {
+                    if line_tx.send(Ok(l)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = line_tx.send(Err(e));
+                    return;
+                }
             }
         }
     });
@@ -260,15 +284,12 @@ async fn main(args: ProgArgs) -> anyhow::Result<()> {
         }));
     }
 
-    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
-    let mut line = String::new();
     let mut tasks = tokio::task::JoinSet::new();
     let mut close_id = None;
     loop {
-        line.clear();
-        if stdin.read_line(&mut line).await? == 0 {
+        let Some(line) = lines.recv().await.transpose()? else {
             break;
-        }
+        };
         if line.trim().is_empty() {
             continue;
         }
@@ -279,15 +300,15 @@ async fn main(args: ProgArgs) -> anyhow::Result<()> {
         let mut body = None;
         if req.body_size > 0 {
             // `go` ends each request with an empty line; the body is the next line with text.
-            loop {
-                line.clear();
-                if stdin.read_line(&mut line).await? == 0 {
-                    anyhow::bail!("hoard gocacheprog: go closed its pipe before a put's body");
+            let line = loop {
+                match lines.recv().await.transpose()? {
+                    None => {
+                        anyhow::bail!("hoard gocacheprog: go closed its pipe before a put's body")
+                    }
+                    Some(l) if l.trim().is_empty() => {}
+                    Some(l) => break l,
                 }
-                if !line.trim().is_empty() {
-                    break;
-                }
-            }
+            };
             let b64: String = serde_json::from_str(line.trim_end())
                 .map_err(|e| anyhow::anyhow!("hoard gocacheprog: unreadable body line: {e}"))?;
             let raw = base64::engine::general_purpose::STANDARD
@@ -359,7 +380,7 @@ async fn main(args: ProgArgs) -> anyhow::Result<()> {
         });
     }
     drop(send);
-    let _ = writer.await;
+    let _ = writer.join();
     Ok(())
 }
 
