@@ -61,6 +61,10 @@ pub struct ProgArgs {
     /// One summary line on stderr at close (hits, misses, uploads).
     #[arg(long, short)]
     pub verbose: bool,
+    /// The local tier's bound: at most once an hour, at close, outputs unused the longest go
+    /// until it holds 80% of this (an output used in the last hour has a fresh mtime).
+    #[arg(long, default_value = "10GiB", value_parser = crate::config::parse_size)]
+    pub max_size: u64,
 }
 
 #[derive(Deserialize, Debug)]
@@ -361,7 +365,11 @@ async fn main(args: ProgArgs) -> anyhow::Result<()> {
             args.flush_timeout
         );
     }
+    let trimmed = trim(&helper.dir, args.max_size);
     if args.verbose {
+        if let Some((n, freed)) = trimmed {
+            eprintln!("hoard gocacheprog: trimmed the local tier: {n} outputs, {freed} bytes");
+        }
         eprintln!(
             "hoard gocacheprog: {} local hits, {} hits from hoard, {} misses, {} puts ({} uploaded, {} failed, {} not queued)",
             c.local_hits.load(Ordering::Relaxed),
@@ -382,6 +390,66 @@ async fn main(args: ProgArgs) -> anyhow::Result<()> {
     drop(send);
     let _ = writer.join();
     Ok(())
+}
+
+/// Marks an output used: its mtime moves to now, at most once an hour (as Go's own cache does),
+/// so trimming keeps what builds use.
+fn touch(path: &Path) {
+    let old = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > Duration::from_secs(3600));
+    if old {
+        if let Ok(f) = std::fs::File::options().write(true).open(path) {
+            let _ = f.set_modified(SystemTime::now());
+        }
+    }
+}
+
+/// Keeps the local tier under `max`: at most once an hour (`trim.txt` holds when it last ran),
+/// removes the least recently used outputs until it holds 80% of `max`. Entries whose output
+/// went are misses from then on. Returns (outputs removed, bytes freed) when it ran.
+fn trim(dir: &Path, max: u64) -> Option<(usize, u64)> {
+    let stamp = dir.join("trim.txt");
+    let recent = std::fs::metadata(&stamp)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < Duration::from_secs(3600));
+    if recent {
+        return None;
+    }
+    let _ = std::fs::write(&stamp, now_ms().to_string());
+    let mut files: Vec<(SystemTime, u64, PathBuf)> = Vec::new();
+    for sub in std::fs::read_dir(dir.join("o")).ok()?.flatten() {
+        for f in std::fs::read_dir(sub.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(m) = f.metadata() {
+                files.push((m.modified().unwrap_or(UNIX_EPOCH), m.len(), f.path()));
+            }
+        }
+    }
+    let mut total: u64 = files.iter().map(|f| f.1).sum();
+    if total <= max {
+        return Some((0, 0));
+    }
+    files.sort();
+    let (mut n, mut freed) = (0, 0);
+    for (_, len, path) in files {
+        if total <= max / 10 * 8 {
+            break;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total -= len;
+            freed += len;
+            n += 1;
+        }
+    }
+    Some((n, freed))
 }
 
 impl Helper {
@@ -473,6 +541,7 @@ impl Helper {
         };
         if let Some((e, path)) = self.local(&a) {
             self.counts.local_hits.fetch_add(1, Ordering::Relaxed);
+            touch(&path);
             return Self::hit(req.id, &e, &path);
         }
         match self.fetch(&a).await {
@@ -693,6 +762,27 @@ mod tests {
         assert_eq!(id32(&b64), Some(a));
         assert_eq!(id32(&Some("AAAA".into())), None);
         assert_eq!(id32(&None), None);
+    }
+
+    #[test]
+    fn trimming_removes_the_least_recently_used_outputs_once_an_hour() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::create_dir_all(d.join("o/aa")).unwrap();
+        for i in 0..10u64 {
+            let p = d.join(format!("o/aa/{i}"));
+            std::fs::write(&p, vec![0u8; 1000]).unwrap();
+            let f = std::fs::File::options().write(true).open(&p).unwrap();
+            f.set_modified(UNIX_EPOCH + Duration::from_secs(1_000_000 + i))
+                .unwrap();
+        }
+        // 10,000 bytes against a bound of 5,000: down to 4,000, the oldest first.
+        assert_eq!(trim(d, 5000), Some((6, 6000)));
+        for i in 0..10u64 {
+            assert_eq!(d.join(format!("o/aa/{i}")).exists(), i >= 6, "{i}");
+        }
+        // Not again within the hour.
+        assert_eq!(trim(d, 1), None);
     }
 
     #[test]
