@@ -9,9 +9,10 @@
 //!
 //! Local tier (`--dir`):
 //! ```text
-//! <dir>/o/<xx>/<output hex>   outputs, the files `DiskPath` names
-//! <dir>/a/<xx>/<action hex>   "<output hex> <size> <unix ms>\n"
-//! <dir>/tmp/                  files being written (renamed into place when complete)
+//! <dir>/o/<output hex>   outputs, the files `DiskPath` names
+//! <dir>/a/<action hex>   "<output hex> <size> <unix ms>\n"
+//! <dir>/tmp/             outputs being written (renamed into place when complete)
+//! <dir>/trim.txt         when the tier was last trimmed
 //! ```
 //! A get answers from the local tier, else fetches the entry from hoard in one round trip
 //! (output bytes and id together) into it. A put is written locally and answered at once, then
@@ -187,8 +188,10 @@ fn go_time(ms: i64) -> String {
 
 /// Runs the helper until `go` sends `close` (or closes stdin).
 pub fn run(args: ProgArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: a remote hit is a handful of steps (request in, HTTP round trip, file
+    // written, answer out) and `go` asks a few at a time; hopping between worker threads cost
+    // more than the steps themselves.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(main(args))
@@ -206,6 +209,7 @@ fn default_dir() -> PathBuf {
 
 async fn main(args: ProgArgs) -> anyhow::Result<()> {
     let dir = args.dir.clone().unwrap_or_else(default_dir);
+    // Flat directories: a directory made per entry cost more than the rest of a remote hit.
     for sub in ["o", "a", "tmp"] {
         std::fs::create_dir_all(dir.join(sub))
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.join(sub).display()))?;
@@ -228,22 +232,9 @@ async fn main(args: ProgArgs) -> anyhow::Result<()> {
         counts: Counts::default(),
     });
 
-    // Replies go out through one writer thread, each line whole, as soon as ready; requests
-    // come in through one reader thread. (Plain threads: tokio's stdin and stdout hand every
-    // read and write to its blocking pool, a hop each way per request.)
-    let (out_tx, out_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    let writer = std::thread::spawn(move || {
-        let mut stdout = std::io::stdout().lock();
-        for line in out_rx {
-            if stdout
-                .write_all(&line)
-                .and_then(|()| stdout.flush())
-                .is_err()
-            {
-                return;
-            }
-        }
-    });
+    // Replies are written whole, as soon as ready, straight to the pipe; requests come in
+    // through a reader thread. (tokio's stdin and stdout would hand every read and write to
+    // its blocking pool, a hop each way per request.)
     let (line_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<std::io::Result<String>>();
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin().lock();
@@ -266,7 +257,8 @@ async fn main(args: ProgArgs) -> anyhow::Result<()> {
     let send = move |r: Response| {
         let mut line = serde_json::to_vec(&r).unwrap_or_default();
         line.push(b'\n');
-        let _ = out_tx.send(line);
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(&line).and_then(|()| out.flush());
     };
     send(Response {
         id: 0,
@@ -326,11 +318,11 @@ async fn main(args: ProgArgs) -> anyhow::Result<()> {
                 break;
             }
             "get" => {
-                let (h, send) = (helper.clone(), send.clone());
+                let h = helper.clone();
                 tasks.spawn(async move { send(h.get(&req).await) });
             }
             "put" => {
-                let (h, send, up_tx) = (helper.clone(), send.clone(), up_tx.clone());
+                let (h, up_tx) = (helper.clone(), up_tx.clone());
                 tasks.spawn(async move {
                     let (resp, upload) = h.put(&req, body.unwrap_or_default()).await;
                     send(resp);
@@ -387,8 +379,6 @@ async fn main(args: ProgArgs) -> anyhow::Result<()> {
             ..Response::default()
         });
     }
-    drop(send);
-    let _ = writer.join();
     Ok(())
 }
 
@@ -422,15 +412,9 @@ fn trim(dir: &Path, max: u64) -> Option<(usize, u64)> {
     }
     let _ = std::fs::write(&stamp, now_ms().to_string());
     let mut files: Vec<(SystemTime, u64, PathBuf)> = Vec::new();
-    for sub in std::fs::read_dir(dir.join("o")).ok()?.flatten() {
-        for f in std::fs::read_dir(sub.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Ok(m) = f.metadata() {
-                files.push((m.modified().unwrap_or(UNIX_EPOCH), m.len(), f.path()));
-            }
+    for f in std::fs::read_dir(dir.join("o")).ok()?.flatten() {
+        if let Ok(m) = f.metadata() {
+            files.push((m.modified().unwrap_or(UNIX_EPOCH), m.len(), f.path()));
         }
     }
     let mut total: u64 = files.iter().map(|f| f.1).sum();
@@ -454,13 +438,11 @@ fn trim(dir: &Path, max: u64) -> Option<(usize, u64)> {
 
 impl Helper {
     fn output_path(&self, o: &[u8; 32]) -> PathBuf {
-        let h = hex(o);
-        self.dir.join("o").join(&h[..2]).join(h)
+        self.dir.join("o").join(hex(o))
     }
 
     fn action_path(&self, a: &[u8; 32]) -> PathBuf {
-        let h = hex(a);
-        self.dir.join("a").join(&h[..2]).join(h)
+        self.dir.join("a").join(hex(a))
     }
 
     fn tmp_path(&self) -> PathBuf {
@@ -492,9 +474,6 @@ impl Helper {
 
     /// Writes `data` to `path` through a temporary file (a reader never sees it half-written).
     fn write_atomic(&self, path: &Path, data: &[u8]) -> std::io::Result<()> {
-        if let Some(p) = path.parent() {
-            std::fs::create_dir_all(p)?;
-        }
         let tmp = self.tmp_path();
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
@@ -504,11 +483,11 @@ impl Helper {
         })
     }
 
+    /// An entry is one short line written with one `write`: a reader that catches it half
+    /// written finds it unparsable, a miss.
     fn record(&self, a: &[u8; 32], e: &Entry) -> std::io::Result<()> {
-        self.write_atomic(
-            &self.action_path(a),
-            format!("{} {} {}\n", hex(&e.output), e.size, e.time_ms).as_bytes(),
-        )
+        let line = format!("{} {} {}\n", hex(&e.output), e.size, e.time_ms);
+        std::fs::write(self.action_path(a), line)
     }
 
     fn hit(id: i64, e: &Entry, path: &Path) -> Response {
@@ -638,9 +617,6 @@ impl Helper {
             let _ = std::fs::remove_file(&tmp);
             return None;
         }
-        if let Some(p) = path.parent() {
-            let _ = std::fs::create_dir_all(p);
-        }
         if std::fs::rename(&tmp, &path).is_err() {
             let _ = std::fs::remove_file(&tmp);
             return None;
@@ -768,9 +744,9 @@ mod tests {
     fn trimming_removes_the_least_recently_used_outputs_once_an_hour() {
         let tmp = tempfile::tempdir().unwrap();
         let d = tmp.path();
-        std::fs::create_dir_all(d.join("o/aa")).unwrap();
+        std::fs::create_dir_all(d.join("o")).unwrap();
         for i in 0..10u64 {
-            let p = d.join(format!("o/aa/{i}"));
+            let p = d.join(format!("o/{i}"));
             std::fs::write(&p, vec![0u8; 1000]).unwrap();
             let f = std::fs::File::options().write(true).open(&p).unwrap();
             f.set_modified(UNIX_EPOCH + Duration::from_secs(1_000_000 + i))
@@ -779,7 +755,7 @@ mod tests {
         // 10,000 bytes against a bound of 5,000: down to 4,000, the oldest first.
         assert_eq!(trim(d, 5000), Some((6, 6000)));
         for i in 0..10u64 {
-            assert_eq!(d.join(format!("o/aa/{i}")).exists(), i >= 6, "{i}");
+            assert_eq!(d.join(format!("o/{i}")).exists(), i >= 6, "{i}");
         }
         // Not again within the hour.
         assert_eq!(trim(d, 1), None);
