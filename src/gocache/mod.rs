@@ -24,7 +24,7 @@ use hyper::{Request, Response};
 
 use crate::digest::{Algorithm, Digest};
 use crate::error::{Error, Result, What};
-use crate::http::{empty, full, stream_blob, Body};
+use crate::http::{empty, full, Body};
 use crate::names::{RepoName, Tag};
 use crate::registry::refs::FileRef;
 use crate::registry::{pump, Registry};
@@ -124,17 +124,12 @@ async fn get(reg: &Arc<Registry>, route: &Route, head: bool) -> Result<Response<
     let mut resp = if head {
         Response::new(empty())
     } else {
-        let permit = reg.transfer().await?;
-        let r = match reg.open_blob(&route.repo, &f.digest, 0).await {
-            Ok(r) => r,
+        match reg.file_body(&route.repo, &f).await {
+            Ok(body) => Response::new(body),
             // The entry's output went with a collection just now: a miss.
             Err(e) if e.is_not_found() => return Err(Error::not_found("no such action")),
             Err(e) => return Err(e),
-        };
-        let body = stream_blob(r, f.size, Some(permit))
-            .await
-            .map_err(|e| Error::io(format!("reading {}", f.digest), e))?;
-        Response::new(body)
+        }
     };
     let h = resp.headers_mut();
     h.insert(CONTENT_LENGTH, HeaderValue::from(f.size));

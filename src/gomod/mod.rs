@@ -35,7 +35,7 @@ use sha2::{Digest as _, Sha256};
 use crate::config::GomodConfig;
 use crate::digest::{Algorithm, Digest};
 use crate::error::{Error, ErrorKind, Result};
-use crate::http::{empty, full, stream_blob, Body};
+use crate::http::{empty, full, Body};
 use crate::names::{RepoName, Tag};
 use crate::registry::refs::FileRef;
 use crate::registry::{blocking, Registry};
@@ -713,12 +713,12 @@ impl GoProxy {
         let mut resp = if head {
             Response::new(empty())
         } else {
-            let permit = self.reg.transfer().await?;
-            let r = self.reg.open_blob(&slot.repo, &e.digest, 0).await?;
-            let body = stream_blob(r, e.size, Some(permit))
-                .await
-                .map_err(|err| Error::io(format!("reading {}", e.digest), err))?;
-            Response::new(body)
+            let f = FileRef {
+                digest: e.digest,
+                size: e.size,
+                annotations: Default::default(),
+            };
+            Response::new(self.reg.file_body(&slot.repo, &f).await?)
         };
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static(slot.content_type));

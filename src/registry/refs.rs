@@ -44,7 +44,32 @@ struct Layer {
     annotations: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Files up to this size are read whole in one step (one hop to the blocking pool, not two).
+const SMALL_FILE: u64 = 256 << 10;
+
 impl Registry {
+    /// The bytes of a file a ref names, as a response body. (The ref was resolved in `repo`,
+    /// so the blob is visible there.) `NotFound` when the blob went meanwhile.
+    pub async fn file_body(&self, repo: &RepoName, f: &FileRef) -> Result<crate::http::Body> {
+        if f.size <= SMALL_FILE {
+            let bytes = self.read_small(&f.digest, f.size + 1).await?;
+            if bytes.len() as u64 != f.size {
+                return Err(Error::internal(format!(
+                    "{} is {} bytes, its ref says {}",
+                    f.digest,
+                    bytes.len(),
+                    f.size
+                )));
+            }
+            return Ok(crate::http::full(bytes));
+        }
+        let permit = self.transfer().await?;
+        let r = self.open_blob(repo, &f.digest, 0).await?;
+        crate::http::stream_blob(r, f.size, Some(permit))
+            .await
+            .map_err(|e| Error::io(format!("reading {}", f.digest), e))
+    }
+
     /// The file `repo:tag` names now (a read that keeps the ref young), `None` when there is no
     /// such ref. On a shared bucket whose S3 cannot be reached, `Unavailable`.
     pub async fn file_ref(&self, repo: &RepoName, tag: &Tag) -> Result<Option<FileRef>> {
