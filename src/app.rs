@@ -33,6 +33,8 @@ pub struct App {
     pub gomod: Arc<crate::gomod::GoProxy>,
     /// Cache-mount snapshots at `/snapshots/`.
     pub snapshots: Arc<crate::snapshot::Snapshots>,
+    /// The Go build cache's prefetch hints.
+    pub gocache_hints: crate::gocache::Hints,
     pub index: Arc<Index>,
     pub store: Arc<dyn BlobStore>,
     /// Woken when the disk store wants its group commit early (never, for other stores).
@@ -215,6 +217,7 @@ impl App {
             registry,
             gomod,
             snapshots,
+            gocache_hints: crate::gocache::Hints::default(),
             index,
             store,
             sync_wanted,
@@ -862,7 +865,7 @@ async fn route(app: &Arc<App>, req: hyper::Request<hyper::body::Incoming>) -> Re
         return app.snapshots.handle(req).await;
     }
     if path.starts_with("/gocache/") {
-        return crate::gocache::handle(&app.registry, req).await;
+        return crate::gocache::handle(&app.registry, &app.gocache_hints, req).await;
     }
     if path.starts_with("/gomod/") {
         return app.gomod.handle(req).await;

@@ -138,9 +138,13 @@ fn a_second_machine_builds_from_the_first_ones_cache() {
     ]));
     assert!(ok, "second build:\n{out}");
     assert_eq!(compiled(&out), 0, "the second machine compiled:\n{out}");
+    // Hits from hoard: asked for, or prefetched as the first machine's puts followed one
+    // another and then found in the local tier.
     let (local, remote, _) = summary(&out);
-    assert_eq!(local, 0);
-    assert!(remote > 7, "hits from hoard: {remote}");
+    assert!(
+        remote >= 1 && local + remote > 7,
+        "local {local}, from hoard {remote}"
+    );
     let (ok, run_out) = run(&mut Command::new(m2.join("app")));
     assert!(ok && run_out.starts_with("00 11 22"), "{run_out}");
 

@@ -33,6 +33,75 @@ use crate::store::Expect;
 pub const OUTPUT_ID: HeaderName = HeaderName::from_static("go-output-id");
 pub const TIME: HeaderName = HeaderName::from_static("go-time");
 pub const NOW: HeaderName = HeaderName::from_static("hoard-now");
+/// On a put: the helper process it came from. On a hit: entries that helper put after this
+/// one, which the next build will likely ask for next (a helper prefetches them).
+pub const SESSION: HeaderName = HeaderName::from_static("hoard-session");
+pub const NEXT: HeaderName = HeaderName::from_static("hoard-next");
+/// Entries named in one `Hoard-Next`.
+const NEXT_MAX: usize = 64;
+
+/// The order entries were put in, per helper session: a hint for prefetching, kept in memory
+/// only (a restart or another replica starts without it; nothing depends on it).
+pub struct Hints {
+    /// (repository, action) → actions put right after it in some session.
+    next: std::sync::Mutex<lru::LruCache<(String, String), Vec<String>>>,
+    /// session → the last action it put.
+    last: std::sync::Mutex<lru::LruCache<String, String>>,
+}
+
+impl Default for Hints {
+    fn default() -> Hints {
+        let n = |k: usize| std::num::NonZeroUsize::new(k).unwrap_or(std::num::NonZeroUsize::MIN);
+        Hints {
+            next: std::sync::Mutex::new(lru::LruCache::new(n(500_000))),
+            last: std::sync::Mutex::new(lru::LruCache::new(n(10_000))),
+        }
+    }
+}
+
+impl Hints {
+    fn put(&self, repo: &str, session: &str, action: &str) {
+        let prev = self
+            .last
+            .lock()
+            .ok()
+            .and_then(|mut l| l.put(session.to_owned(), action.to_owned()));
+        if let (Some(prev), Ok(mut next)) = (prev, self.next.lock()) {
+            let e = next.get_or_insert_mut((repo.to_owned(), prev), Vec::new);
+            if !e.iter().any(|a| a == action) {
+                if e.len() >= 4 {
+                    e.remove(0);
+                }
+                e.push(action.to_owned());
+            }
+        }
+    }
+
+    /// Up to `NEXT_MAX` actions reachable from `action` through what followed what.
+    fn after(&self, repo: &str, action: &str) -> Vec<String> {
+        let Ok(mut next) = self.next.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = Vec::new();
+        let mut queue = std::collections::VecDeque::from([action.to_owned()]);
+        let mut seen = std::collections::HashSet::from([action.to_owned()]);
+        while let Some(a) = queue.pop_front() {
+            if out.len() >= NEXT_MAX {
+                break;
+            }
+            if let Some(list) = next.peek(&(repo.to_owned(), a)) {
+                for b in list {
+                    if seen.insert(b.clone()) && out.len() < NEXT_MAX {
+                        out.push(b.clone());
+                        queue.push_back(b.clone());
+                    }
+                }
+            }
+        }
+        let _ = next.get(&(repo.to_owned(), action.to_owned()));
+        out
+    }
+}
 const ARTIFACT_TYPE: &str = "application/vnd.hoard.gocache.v1";
 const TIME_KEY: &str = "dev.hoard.gocache.time";
 /// The largest output accepted (a linked binary of a big program is a few hundred MB).
@@ -82,14 +151,14 @@ fn hex_id(s: &str, what: &str) -> Result<String> {
     }
 }
 
-pub async fn handle(reg: &Arc<Registry>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(reg: &Arc<Registry>, hints: &Hints, req: Request<Incoming>) -> Response<Body> {
     let now = reg.clock.now_ms();
     let path = req.uri().path().to_owned();
     let head = req.method() == Method::HEAD;
     let r = match parse_route(req.uri().path()) {
         Ok(route) => match *req.method() {
-            Method::GET | Method::HEAD => get(reg, &route, head).await,
-            Method::PUT => put(reg, &route, req).await,
+            Method::GET | Method::HEAD => get(reg, hints, &route, head).await,
+            Method::PUT => put(reg, hints, &route, req).await,
             _ => {
                 let mut r = Response::new(full("use GET, HEAD or PUT on an action\n"));
                 *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
@@ -112,7 +181,12 @@ pub async fn handle(reg: &Arc<Registry>, req: Request<Incoming>) -> Response<Bod
     resp
 }
 
-async fn get(reg: &Arc<Registry>, route: &Route, head: bool) -> Result<Response<Body>> {
+async fn get(
+    reg: &Arc<Registry>,
+    hints: &Hints,
+    route: &Route,
+    head: bool,
+) -> Result<Response<Body>> {
     let f = reg
         .file_ref(&route.repo, &route.action)
         .await?
@@ -141,10 +215,27 @@ async fn get(reg: &Arc<Registry>, route: &Route, head: bool) -> Result<Response<
         h.insert(OUTPUT_ID, v);
     }
     h.insert(TIME, HeaderValue::from(time));
+    let next = hints.after(route.repo.as_str(), route.action.as_str());
+    if !next.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&next.join(",")) {
+            h.insert(NEXT, v);
+        }
+    }
     Ok(resp)
 }
 
-async fn put(reg: &Arc<Registry>, route: &Route, req: Request<Incoming>) -> Result<Response<Body>> {
+async fn put(
+    reg: &Arc<Registry>,
+    hints: &Hints,
+    route: &Route,
+    req: Request<Incoming>,
+) -> Result<Response<Body>> {
+    let session = req
+        .headers()
+        .get(SESSION)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64)
+        .map(str::to_owned);
     let output = req
         .uri()
         .query()
@@ -194,6 +285,9 @@ async fn put(reg: &Arc<Registry>, route: &Route, req: Request<Incoming>) -> Resu
         },
     )
     .await?;
+    if let Some(s) = session {
+        hints.put(route.repo.as_str(), &s, route.action.as_str());
+    }
     let mut r = Response::new(empty());
     *r.status_mut() = StatusCode::CREATED;
     Ok(r)
@@ -202,6 +296,19 @@ async fn put(reg: &Arc<Registry>, route: &Route, req: Request<Incoming>) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hints_follow_the_order_of_puts() {
+        let h = Hints::default();
+        for a in ["a", "b", "c", "d"] {
+            h.put("r", "s1", a);
+        }
+        h.put("r", "s2", "x");
+        h.put("r", "s2", "c");
+        assert_eq!(h.after("r", "a"), ["b", "c", "d"]);
+        assert_eq!(h.after("r", "x"), ["c", "d"]);
+        assert!(h.after("other", "a").is_empty());
+    }
 
     #[test]
     fn routes() {

@@ -20,6 +20,7 @@
 //! unreachable hoard or a timeout is a miss, never a failed build; after a connection failure
 //! the server is left alone for a while rather than costing every request a timeout.
 
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -132,7 +133,15 @@ struct Counts {
     uploaded: AtomicU64,
     upload_failed: AtomicU64,
     dropped: AtomicU64,
+    prefetched: AtomicU64,
 }
+
+/// Entries a helper process prefetches at most (hints can lead past what this build needs).
+const PREFETCH_MAX: u64 = 20_000;
+/// Prefetches running at once.
+const PREFETCH_PARALLEL: usize = 8;
+
+type Flight = Arc<tokio::sync::OnceCell<bool>>;
 
 struct Helper {
     dir: PathBuf,
@@ -145,6 +154,12 @@ struct Helper {
     warned: AtomicI64,
     seq: AtomicU64,
     counts: Counts,
+    /// Sent with puts: the server learns which entries follow which (see `Hoard-Next`).
+    session: String,
+    /// Fetches running, by action: a get waits for a prefetch of its entry instead of asking
+    /// again.
+    inflight: std::sync::Mutex<HashMap<[u8; 32], Flight>>,
+    prefetch_slots: Arc<tokio::sync::Semaphore>,
 }
 
 fn now_ms() -> i64 {
@@ -230,6 +245,13 @@ async fn main(args: ProgArgs) -> anyhow::Result<()> {
         warned: AtomicI64::new(0),
         seq: AtomicU64::new(0),
         counts: Counts::default(),
+        session: {
+            let mut b = [0u8; 12];
+            let _ = getrandom::getrandom(&mut b);
+            hex(&b)
+        },
+        inflight: std::sync::Mutex::new(HashMap::new()),
+        prefetch_slots: Arc::new(tokio::sync::Semaphore::new(PREFETCH_PARALLEL)),
     });
 
     // Replies are written whole, as soon as ready, straight to the pipe; requests come in
@@ -363,7 +385,7 @@ async fn main(args: ProgArgs) -> anyhow::Result<()> {
             eprintln!("hoard gocacheprog: trimmed the local tier: {n} outputs, {freed} bytes");
         }
         eprintln!(
-            "hoard gocacheprog: {} local hits, {} hits from hoard, {} misses, {} puts ({} uploaded, {} failed, {} not queued)",
+            "hoard gocacheprog: {} local hits, {} hits from hoard, {} misses, {} puts ({} uploaded, {} failed, {} not queued), {} prefetched",
             c.local_hits.load(Ordering::Relaxed),
             c.remote_hits.load(Ordering::Relaxed),
             c.misses.load(Ordering::Relaxed),
@@ -371,7 +393,19 @@ async fn main(args: ProgArgs) -> anyhow::Result<()> {
             c.uploaded.load(Ordering::Relaxed),
             c.upload_failed.load(Ordering::Relaxed),
             c.dropped.load(Ordering::Relaxed),
+            c.prefetched.load(Ordering::Relaxed),
         );
+    }
+    // Prefetches still running stop with the process: their partial files go with them.
+    let mine = format!("{}-", std::process::id());
+    for f in std::fs::read_dir(helper.dir.join("tmp"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if f.file_name().to_string_lossy().starts_with(&mine) {
+            let _ = std::fs::remove_file(f.path());
+        }
     }
     if let Some(id) = close_id {
         send(Response {
@@ -510,7 +544,7 @@ impl Helper {
         }
     }
 
-    async fn get(&self, req: &Request) -> Response {
+    async fn get(self: &Arc<Self>, req: &Request) -> Response {
         let Some(a) = id32(&req.action_id) else {
             return Response {
                 id: req.id,
@@ -523,12 +557,76 @@ impl Helper {
             touch(&path);
             return Self::hit(req.id, &e, &path);
         }
-        match self.fetch(&a).await {
-            Some((e, path)) => {
+        if self.fetch_shared(a).await {
+            if let Some((e, path)) = self.local(&a) {
                 self.counts.remote_hits.fetch_add(1, Ordering::Relaxed);
-                Self::hit(req.id, &e, &path)
+                return Self::hit(req.id, &e, &path);
             }
-            None => self.miss(req.id),
+        }
+        self.miss(req.id)
+    }
+
+    /// Fetches `a` into the local tier, once however many ask (a get waits for a prefetch
+    /// of the same entry); then prefetches what the server says followed it. True when it is
+    /// there now.
+    async fn fetch_shared(self: &Arc<Self>, a: [u8; 32]) -> bool {
+        let flight = match self.inflight.lock() {
+            Ok(mut m) => m.entry(a).or_default().clone(),
+            Err(_) => return false,
+        };
+        self.run_flight(a, flight).await
+    }
+
+    async fn run_flight(self: &Arc<Self>, a: [u8; 32], flight: Flight) -> bool {
+        let me = self.clone();
+        let got = *flight
+            .get_or_init(|| async move {
+                if me.local(&a).is_some() {
+                    return true;
+                }
+                match me.fetch(&a).await {
+                    Some((_, _, next)) => {
+                        me.prefetch(next);
+                        true
+                    }
+                    None => false,
+                }
+            })
+            .await;
+        if let Ok(mut m) = self.inflight.lock() {
+            if m.get(&a).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                m.remove(&a);
+            }
+        }
+        got
+    }
+
+    /// Fetches in the background the entries a build will likely ask for next.
+    fn prefetch(self: &Arc<Self>, next: Vec<[u8; 32]>) {
+        for a in next {
+            if self.counts.prefetched.load(Ordering::Relaxed) >= PREFETCH_MAX || !self.server_ok() {
+                return;
+            }
+            if std::fs::metadata(self.action_path(&a)).is_ok() {
+                continue;
+            }
+            // Registered now, so neither another hint nor a get starts a second fetch of it.
+            let flight = match self.inflight.lock() {
+                Ok(mut m) if !m.contains_key(&a) => {
+                    let f = Flight::default();
+                    m.insert(a, f.clone());
+                    f
+                }
+                _ => continue,
+            };
+            self.counts.prefetched.fetch_add(1, Ordering::Relaxed);
+            let me = self.clone();
+            tokio::spawn(async move {
+                let Ok(_slot) = me.prefetch_slots.clone().acquire_owned().await else {
+                    return;
+                };
+                me.run_flight(a, flight).await;
+            });
         }
     }
 
@@ -549,7 +647,7 @@ impl Helper {
     }
 
     /// The entry for `a` from the server, written into the local tier.
-    async fn fetch(&self, a: &[u8; 32]) -> Option<(Entry, PathBuf)> {
+    async fn fetch(&self, a: &[u8; 32]) -> Option<(Entry, PathBuf, Vec<[u8; 32]>)> {
         if !self.server_ok() {
             return None;
         }
@@ -576,6 +674,11 @@ impl Helper {
         let h = resp.headers();
         let num =
             |k: &http::header::HeaderName| -> Option<i64> { h.get(k)?.to_str().ok()?.parse().ok() };
+        let next: Vec<[u8; 32]> = h
+            .get(super::NEXT)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(',').filter_map(unhex32).collect())
+            .unwrap_or_default();
         let output = unhex32(h.get(super::OUTPUT_ID)?.to_str().ok()?)?;
         let size: u64 = h
             .get(http::header::CONTENT_LENGTH)?
@@ -627,7 +730,7 @@ impl Helper {
             time_ms: time,
         };
         self.record(a, &e).ok()?;
-        Some((e, path))
+        Some((e, path, next))
     }
 
     async fn put(&self, req: &Request, body: Bytes) -> (Response, Option<Upload>) {
@@ -698,6 +801,7 @@ impl Helper {
         );
         let req = hyper::Request::put(&url)
             .header(http::header::CONTENT_LENGTH, data.len())
+            .header(super::SESSION, &self.session)
             .body(Full::new(Bytes::from(data)));
         let Ok(req) = req else { return };
         let ok = match tokio::time::timeout(self.timeout, self.http.request(req)).await {
