@@ -160,7 +160,16 @@ struct Helper {
     /// again.
     inflight: std::sync::Mutex<HashMap<[u8; 32], Flight>>,
     prefetch_slots: Arc<tokio::sync::Semaphore>,
+    /// Entries this process wrote into the local tier (fetched or put): answered without
+    /// reading their files again.
+    mine: std::sync::Mutex<HashMap<[u8; 32], Entry>>,
+    /// Actions a hint already named: looked for on disk once, not once per hint.
+    hinted: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
 }
+
+/// A fetched output up to this size is hashed and written on the blocking pool, off the
+/// thread that answers `go`.
+const WHOLE_MAX: u64 = 64 << 20;
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -252,6 +261,8 @@ async fn main(args: ProgArgs) -> anyhow::Result<()> {
         },
         inflight: std::sync::Mutex::new(HashMap::new()),
         prefetch_slots: Arc::new(tokio::sync::Semaphore::new(PREFETCH_PARALLEL)),
+        mine: std::sync::Mutex::new(HashMap::new()),
+        hinted: std::sync::Mutex::new(std::collections::HashSet::new()),
     });
 
     // Replies are written whole, as soon as ready, straight to the pipe; requests come in
@@ -489,6 +500,9 @@ impl Helper {
 
     /// The local entry for `a`, if its output file is there whole.
     fn local(&self, a: &[u8; 32]) -> Option<(Entry, PathBuf)> {
+        if let Some(e) = self.mine.lock().ok().and_then(|m| m.get(a).copied()) {
+            return Some((e, self.output_path(&e.output)));
+        }
         let text = std::fs::read_to_string(self.action_path(a)).ok()?;
         let mut f = text.split_whitespace();
         let output = unhex32(f.next()?)?;
@@ -508,12 +522,15 @@ impl Helper {
 
     /// Writes `data` to `path` through a temporary file (a reader never sees it half-written).
     fn write_atomic(&self, path: &Path, data: &[u8]) -> std::io::Result<()> {
-        let tmp = self.tmp_path();
-        let mut f = std::fs::File::create(&tmp)?;
+        self.write_at(&self.tmp_path(), path, data)
+    }
+
+    fn write_at(&self, tmp: &Path, path: &Path, data: &[u8]) -> std::io::Result<()> {
+        let mut f = std::fs::File::create(tmp)?;
         f.write_all(data)?;
         drop(f);
-        std::fs::rename(&tmp, path).inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
+        std::fs::rename(tmp, path).inspect_err(|_| {
+            let _ = std::fs::remove_file(tmp);
         })
     }
 
@@ -521,7 +538,11 @@ impl Helper {
     /// written finds it unparsable, a miss.
     fn record(&self, a: &[u8; 32], e: &Entry) -> std::io::Result<()> {
         let line = format!("{} {} {}\n", hex(&e.output), e.size, e.time_ms);
-        std::fs::write(self.action_path(a), line)
+        std::fs::write(self.action_path(a), line)?;
+        if let Ok(mut m) = self.mine.lock() {
+            m.insert(*a, *e);
+        }
+        Ok(())
     }
 
     fn hit(id: i64, e: &Entry, path: &Path) -> Response {
@@ -607,7 +628,8 @@ impl Helper {
             if self.counts.prefetched.load(Ordering::Relaxed) >= PREFETCH_MAX || !self.server_ok() {
                 return;
             }
-            if std::fs::metadata(self.action_path(&a)).is_ok() {
+            let fresh = self.hinted.lock().is_ok_and(|mut h| h.insert(a));
+            if !fresh || std::fs::metadata(self.action_path(&a)).is_ok() {
                 continue;
             }
             // Registered now, so neither another hint nor a get starts a second fetch of it.
@@ -647,7 +669,7 @@ impl Helper {
     }
 
     /// The entry for `a` from the server, written into the local tier.
-    async fn fetch(&self, a: &[u8; 32]) -> Option<(Entry, PathBuf, Vec<[u8; 32]>)> {
+    async fn fetch(self: &Arc<Self>, a: &[u8; 32]) -> Option<(Entry, PathBuf, Vec<[u8; 32]>)> {
         if !self.server_ok() {
             return None;
         }
@@ -694,10 +716,37 @@ impl Helper {
         };
         let path = self.output_path(&output);
         let tmp = self.tmp_path();
+        let mut body = resp.into_body();
+        let timeout = self.timeout.saturating_sub(sent.elapsed());
+        let e = Entry {
+            output,
+            size,
+            time_ms: time,
+        };
+        if size <= WHOLE_MAX {
+            // Received here, hashed and written on the blocking pool.
+            let data = tokio::time::timeout(timeout, body.collect())
+                .await
+                .ok()?
+                .ok()?
+                .to_bytes();
+            if data.len() as u64 != size {
+                return None;
+            }
+            let (me, a, path2) = (self.clone(), *a, path.clone());
+            let stored = tokio::task::spawn_blocking(move || {
+                if Sha256::digest(&data).as_slice() != output {
+                    return false;
+                }
+                me.write_at(&tmp, &path2, &data).is_ok() && me.record(&a, &e).is_ok()
+            })
+            .await
+            .unwrap_or(false);
+            return stored.then_some((e, path, next));
+        }
         let mut file = std::fs::File::create(&tmp).ok()?;
         let mut hash = Sha256::new();
         let mut n: u64 = 0;
-        let mut body = resp.into_body();
         let ok = loop {
             let left = self.timeout.saturating_sub(sent.elapsed());
             match tokio::time::timeout(left, body.frame()).await {
@@ -724,11 +773,6 @@ impl Helper {
             let _ = std::fs::remove_file(&tmp);
             return None;
         }
-        let e = Entry {
-            output,
-            size,
-            time_ms: time,
-        };
         self.record(a, &e).ok()?;
         Some((e, path, next))
     }
