@@ -35,6 +35,8 @@ pub struct App {
     pub snapshots: Arc<crate::snapshot::Snapshots>,
     /// The Go build cache's prefetch hints.
     pub gocache_hints: crate::gocache::Hints,
+    /// Tokens and scopes; `None` when no token is configured (everything allowed).
+    pub auth: Option<crate::auth::Auth>,
     pub index: Arc<Index>,
     pub store: Arc<dyn BlobStore>,
     /// Woken when the disk store wants its group commit early (never, for other stores).
@@ -212,12 +214,15 @@ impl App {
             registry.clone(),
             root.join("snapshot-tmp"),
         )?);
+        let auth = crate::auth::Auth::from_config(&config.auth)
+            .map_err(|e| Error::invalid(crate::error::What::Parameter, format!("[auth]: {e}")))?;
         Ok(App {
             config,
             registry,
             gomod,
             snapshots,
             gocache_hints: crate::gocache::Hints::default(),
+            auth,
             index,
             store,
             sync_wanted,
@@ -852,6 +857,16 @@ pub async fn serve(
 }
 
 async fn route(app: &Arc<App>, req: hyper::Request<hyper::body::Incoming>) -> Response<Body> {
+    if req.uri().path() == "/token" {
+        return token_endpoint(app, req).await;
+    }
+    let req = match &app.auth {
+        Some(auth) => match authorize(auth, req) {
+            Ok(req) => req,
+            Err(refused) => return refused,
+        },
+        None => req,
+    };
     let path = req.uri().path();
     if path == "/v2" || path.starts_with("/v2/") {
         let mut req = req;
@@ -884,6 +899,227 @@ async fn route(app: &Arc<App>, req: hyper::Request<hyper::body::Incoming>) -> Re
         },
         "/" => text(StatusCode::OK, status_page(app)),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+/// Checks a request against the tokens before any front end sees it: the request back (a
+/// cross-repository mount from a repository the caller may not read becomes a plain upload),
+/// or the refusal to send.
+#[allow(clippy::result_large_err)]
+fn authorize(
+    auth: &crate::auth::Auth,
+    mut req: hyper::Request<hyper::body::Incoming>,
+) -> std::result::Result<hyper::Request<hyper::body::Incoming>, Response<Body>> {
+    use crate::auth::{Need, Verdict, Who};
+    let Some(need) = crate::auth::need_of(req.method(), req.uri().path(), req.uri().query()) else {
+        return Ok(req);
+    };
+    let header = |n: http::header::HeaderName| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let host = header(http::header::HOST).unwrap_or_else(|| "localhost".into());
+    let is_head = req.method() == http::Method::HEAD;
+    let refuse = |status: StatusCode, need: Option<&Need>, why: String, insufficient: bool| {
+        let oci = need.is_none_or(|n| n.oci);
+        let mut r = if oci {
+            let code = if status == StatusCode::FORBIDDEN {
+                crate::oci::errors::Code::Denied
+            } else {
+                crate::oci::errors::Code::Unauthorized
+            };
+            let mut r = crate::oci::error_response(
+                &crate::oci::errors::OciError::new(code, why).with_status(status),
+                is_head,
+            );
+            r.headers_mut().insert(
+                "docker-distribution-api-version",
+                HeaderValue::from_static("registry/2.0"),
+            );
+            r
+        } else {
+            text(status, format!("{why}\n"))
+        };
+        if status == StatusCode::UNAUTHORIZED {
+            if let Ok(v) = HeaderValue::from_str(&auth.challenge(need, &host, false, insufficient))
+            {
+                r.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+            }
+        }
+        r
+    };
+    let who = match auth.identify(header(http::header::AUTHORIZATION).as_deref()) {
+        Ok(w) => w,
+        Err(why) => {
+            tracing::info!(method = %req.method(), path = %req.uri().path(), reason = %why, "refused: bad credentials");
+            return Err(refuse(StatusCode::UNAUTHORIZED, need.as_ref(), why, false));
+        }
+    };
+    let Some(need) = need else {
+        // The /v2/ ping: any identity but no identity.
+        return match who {
+            Who::Anonymous => Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                None,
+                "authentication required".into(),
+                false,
+            )),
+            _ => Ok(req),
+        };
+    };
+    match auth.check(&who, &need) {
+        Verdict::Allow => {}
+        Verdict::Challenge { why, insufficient } => {
+            tracing::info!(method = %req.method(), path = %req.uri().path(), token = %auth.name_of(&who), reason = %why, "refused");
+            return Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                Some(&need),
+                why,
+                insufficient,
+            ));
+        }
+        Verdict::Deny { why } => {
+            tracing::info!(method = %req.method(), path = %req.uri().path(), token = %auth.name_of(&who), reason = %why, "refused");
+            return Err(refuse(StatusCode::FORBIDDEN, Some(&need), why, false));
+        }
+    }
+    // A mount reads the repository it comes from.
+    if need.oci && req.method() == http::Method::POST {
+        let q = req.uri().query().unwrap_or("");
+        let from = q
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("from="))
+            .map(crate::oci::percent_decode);
+        if let Some(from) = from {
+            let (front, name) = crate::auth::front_of_repo(&from);
+            let read = Need {
+                front,
+                name: Some(name),
+                action: crate::auth::READ,
+                oci: true,
+            };
+            if !matches!(auth.check(&who, &read), Verdict::Allow) {
+                let kept: Vec<&str> = q
+                    .split('&')
+                    .filter(|kv| !kv.starts_with("from=") && !kv.starts_with("mount="))
+                    .collect();
+                let pq = if kept.is_empty() {
+                    req.uri().path().to_owned()
+                } else {
+                    format!("{}?{}", req.uri().path(), kept.join("&"))
+                };
+                if let Ok(uri) = pq.parse() {
+                    *req.uri_mut() = uri;
+                }
+            }
+        }
+    }
+    Ok(req)
+}
+
+/// Form or query text as pairs (`+` is a space, `%XX` decoded).
+fn form_pairs(s: &str) -> Vec<(String, String)> {
+    s.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            let d = |x: &str| crate::oci::percent_decode(&x.replace('+', " "));
+            (d(k), d(v))
+        })
+        .collect()
+}
+
+/// `/token`: distribution's token endpoint (`GET` with Basic credentials or none) and the
+/// OAuth2 password grant (`POST`, form-encoded), as registry clients use them.
+async fn token_endpoint(
+    app: &Arc<App>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Response<Body> {
+    use http_body_util::BodyExt as _;
+    let Some(auth) = &app.auth else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "no tokens are configured: every request is allowed without one\n".into(),
+        );
+    };
+    let json = |status: StatusCode, body: String| {
+        let mut r = Response::new(full(body));
+        *r.status_mut() = status;
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        r
+    };
+    let refuse = |why: String| {
+        tracing::info!(reason = %why, "token refused");
+        let mut r = json(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"errors": [{"code": "UNAUTHORIZED", "message": why}], "error": "invalid_grant"}).to_string(),
+        );
+        if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{}\"", auth.service)) {
+            r.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+        }
+        r
+    };
+    match *req.method() {
+        http::Method::GET => {
+            let pairs = form_pairs(req.uri().query().unwrap_or(""));
+            let scopes: Vec<String> = pairs
+                .iter()
+                .filter(|(k, _)| k == "scope")
+                .flat_map(|(_, v)| v.split(' ').map(str::to_owned).collect::<Vec<_>>())
+                .collect();
+            let authz = req
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            match auth.identify(authz) {
+                Ok(who) => json(StatusCode::OK, auth.issue(&who, &scopes)),
+                Err(why) => refuse(why),
+            }
+        }
+        http::Method::POST => {
+            let body = match http_body_util::Limited::new(req.into_body(), 64 << 10)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        serde_json::json!({"error": "invalid_request", "error_description": e.to_string()}).to_string(),
+                    )
+                }
+            };
+            let pairs = form_pairs(&String::from_utf8_lossy(&body));
+            let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+            let scopes: Vec<String> = get("scope")
+                .unwrap_or_default()
+                .split(' ')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+            let secret = match get("grant_type").as_deref() {
+                Some("password") => get("password"),
+                Some("refresh_token") => get("refresh_token"),
+                _ => {
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        serde_json::json!({"error": "unsupported_grant_type"}).to_string(),
+                    )
+                }
+            };
+            let Some(secret) = secret else {
+                return refuse("no password in the grant".into());
+            };
+            let who = match auth.identify(Some(&format!("Bearer {secret}"))) {
+                Ok(w @ crate::auth::Who::Token(_)) => w,
+                _ => return refuse("unknown token".into()),
+            };
+            json(StatusCode::OK, auth.issue(&who, &scopes))
+        }
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "GET or POST\n".into()),
     }
 }
 

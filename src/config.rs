@@ -48,6 +48,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// The caching module proxy at `/gomod/`.
     pub gomod: GomodConfig,
+    /// Tokens and scopes; with none configured every request is allowed.
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// `[gomod]`: where module proxy misses are fetched from and how kept files are refreshed.
@@ -140,6 +142,7 @@ impl Default for Config {
             access_log: true,
             store: StoreConfig::default(),
             gomod: GomodConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 }
@@ -1069,6 +1072,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((num * mult as f64) as u64)
 }
 
+/// The settings in effect, for `hoard check-config`: every key, secrets masked (`[auth]` is
+/// described by `Auth::describe`).
+pub fn effective(c: &Config) -> String {
+    let mut shown = c.clone();
+    shown.auth = crate::auth::AuthConfig::default();
+    let text = format!("{shown:#?}\n");
+    text.replace("    auth: AuthConfig {\n        tokens: [],\n        tokens_file: None,\n        anonymous: [],\n        service: None,\n        realm: None,\n        token_ttl: None,\n        signing_key_file: None,\n    },\n", "")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1151,3 +1163,4 @@ mod tests {
         assert!(parse_fraction("120%").is_err());
     }
 }
+

@@ -60,6 +60,16 @@ enum Command {
     /// one.
     #[command(subcommand)]
     Snapshot(hoard::snapshot::client::SnapshotCmd),
+    /// Tokens for `[auth]`: `new` makes a secret and prints it with the config entry holding
+    /// its hash; `hash` prints the hash of a secret read from stdin.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Check a configuration file (with HOARD_* variables applied) and print the settings in
+    /// effect, secrets masked. Exit 1 with the reason when it is not valid.
+    CheckConfig {
+        /// The TOML file.
+        file: std::path::PathBuf,
+    },
     /// Measure push/HEAD/pull/manifest throughput against a registry URL (see benches/).
     Bench(hoard::bench::BenchArgs),
     /// Print one core's sha256 throughput in MB/s.
@@ -223,6 +233,75 @@ fn raise_open_files() {
     }
 }
 
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// A new random secret, and the `[[auth.tokens]]` entry to paste (the secret is printed
+    /// once: hand it to the client, it is not kept anywhere).
+    New {
+        /// The token's name (shown in logs).
+        #[arg(long)]
+        name: String,
+        /// Scopes, e.g. --scope 'oci:team-a/*:read,write' --scope 'gocache:*' (repeatable).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+    },
+    /// Reads a secret from stdin (one line) and prints its `sha256:` hash for the config.
+    Hash,
+}
+
+fn token(cmd: TokenCmd) -> anyhow::Result<()> {
+    match cmd {
+        TokenCmd::New { name, scopes } => {
+            for s in &scopes {
+                hoard::auth::Grant::parse(s).map_err(|e| anyhow::anyhow!(e))?;
+            }
+            let secret = hoard::auth::new_secret();
+            eprintln!("secret (give it to the client; it is not shown again): {secret}");
+            println!("[[auth.tokens]]");
+            println!("name = {}", toml_str(&name));
+            println!("hash = \"{}\"", hoard::auth::hash_secret(&secret));
+            let list: Vec<String> = scopes.iter().map(|s| toml_str(s)).collect();
+            println!("scopes = [{}]", list.join(", "));
+            Ok(())
+        }
+        TokenCmd::Hash => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            let secret = line.trim_end_matches(['\n', '\r']);
+            if secret.is_empty() {
+                anyhow::bail!("no secret on stdin (e.g. printf %s \"$SECRET\" | hoard token hash)");
+            }
+            println!("{}", hoard::auth::hash_secret(secret));
+            Ok(())
+        }
+    }
+}
+
+fn toml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_default()
+}
+
+fn check_config(file: std::path::PathBuf) -> anyhow::Result<()> {
+    let o = hoard::config::Overrides {
+        common: hoard::config::CommonArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let config =
+        hoard::config::Config::load(&o).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let auth = hoard::auth::Auth::from_config(&config.auth)
+        .map_err(|e| anyhow::anyhow!("{}: [auth]: {e}", file.display()))?;
+    println!("{}: valid", file.display());
+    print!("{}", hoard::config::effective(&config));
+    match auth {
+        None => println!("auth = off (no tokens: every request is allowed)"),
+        Some(a) => print!("{}", a.describe()),
+    }
+    Ok(())
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -307,6 +386,8 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Token(c) => token(c),
+        Command::CheckConfig { file } => check_config(file),
         Command::Bench(args) => runtime()?.block_on(hoard::bench::run(args)),
         Command::BenchSha256 => {
             println!("{:.0}", hoard::bench::sha256_speed());

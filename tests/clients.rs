@@ -5,77 +5,9 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
 use common::*;
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
-}
-
-/// An OCI image layout with one gzip layer, written by hand.
-fn make_oci_layout(dir: &Path) -> (String, Vec<u8>) {
-    let ctx = dir.join("ctx");
-    std::fs::create_dir_all(&ctx).unwrap();
-    std::fs::write(ctx.join("hello.txt"), bytes(77, 200_000)).unwrap();
-    let tgz = dir.join("layer.tgz");
-    run(Command::new("tar")
-        .arg("czf")
-        .arg(&tgz)
-        .arg("-C")
-        .arg(&ctx)
-        .arg("hello.txt"));
-    let layer = std::fs::read(&tgz).unwrap();
-    let blobs = dir.join("layout/blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |data: &[u8]| {
-        let d = sha256(data);
-        std::fs::write(blobs.join(d.strip_prefix("sha256:").unwrap()), data).unwrap();
-        d
-    };
-    let dl = put(&layer);
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": [sha256(&std::fs::read(ctx.join("hello.txt")).map(|_| {
-            let out = Command::new("gzip").arg("-dc").arg(&tgz).output().unwrap();
-            out.stdout
-        }).unwrap())]},
-        "config": {}
-    }))
-    .unwrap();
-    let dc = put(&config);
-    let manifest = image_manifest(
-        (
-            &dc,
-            config.len(),
-            "application/vnd.oci.image.config.v1+json",
-        ),
-        &[(dl, layer.len())],
-    );
-    let dm = put(&manifest);
-    std::fs::write(
-        dir.join("layout/oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
-    let index = serde_json::json!({
-        "schemaVersion": 2, "mediaType": OCI_INDEX,
-        "manifests": [{"mediaType": OCI_MANIFEST, "digest": dm, "size": manifest.len(),
-                       "annotations": {"org.opencontainers.image.ref.name": "v1"}}]
-    });
-    std::fs::write(dir.join("layout/index.json"), index.to_string()).unwrap();
-    (dm, manifest)
-}
 
 #[test]
 fn skopeo_copies_an_image_in_and_back_byte_identical() {
@@ -85,7 +17,7 @@ fn skopeo_copies_an_image_in_and_back_byte_identical() {
     let (dm, manifest) = make_oci_layout(tmp.path());
     let src = format!("oci:{}:v1", tmp.path().join("layout").display());
     let dst = format!("docker://127.0.0.1:{}/team/app:v1", h.port());
-    run(Command::new(&skopeo).args(["copy", "--dest-tls-verify=false", &src, &dst]));
+    run_ok(Command::new(&skopeo).args(["copy", "--dest-tls-verify=false", &src, &dst]));
     // The pushed manifest is the original, byte for byte.
     let r = h
         .req("GET", "/v2/team/app/manifests/v1")
@@ -95,7 +27,7 @@ fn skopeo_copies_an_image_in_and_back_byte_identical() {
     assert_eq!(r.header("docker-content-digest"), Some(dm.as_str()));
     // And back out into a fresh layout.
     let back = format!("oci:{}:v1", tmp.path().join("back").display());
-    run(Command::new(&skopeo).args(["copy", "--src-tls-verify=false", &dst, &back]));
+    run_ok(Command::new(&skopeo).args(["copy", "--src-tls-verify=false", &dst, &back]));
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tmp.path().join("back/index.json")).unwrap())
             .unwrap();
@@ -110,7 +42,7 @@ fn skopeo_copies_an_image_in_and_back_byte_identical() {
         assert!(a == b, "blob {:?} differs", entry.file_name());
     }
     // skopeo inspect and list-tags read it too.
-    let tags = run(Command::new(&skopeo).args([
+    let tags = run_ok(Command::new(&skopeo).args([
         "list-tags",
         "--tls-verify=false",
         &format!("docker://127.0.0.1:{}/team/app", h.port()),
@@ -135,27 +67,29 @@ fn buildah_layer_cache_round_trips_with_a_full_hit_after_wiping_local_storage() 
     let cache = format!("127.0.0.1:{}/cache/app", h.port());
     let build = |store: &str| {
         let root = tmp.path().join(store);
-        run(Command::new(&buildah)
-            .arg("--storage-driver")
-            .arg("vfs")
-            .arg("--root")
-            .arg(root.join("root"))
-            .arg("--runroot")
-            .arg(root.join("run"))
-            .args([
-                "bud",
-                "--layers",
-                "--tls-verify=false",
-                "--cache-to",
-                &cache,
-                "--cache-from",
-                &cache,
-                "-t",
-                "out",
-                "-f",
-            ])
-            .arg(ctx.join("Containerfile"))
-            .arg(&ctx))
+        run_ok(
+            Command::new(&buildah)
+                .arg("--storage-driver")
+                .arg("vfs")
+                .arg("--root")
+                .arg(root.join("root"))
+                .arg("--runroot")
+                .arg(root.join("run"))
+                .args([
+                    "bud",
+                    "--layers",
+                    "--tls-verify=false",
+                    "--cache-to",
+                    &cache,
+                    "--cache-from",
+                    &cache,
+                    "-t",
+                    "out",
+                    "-f",
+                ])
+                .arg(ctx.join("Containerfile"))
+                .arg(&ctx),
+        )
     };
     let first = build("builder1");
     assert!(first.contains("Pushing cache"), "{first}");
@@ -185,7 +119,7 @@ fn containerd_pulls_and_pushes_through_a_private_containerd() {
     let tmp = tempfile::tempdir().unwrap();
     let (dm, _) = make_oci_layout(tmp.path());
     let reference = format!("127.0.0.1:{}/base/img:v1", h.port());
-    run(Command::new(&skopeo).args([
+    run_ok(Command::new(&skopeo).args([
         "copy",
         "--dest-tls-verify=false",
         &format!("oci:{}:v1", tmp.path().join("layout").display()),
@@ -230,10 +164,10 @@ fn containerd_pulls_and_pushes_through_a_private_containerd() {
             .args(["--namespace", "hoardtest"]);
         c
     };
-    run(ctr_cmd().args(["images", "pull", "--plain-http", &reference]));
+    run_ok(ctr_cmd().args(["images", "pull", "--plain-http", &reference]));
     let pushed = format!("127.0.0.1:{}/pushed/img:v2", h.port());
-    run(ctr_cmd().args(["images", "tag", &reference, &pushed]));
-    run(ctr_cmd().args(["images", "push", "--plain-http", &pushed]));
+    run_ok(ctr_cmd().args(["images", "tag", &reference, &pushed]));
+    run_ok(ctr_cmd().args(["images", "push", "--plain-http", &pushed]));
     let r = h.req("HEAD", "/v2/pushed/img/manifests/v2").send();
     assert_eq!(r.status, 200);
     assert_eq!(r.header("docker-content-digest"), Some(dm.as_str()));

@@ -19,6 +19,7 @@ pub enum Code {
     SizeInvalid,
     Unsupported,
     Denied,
+    Unauthorized,
     Unavailable,
     Unknown,
 }
@@ -39,6 +40,7 @@ impl Code {
             Code::SizeInvalid => ("SIZE_INVALID", StatusCode::BAD_REQUEST),
             Code::Unsupported => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED),
             Code::Denied => ("DENIED", StatusCode::FORBIDDEN),
+            Code::Unauthorized => ("UNAUTHORIZED", StatusCode::UNAUTHORIZED),
             Code::Unavailable => ("UNAVAILABLE", StatusCode::SERVICE_UNAVAILABLE),
             Code::Unknown => ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR),
         }

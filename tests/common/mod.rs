@@ -806,3 +806,73 @@ pub fn is_quarantined(data: &Path, hex: &str) -> bool {
         .iter()
         .any(|(k, _)| *k == key)
 }
+
+/// Runs a command that must succeed; its output.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+/// An OCI image layout with one gzip layer, written by hand.
+pub fn make_oci_layout(dir: &Path) -> (String, Vec<u8>) {
+    let ctx = dir.join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("hello.txt"), bytes(77, 200_000)).unwrap();
+    let tgz = dir.join("layer.tgz");
+    run_ok(
+        Command::new("tar")
+            .arg("czf")
+            .arg(&tgz)
+            .arg("-C")
+            .arg(&ctx)
+            .arg("hello.txt"),
+    );
+    let layer = std::fs::read(&tgz).unwrap();
+    let blobs = dir.join("layout/blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |data: &[u8]| {
+        let d = sha256(data);
+        std::fs::write(blobs.join(d.strip_prefix("sha256:").unwrap()), data).unwrap();
+        d
+    };
+    let dl = put(&layer);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [sha256(&std::fs::read(ctx.join("hello.txt")).map(|_| {
+            let out = Command::new("gzip").arg("-dc").arg(&tgz).output().unwrap();
+            out.stdout
+        }).unwrap())]},
+        "config": {}
+    }))
+    .unwrap();
+    let dc = put(&config);
+    let manifest = image_manifest(
+        (
+            &dc,
+            config.len(),
+            "application/vnd.oci.image.config.v1+json",
+        ),
+        &[(dl, layer.len())],
+    );
+    let dm = put(&manifest);
+    std::fs::write(
+        dir.join("layout/oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let index = serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": dm, "size": manifest.len(),
+                       "annotations": {"org.opencontainers.image.ref.name": "v1"}}]
+    });
+    std::fs::write(dir.join("layout/index.json"), index.to_string()).unwrap();
+    (dm, manifest)
+}

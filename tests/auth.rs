@@ -1,0 +1,568 @@
+//! Tokens and scopes against the real daemon: every front end's scope allowed and refused,
+//! distribution's token flow as registry clients speak it, and skopeo pushing and pulling with
+//! credentials.
+
+mod common;
+
+use std::process::Command;
+
+use base64::Engine as _;
+use common::*;
+
+struct Secrets {
+    team_a: String,
+    deleter: String,
+    go: String,
+    snap: String,
+    admin: String,
+}
+
+fn hoard_out(args: &[&str], stdin: Option<&str>) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hoard"));
+    cmd.args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut i = child.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            i.write_all(s.as_bytes()).unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "hoard {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A token made with `hoard token new`: (the config entry, the secret).
+fn new_token(name: &str, scopes: &[&str]) -> (String, String) {
+    let mut args = vec!["token", "new", "--name", name];
+    for s in scopes {
+        args.extend(["--scope", s]);
+    }
+    let out = hoard_out(&args, None);
+    let secret = out
+        .lines()
+        .find_map(|l| l.strip_prefix("secret (give it to the client; it is not shown again): "))
+        .unwrap()
+        .to_owned();
+    let entry: String = out
+        .lines()
+        .filter(|l| !l.starts_with("secret"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    // `hoard token hash` agrees with the entry.
+    let hash = hoard_out(&["token", "hash"], Some(&secret));
+    assert!(entry.contains(hash.trim()), "{entry} / {hash}");
+    (entry, secret)
+}
+
+fn start() -> (Hoard, Secrets, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (e1, team_a) = new_token("team-a", &["oci:team-a/*:read,write", "oci:public/*:write"]);
+    let (e2, deleter) = new_token(
+        "deleter",
+        &["oci:team-a/*:read,delete", "oci:private/*:read,write"],
+    );
+    let (e3, go) = new_token("go", &["gocache:*:read,write", "gomod:*:read"]);
+    let (e4, snap) = new_token("snap", &["snapshot:ci/*:read,write"]);
+    let (e5, admin) = new_token("ops", &["admin", "metrics"]);
+    let config = format!(
+        "[auth]\nanonymous = [\"oci:public/*:read\"]\n\n[gomod]\nupstreams = [\"http://127.0.0.1:9\"]\nsumdb = \"off\"\n\n{e1}\n{e2}\n{e3}\n{e4}\n{e5}"
+    );
+    let path = dir.path().join("hoard.toml");
+    std::fs::write(&path, &config).unwrap();
+    let check = hoard_out(&["check-config", path.to_str().unwrap()], None);
+    assert!(check.contains("token \"team-a\""), "{check}");
+    for s in [&team_a, &deleter, &go, &snap, &admin] {
+        assert!(!check.contains(s.as_str()), "check-config shows a secret");
+    }
+    let h = Hoard::start(&["--config", path.to_str().unwrap()]);
+    (
+        h,
+        Secrets {
+            team_a,
+            deleter,
+            go,
+            snap,
+            admin,
+        },
+        dir,
+    )
+}
+
+fn basic(secret: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("someone:{secret}"))
+    )
+}
+
+fn bearer(secret: &str) -> String {
+    format!("Bearer {secret}")
+}
+
+/// A blob push (POST then PUT) as `auth`; the final status.
+fn push_blob_as(h: &Hoard, repo: &str, data: &[u8], auth: Option<&str>) -> Resp {
+    let mut r = h.req("POST", &format!("/v2/{repo}/blobs/uploads/"));
+    if let Some(a) = auth {
+        r = r.header("Authorization", a);
+    }
+    let resp = r.send();
+    if resp.status != 202 {
+        return resp;
+    }
+    let loc = resp.header("location").unwrap().to_owned();
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let mut r = h
+        .req("PUT", &format!("{loc}{sep}digest={}", sha256(data)))
+        .body(data.to_vec());
+    if let Some(a) = auth {
+        r = r.header("Authorization", a);
+    }
+    r.send()
+}
+
+fn get_as(h: &Hoard, method: &str, path: &str, auth: Option<&str>) -> Resp {
+    let mut r = h.req(method, path);
+    if let Some(a) = auth {
+        r = r.header("Authorization", a);
+    }
+    r.send()
+}
+
+fn challenge_param(resp: &Resp, key: &str) -> Option<String> {
+    let c = resp.header("www-authenticate")?;
+    let i = c.find(&format!("{key}=\""))? + key.len() + 2;
+    Some(c[i..].split('"').next()?.to_owned())
+}
+
+#[test]
+fn the_registry_speaks_distributions_token_flow_and_scopes_hold() {
+    let (h, s, _dir) = start();
+    // The ping sends clients to hoard's own token endpoint.
+    let ping = get_as(&h, "GET", "/v2/", None);
+    assert_eq!(ping.status, 401);
+    assert_eq!(ping.code(), "UNAUTHORIZED");
+    let realm = challenge_param(&ping, "realm").unwrap();
+    assert_eq!(realm, format!("http://{}/token", h.addr));
+    assert_eq!(challenge_param(&ping, "service").as_deref(), Some("hoard"));
+    assert_eq!(
+        get_as(&h, "GET", "/v2/", Some(&basic(&s.team_a))).status,
+        200
+    );
+    assert_eq!(
+        get_as(&h, "GET", "/v2/", Some(&basic("hoard_wrong"))).status,
+        401
+    );
+
+    // An anonymous push is challenged with the scope it needs.
+    let data = bytes(1, 5000);
+    let r = push_blob_as(&h, "team-a/app", &data, None);
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        challenge_param(&r, "scope").as_deref(),
+        Some("repository:team-a/app:pull,push")
+    );
+    // Basic credentials: allowed where the scope reaches, DENIED elsewhere.
+    assert_eq!(
+        push_blob_as(&h, "team-a/app", &data, Some(&basic(&s.team_a))).status,
+        201
+    );
+    let r = push_blob_as(&h, "team-b/app", &data, Some(&basic(&s.team_a)));
+    assert_eq!((r.status, r.code()), (403, "DENIED".to_owned()));
+    assert_eq!(
+        push_blob_as(&h, "team-a/app", &data, Some(&basic(&s.go))).status,
+        403
+    );
+
+    // The token flow: GET /token with Basic credentials and the challenge's scope.
+    let t = get_as(
+        &h,
+        "GET",
+        "/token?service=hoard&scope=repository%3Ateam-a%2Fapp%3Apull%2Cpush&scope=repository:team-b/app:pull",
+        Some(&basic(&s.team_a)),
+    );
+    assert_eq!(t.status, 200, "{}", t.text());
+    let token = t.json()["token"].as_str().unwrap().to_owned();
+    assert_eq!(t.json()["access_token"].as_str(), Some(token.as_str()));
+    assert!(t.json()["expires_in"].as_u64().unwrap() > 0);
+    let data2 = bytes(2, 7000);
+    assert_eq!(
+        push_blob_as(&h, "team-a/app", &data2, Some(&bearer(&token))).status,
+        201
+    );
+    let m = image_manifest(
+        (
+            &sha256(&data),
+            data.len(),
+            "application/vnd.oci.image.config.v1+json",
+        ),
+        &[(sha256(&data2), data2.len())],
+    );
+    let put = h
+        .req("PUT", "/v2/team-a/app/manifests/v1")
+        .header("Content-Type", OCI_MANIFEST)
+        .header("Authorization", &bearer(&token))
+        .body(m.clone())
+        .send();
+    assert_eq!(put.status, 201);
+    // What the token was not granted: a new challenge naming the scope, insufficient_scope.
+    let r = get_as(&h, "GET", "/v2/team-b/app/tags/list", Some(&bearer(&token)));
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        challenge_param(&r, "error").as_deref(),
+        Some("insufficient_scope")
+    );
+    let r = get_as(
+        &h,
+        "GET",
+        "/v2/team-a/other/tags/list",
+        Some(&bearer(&token)),
+    );
+    assert_eq!(
+        r.status, 401,
+        "a token is for the repositories it was asked for"
+    );
+    // The OAuth2 password grant (containerd's first try).
+    let form = format!(
+        "grant_type=password&service=hoard&client_id=test&username=x&password={}&scope=repository%3Ateam-a%2Fapp%3Apull",
+        s.team_a
+    );
+    let t2 = h
+        .req("POST", "/token")
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(form)
+        .send();
+    assert_eq!(t2.status, 200, "{}", t2.text());
+    let read_only = t2.json()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        get_as(
+            &h,
+            "GET",
+            "/v2/team-a/app/manifests/v1",
+            Some(&bearer(&read_only))
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        push_blob_as(&h, "team-a/app", &data, Some(&bearer(&read_only))).status,
+        401
+    );
+    let bad = h
+        .req("POST", "/token")
+        .body("grant_type=password&username=x&password=hoard_nope&scope=")
+        .send();
+    assert_eq!(bad.status, 401);
+    assert_eq!(
+        get_as(
+            &h,
+            "GET",
+            "/token?scope=repository:a:pull",
+            Some(&basic("nope"))
+        )
+        .status,
+        401
+    );
+    // A token altered by its holder is refused.
+    let (body, sig) = token.split_once('.').unwrap();
+    let mut claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .unwrap(),
+    )
+    .unwrap();
+    claims["acc"][0]["n"] = "team-b/app".into();
+    let forged = format!(
+        "{}.{sig}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    assert_eq!(
+        get_as(
+            &h,
+            "GET",
+            "/v2/team-b/app/tags/list",
+            Some(&bearer(&forged))
+        )
+        .status,
+        401
+    );
+
+    // Delete needs delete.
+    let dm = sha256(&m);
+    let path = format!("/v2/team-a/app/manifests/{dm}");
+    assert_eq!(
+        get_as(&h, "DELETE", &path, Some(&basic(&s.team_a))).status,
+        403
+    );
+    assert_eq!(get_as(&h, "GET", &path, None).status, 401);
+    assert_eq!(
+        get_as(&h, "DELETE", &path, Some(&basic(&s.deleter))).status,
+        202
+    );
+
+    // Anonymous read where configured, with or without a token from /token.
+    assert_eq!(
+        push_blob_as(&h, "public/base", &data, Some(&basic(&s.team_a))).status,
+        201
+    );
+    let blob = format!("/v2/public/base/blobs/{}", sha256(&data));
+    assert_eq!(get_as(&h, "GET", &blob, None).status, 200);
+    let anon = get_as(
+        &h,
+        "GET",
+        "/token?service=hoard&scope=repository:public/base:pull,push",
+        None,
+    );
+    assert_eq!(anon.status, 200);
+    let anon = anon.json()["token"].as_str().unwrap().to_owned();
+    assert_eq!(get_as(&h, "GET", &blob, Some(&bearer(&anon))).status, 200);
+    assert_eq!(
+        push_blob_as(&h, "public/base", &data2, Some(&bearer(&anon))).status,
+        401
+    );
+    assert_eq!(push_blob_as(&h, "public/base", &data2, None).status, 401);
+
+    // A mount reads the repository it comes from: allowed, a real mount; not allowed, a plain
+    // upload (202) and the blob is not in the target.
+    let shared = bytes(3, 3000);
+    assert_eq!(
+        push_blob_as(&h, "team-a/lib", &shared, Some(&basic(&s.team_a))).status,
+        201
+    );
+    let private = bytes(4, 3000);
+    assert_eq!(
+        push_blob_as(&h, "private/x", &private, Some(&basic(&s.deleter))).status,
+        201
+    );
+    let mount = |from: &str, d: &str, who: &str| {
+        h.req(
+            "POST",
+            &format!("/v2/public/base/blobs/uploads/?mount={d}&from={from}"),
+        )
+        .header("Authorization", who)
+        .send()
+        .status
+    };
+    assert_eq!(
+        mount("team-a/lib", &sha256(&shared), &basic(&s.team_a)),
+        201
+    );
+    assert_eq!(
+        mount("private/x", &sha256(&private), &basic(&s.team_a)),
+        202
+    );
+    let head = |d: &str| get_as(&h, "HEAD", &format!("/v2/public/base/blobs/{d}"), None).status;
+    assert_eq!(head(&sha256(&shared)), 200);
+    assert_eq!(head(&sha256(&private)), 404);
+    // Without write on the target, no upload at all.
+    assert_eq!(mount("team-a/lib", &sha256(&shared), &basic(&s.go)), 403);
+
+    // Logs name tokens, never secrets.
+    let log = h.log();
+    assert!(log.contains("team-a may not"), "{log}");
+    for secret in [&s.team_a, &s.deleter, &s.go, &s.snap, &s.admin] {
+        assert!(!log.contains(secret.as_str()), "a secret in the log");
+    }
+}
+
+#[test]
+fn every_front_end_checks_its_scope() {
+    let (h, s, _dir) = start();
+    let action = "ab".repeat(32);
+    let output = bytes(9, 1000);
+    let gput = |who: Option<&str>| {
+        let mut r = h
+            .req(
+                "PUT",
+                &format!(
+                    "/gocache/team/action/{action}?output={}",
+                    sha256(&output).trim_start_matches("sha256:")
+                ),
+            )
+            .body(output.clone());
+        if let Some(w) = who {
+            r = r.header("Authorization", w);
+        }
+        r.send()
+    };
+    let r = gput(None);
+    assert_eq!(r.status, 401);
+    assert!(
+        r.header("www-authenticate").unwrap().starts_with("Basic"),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(gput(Some(&basic(&s.team_a))).status, 403);
+    assert!(matches!(gput(Some(&bearer(&s.go))).status, 200 | 201 | 204));
+    let gget = |who: Option<&str>| {
+        get_as(&h, "GET", &format!("/gocache/team/action/{action}"), who).status
+    };
+    assert_eq!(gget(None), 401);
+    assert_eq!(gget(Some(&basic(&s.go))), 200);
+    assert_eq!(gget(Some(&basic(&s.snap))), 403);
+
+    // The module proxy: go may read (the upstream here is down: 502/404, not a refusal).
+    let list = "/gomod/example.com/m/@v/list";
+    assert_eq!(get_as(&h, "GET", list, None).status, 401);
+    assert_eq!(get_as(&h, "GET", list, Some(&basic(&s.team_a))).status, 403);
+    let st = get_as(&h, "GET", list, Some(&basic(&s.go))).status;
+    assert!(st != 401 && st != 403, "{st}");
+    assert_eq!(
+        get_as(
+            &h,
+            "GET",
+            "/gomod/sumdb/sum.golang.org/supported",
+            Some(&basic(&s.snap))
+        )
+        .status,
+        403
+    );
+
+    // Snapshots: snap may read and write ci/*, nothing else.
+    let snap = |method: &str, path: &str, who: &str| {
+        h.req(method, path)
+            .header("Authorization", who)
+            .body(Vec::new())
+            .send()
+            .status
+    };
+    let missing = |key: &str, who: &str| {
+        h.req("POST", &format!("/snapshots/{key}/_missing"))
+            .header("Authorization", who)
+            .body(b"[]".to_vec())
+            .send()
+            .status
+    };
+    assert!(!matches!(missing("ci/k", &basic(&s.snap)), 401 | 403));
+    assert_eq!(missing("dev/k", &basic(&s.snap)), 403);
+    assert_eq!(missing("ci/k", &basic(&s.go)), 403);
+    assert_eq!(snap("GET", "/snapshots/ci/k", &basic(&s.snap)), 404);
+    assert_eq!(snap("GET", "/snapshots/dev/k", &basic(&s.snap)), 403);
+    assert_eq!(snap("DELETE", "/snapshots/ci/k", &basic(&s.snap)), 403);
+    assert_eq!(snap("GET", "/snapshots/?prefix=ci/", &basic(&s.snap)), 404);
+    assert_eq!(snap("GET", "/snapshots/?prefix=c", &basic(&s.snap)), 403);
+    // The OCI form of a snapshot is the snapshot's scope.
+    assert_eq!(
+        get_as(
+            &h,
+            "GET",
+            "/v2/snapshots/ci/k/manifests/latest",
+            Some(&basic(&s.snap))
+        )
+        .status,
+        404
+    );
+    assert_eq!(
+        get_as(
+            &h,
+            "GET",
+            "/v2/snapshots/ci/k/manifests/latest",
+            Some(&basic(&s.team_a))
+        )
+        .status,
+        403
+    );
+
+    // Operators: admin and metrics.
+    assert_eq!(get_as(&h, "POST", "/admin/gc", None).status, 401);
+    assert_eq!(
+        get_as(&h, "POST", "/admin/gc", Some(&basic(&s.team_a))).status,
+        403
+    );
+    assert_eq!(
+        get_as(&h, "POST", "/admin/gc", Some(&basic(&s.admin))).status,
+        200
+    );
+    assert_eq!(get_as(&h, "GET", "/", None).status, 401);
+    assert_eq!(get_as(&h, "GET", "/", Some(&basic(&s.admin))).status, 200);
+    assert_eq!(get_as(&h, "GET", "/healthz", None).status, 200);
+    assert_eq!(get_as(&h, "GET", "/readyz", None).status, 200);
+}
+
+#[test]
+fn skopeo_pushes_and_pulls_with_credentials() {
+    let skopeo = require_tool("skopeo", "install it with `apt-get install skopeo`");
+    let (h, s, _dir) = start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (dm, manifest) = make_oci_layout(tmp.path());
+    let src = format!("oci:{}:v1", tmp.path().join("layout").display());
+    let dst = format!("docker://127.0.0.1:{}/team-a/app:v1", h.port());
+    let creds = format!("ci:{}", s.team_a);
+    // Without credentials the push is refused, and nothing is kept.
+    let out = Command::new(&skopeo)
+        .args(["copy", "--dest-tls-verify=false", &src, &dst])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(h.stored_blobs(), 0);
+    run_ok(Command::new(&skopeo).args([
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        &creds,
+        &src,
+        &dst,
+    ]));
+    let got = get_as(
+        &h,
+        "GET",
+        "/v2/team-a/app/manifests/v1",
+        Some(&basic(&s.team_a)),
+    );
+    assert_eq!(got.body, manifest);
+    assert_eq!(sha256(&got.body), dm);
+    // Back out with credentials, byte for byte.
+    let back = tmp.path().join("back");
+    run_ok(Command::new(&skopeo).args([
+        "copy",
+        "--src-tls-verify=false",
+        "--src-creds",
+        &creds,
+        &dst,
+        &format!("oci:{}:v1", back.display()),
+    ]));
+    let hex = dm.trim_start_matches("sha256:");
+    assert_eq!(
+        std::fs::read(back.join("blobs/sha256").join(hex)).unwrap(),
+        manifest
+    );
+    // Another team's token may not read it; anonymous may read public/ only.
+    let out = Command::new(&skopeo)
+        .args([
+            "inspect",
+            "--tls-verify=false",
+            "--creds",
+            &format!("x:{}", s.go),
+            &dst,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let public = format!("docker://127.0.0.1:{}/public/app:v1", h.port());
+    run_ok(Command::new(&skopeo).args([
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        &creds,
+        &src,
+        &public,
+    ]));
+    let anon =
+        run_ok(Command::new(&skopeo).args(["inspect", "--raw", "--tls-verify=false", &public]));
+    assert_eq!(
+        sha256(anon.trim_end().as_bytes()),
+        sha256(String::from_utf8_lossy(&manifest).trim_end().as_bytes())
+    );
+}
