@@ -729,6 +729,30 @@ pub async fn serve(
     // Bound by the caller before the store is opened: a start that cannot serve fails before
     // it touches the store, so the store stays marked clean and the next start skips crash
     // recovery.
+    // TLS files too are read before the store is opened.
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = Arc::new(crate::tls::Tls::load(cert, key).map_err(anyhow::Error::msg)?);
+            let reloading = tls.clone();
+            tokio::spawn(async move {
+                let Ok(mut hup) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                else {
+                    return;
+                };
+                while hup.recv().await.is_some() {
+                    match reloading.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: TLS certificate and key read again"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "SIGHUP: TLS reload failed; the certificate in use stays")
+                        }
+                    }
+                }
+            });
+            Some(tls)
+        }
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let local: SocketAddr = listener.local_addr()?;
     let app = {
@@ -737,7 +761,12 @@ pub async fn serve(
     };
     let app = Arc::new(app);
     let serving = app.data_dir.join(SERVING_FILE);
-    if let Err(e) = fs::write(&serving, format!("http://{local}\n")) {
+    let scheme = if config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    if let Err(e) = fs::write(&serving, format!("{scheme}://{local}\n")) {
         tracing::warn!(error = %e, "cannot write {}", serving.display());
     }
     let settings: Vec<String> = app
@@ -746,7 +775,12 @@ pub async fn serve(
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     tracing::info!("settings: {}", settings.join(", "));
-    tracing::info!("listening on http://{local}");
+    let scheme = if config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!("listening on {scheme}://{local}");
 
     let group_commit = {
         let app = app.clone();
@@ -840,7 +874,7 @@ pub async fn serve(
         header_timeout: app.config.body_timeout.0,
         access_log: app.config.access_log,
     };
-    crate::http::serve(listener, handler, shutdown_signal(), grace, limits).await;
+    crate::http::serve(listener, handler, shutdown_signal(), grace, limits, tls).await;
     group_commit.abort();
     lifecycle.abort();
     expiry.abort();
@@ -921,6 +955,7 @@ fn authorize(
             .map(str::to_owned)
     };
     let host = header(http::header::HOST).unwrap_or_else(|| "localhost".into());
+    let secure = req.extensions().get::<crate::http::Secure>().is_some();
     let is_head = req.method() == http::Method::HEAD;
     let refuse = |status: StatusCode, need: Option<&Need>, why: String, insufficient: bool| {
         let oci = need.is_none_or(|n| n.oci);
@@ -943,7 +978,7 @@ fn authorize(
             text(status, format!("{why}\n"))
         };
         if status == StatusCode::UNAUTHORIZED {
-            if let Ok(v) = HeaderValue::from_str(&auth.challenge(need, &host, false, insufficient))
+            if let Ok(v) = HeaderValue::from_str(&auth.challenge(need, &host, secure, insufficient))
             {
                 r.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
             }

@@ -45,6 +45,9 @@ pub struct Config {
     pub send_timeout: HumanDuration,
     /// One log line per request at info.
     pub access_log: bool,
+    /// Serve HTTPS with this certificate chain (PEM) and `tls_key`; both read again on SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     pub store: StoreConfig,
     /// The caching module proxy at `/gomod/`.
     pub gomod: GomodConfig,
@@ -140,6 +143,8 @@ impl Default for Config {
             body_timeout: HumanDuration(Duration::from_secs(60)),
             send_timeout: HumanDuration(Duration::from_secs(60)),
             access_log: true,
+            tls_cert: None,
+            tls_key: None,
             store: StoreConfig::default(),
             gomod: GomodConfig::default(),
             auth: crate::auth::AuthConfig::default(),
@@ -715,6 +720,12 @@ pub struct ServeFlags {
     /// One log line per request at info (true, the default, or false).
     #[arg(long, env = "HOARD_ACCESS_LOG", action = clap::ArgAction::Set)]
     pub access_log: Option<bool>,
+    /// Serve HTTPS: the certificate chain, PEM (with --tls-key; reloaded on SIGHUP).
+    #[arg(long, env = "HOARD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key for --tls-cert, PEM.
+    #[arg(long, env = "HOARD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Config {
@@ -754,6 +765,15 @@ impl Config {
         }
         if let Some(v) = s.access_log {
             c.access_log = v;
+        }
+        if let Some(v) = &s.tls_cert {
+            c.tls_cert = Some(v.clone());
+        }
+        if let Some(v) = &s.tls_key {
+            c.tls_key = Some(v.clone());
+        }
+        if c.tls_cert.is_some() != c.tls_key.is_some() {
+            return Err("tls_cert and tls_key go together: set both or neither".into());
         }
         if let Some(v) = l.max_size {
             c.max_size = Some(HumanSize(v));
@@ -1163,4 +1183,3 @@ mod tests {
         assert!(parse_fraction("120%").is_err());
     }
 }
-

@@ -30,6 +30,15 @@ pub fn full(b: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// `Authorization: Bearer <token>` for the clients' `--token`, marked sensitive (kept out of
+/// debug output).
+pub fn bearer(token: Option<&str>) -> Option<http::HeaderValue> {
+    let t = token.map(str::trim).filter(|t| !t.is_empty())?;
+    let mut v = http::HeaderValue::from_str(&format!("Bearer {t}")).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
 pub fn empty() -> Body {
     Empty::new().map_err(|n: Infallible| match n {}).boxed()
 }
@@ -508,12 +517,17 @@ const TLS_PROBE_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text
 
 /// Accepts connections until `shutdown` resolves, then stops accepting and gives in-flight
 /// requests up to `grace` to finish.
+/// Marks a request that came over TLS (a request extension).
+#[derive(Clone, Copy, Debug)]
+pub struct Secure;
+
 pub async fn serve(
     listener: TcpListener,
     handler: Handler,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
     limits: ConnLimits,
+    tls: Option<Arc<crate::tls::Tls>>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -533,13 +547,18 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if is_tls_probe(&stream, limits.header_timeout).await {
+            if tls.is_none() && is_tls_probe(&stream, limits.header_timeout).await {
                 answer_tls_probe(stream).await;
                 return;
             }
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let secure = tls.is_some();
+            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 let h = handler.clone();
+                if secure {
+                    req.extensions_mut().insert(Secure);
+                }
                 async move {
                     if !limits.access_log {
                         return Ok::<_, Infallible>(h(req).await);
@@ -574,15 +593,39 @@ pub async fn serve(
                     }))
                 }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
-                .keep_alive(true)
-                .serve_connection(
-                    TokioIo::new(SendDeadline::new(stream, limits.send_timeout, peer)),
-                    service,
-                );
-            if let Err(e) = watcher.watch(conn).await {
+                .keep_alive(true);
+            let io = SendDeadline::new(stream, limits.send_timeout, peer);
+            let result = match tls {
+                None => {
+                    watcher
+                        .watch(builder.serve_connection(TokioIo::new(io), service))
+                        .await
+                }
+                Some(tls) => {
+                    let accepted =
+                        tokio::time::timeout(limits.header_timeout, tls.acceptor().accept(io))
+                            .await;
+                    let io = match accepted {
+                        Ok(Ok(io)) => io,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    watcher
+                        .watch(builder.serve_connection(TokioIo::new(io), service))
+                        .await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

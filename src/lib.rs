@@ -19,3 +19,4 @@ pub mod oci;
 pub mod registry;
 pub mod snapshot;
 pub mod store;
+pub mod tls;

@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon (defaults: HTTP on 127.0.0.1:5000, data in ./hoard-data).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run one lifecycle pass (TTL, orphans, size bound) on a data directory. If a daemon is
     /// serving it, the daemon runs the pass; otherwise it runs here, offline.
     Gc {

@@ -566,3 +566,274 @@ fn skopeo_pushes_and_pulls_with_credentials() {
         sha256(String::from_utf8_lossy(&manifest).trim_end().as_bytes())
     );
 }
+
+/// The Go side with a token: GOPROXY with the token in its URL, GOCACHEPROG and snapshots with
+/// `--token`; without it the proxy refuses, the helper's misses never fail the build, and a
+/// snapshot save says why it failed.
+#[test]
+fn go_and_snapshots_use_tokens() {
+    use common::goproxy::{go, write_module, Upstream};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("upstream");
+    write_module(
+        &root,
+        "example.com/dep",
+        "v1.0.0",
+        &[
+            ("go.mod", "module example.com/dep\n\ngo 1.22\n"),
+            (
+                "dep.go",
+                "package dep\n\nfunc Name() string { return \"dep\" }\n",
+            ),
+        ],
+    );
+    let up = Upstream::start(&root);
+    let (entry, secret) = new_token("builder", &["gomod:*:read", "gocache:*", "snapshot:ci/*"]);
+    let config = format!(
+        "[gomod]\nupstreams = [\"{}\"]\nsumdb = \"off\"\n\n{entry}",
+        up.url()
+    );
+    let path = tmp.path().join("hoard.toml");
+    std::fs::write(&path, config).unwrap();
+    // Go passes credentials over TLS only.
+    let (ca, cert, key) = make_cert(tmp.path(), "hoard");
+    let h = Hoard::start(&[
+        "--config",
+        path.to_str().unwrap(),
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let base = format!("https://{}", h.addr);
+    let app = tmp.path().join("app");
+    std::fs::create_dir_all(&app).unwrap();
+    std::fs::write(
+        app.join("go.mod"),
+        "module example.com/app\n\ngo 1.22\n\nrequire example.com/dep v1.0.0\n",
+    )
+    .unwrap();
+    std::fs::write(
+        app.join("main.go"),
+        "package main\n\nimport (\n\t\"fmt\"\n\n\t\"example.com/dep\"\n)\n\nfunc main() { fmt.Println(dep.Name()) }\n",
+    )
+    .unwrap();
+
+    // No token: go reports the refusal.
+    let out = go(&tmp.path().join("m0"), &app, &format!("{base}/gomod"))
+        .env("SSL_CERT_FILE", &ca)
+        .args(["mod", "download", "-x"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(text.contains("401"), "{text}");
+    // The token as the password in GOPROXY's URL.
+    let proxy = format!("https://builder:{secret}@{}/gomod", h.addr);
+    let prog = |machine: &std::path::Path, token: Option<&str>| {
+        let mut p = format!(
+            "{} gocacheprog --url {} --dir {} --verbose",
+            env!("CARGO_BIN_EXE_hoard"),
+            base,
+            machine.join("prog").display()
+        );
+        if let Some(t) = token {
+            p.push_str(&format!(" --token {t}"));
+        }
+        p
+    };
+    let build = |machine: &str, token: Option<&str>| {
+        let m = tmp.path().join(machine);
+        let out = go(&m, &app, &proxy)
+            .env("SSL_CERT_FILE", &ca)
+            .env("GOCACHEPROG", prog(&m, token))
+            .args(["build", "-o", m.join("app").to_str().unwrap(), "."])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{text}");
+        text
+    };
+    let first = build("m1", Some(&secret));
+    assert!(first.contains("0 failed"), "{first}");
+    let second = build("m2", Some(&secret));
+    assert!(!second.contains(" 0 hits from hoard"), "{second}");
+    // A helper without the token: every request refused, the build still succeeds.
+    let third = build("m3", None);
+    assert!(third.contains(" 0 hits from hoard"), "{third}");
+    assert!(!third.contains(" 0 failed"), "{third}");
+
+    // Snapshots.
+    let dir = tmp.path().join("cache");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a"), bytes(1, 10_000)).unwrap();
+    let snap = |args: &[&str], token: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_hoard"));
+        c.arg("snapshot")
+            .args(args)
+            .env_remove("HOARD_TOKEN")
+            .env("SSL_CERT_FILE", &ca);
+        if let Some(t) = token {
+            c.env("HOARD_TOKEN", t);
+        }
+        c.output().unwrap()
+    };
+    let url = base.clone();
+    let d = dir.to_str().unwrap();
+    let out = snap(&["save", "--url", &url, "--key", "ci/k", d], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("401"), "{err}");
+    let out = snap(&["save", "--url", &url, "--key", "ci/k", d], Some(&secret));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = snap(
+        &["save", "--url", &url, "--key", "other/k", d],
+        Some(&secret),
+    );
+    assert!(!out.status.success());
+    let back = tmp.path().join("back");
+    let out = snap(
+        &[
+            "restore",
+            "--url",
+            &url,
+            "--key",
+            "ci/k",
+            back.to_str().unwrap(),
+        ],
+        Some(&secret),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(back.join("a")).unwrap(), bytes(1, 10_000));
+}
+
+/// The certificate a TLS server presents, by its subject's common name (openssl s_client).
+fn served_cn(addr: std::net::SocketAddr, ca: &std::path::Path) -> String {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            "localhost",
+        ])
+        .arg("-CAfile")
+        .arg(ca)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("subject=CN = ").map(str::to_owned))
+        .unwrap_or_else(|| panic!("no subject in:\n{text}"))
+}
+
+#[test]
+fn tls_round_trip_with_skopeo_and_a_new_certificate_on_sighup() {
+    let skopeo = require_tool("skopeo", "install it with `apt-get install skopeo`");
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca1, cert1, key1) = make_cert(tmp.path(), "one");
+    let (ca2, cert2, key2) = make_cert(tmp.path(), "two");
+    let (cert, key) = (tmp.path().join("live.crt"), tmp.path().join("live.key"));
+    std::fs::copy(&cert1, &cert).unwrap();
+    std::fs::copy(&key1, &key).unwrap();
+    let (entry, secret) = new_token("ci", &["oci:*"]);
+    let config = tmp.path().join("hoard.toml");
+    std::fs::write(&config, entry).unwrap();
+    let h = Hoard::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(served_cn(h.addr, &ca1), "one");
+    // Plain HTTP gets no answer from a TLS port.
+    assert!(h
+        .req("GET", "/healthz")
+        .try_send()
+        .map(|r| r.status != 200)
+        .unwrap_or(true));
+
+    let certs = tmp.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(&ca1, certs.join("ca.crt")).unwrap();
+    let layout = tmp.path().join("img");
+    let (dm, manifest) = make_oci_layout(&layout);
+    let src = format!("oci:{}:v1", layout.join("layout").display());
+    let dst = format!("docker://127.0.0.1:{}/team/app:v1", h.port());
+    let creds = format!("ci:{secret}");
+    let certs_s = certs.to_str().unwrap();
+    run_ok(Command::new(&skopeo).args([
+        "copy",
+        "--dest-cert-dir",
+        certs_s,
+        "--dest-creds",
+        &creds,
+        &src,
+        &dst,
+    ]));
+    let back = tmp.path().join("back");
+    run_ok(Command::new(&skopeo).args([
+        "copy",
+        "--src-cert-dir",
+        certs_s,
+        "--src-creds",
+        &creds,
+        &dst,
+        &format!("oci:{}:v1", back.display()),
+    ]));
+    let hex = dm.trim_start_matches("sha256:");
+    assert_eq!(
+        std::fs::read(back.join("blobs/sha256").join(hex)).unwrap(),
+        manifest
+    );
+    // Verification is real: a client trusting another CA refuses the server.
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::copy(&ca2, other.join("ca.crt")).unwrap();
+    let out = Command::new(&skopeo)
+        .args([
+            "inspect",
+            "--cert-dir",
+            other.to_str().unwrap(),
+            "--creds",
+            &creds,
+            &dst,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+
+    // A renewed certificate: SIGHUP, and new connections get it.
+    std::fs::copy(&cert2, &cert).unwrap();
+    std::fs::copy(&key2, &key).unwrap();
+    let pid = h.child.id().to_string();
+    run_ok(Command::new("kill").args(["-HUP", &pid]));
+    wait_until(
+        "the new certificate",
+        std::time::Duration::from_secs(10),
+        || h.log().contains("TLS certificate and key read again"),
+    );
+    assert_eq!(served_cn(h.addr, &ca2), "two");
+    // A broken one: the reload fails, the one in use stays.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    run_ok(Command::new("kill").args(["-HUP", &pid]));
+    wait_until(
+        "the failed reload",
+        std::time::Duration::from_secs(10),
+        || h.log().contains("TLS reload failed"),
+    );
+    assert_eq!(served_cn(h.addr, &ca2), "two");
+    std::fs::copy(&ca2, certs.join("ca.crt")).unwrap();
+    run_ok(Command::new(&skopeo).args(["inspect", "--cert-dir", certs_s, "--creds", &creds, &dst]));
+}

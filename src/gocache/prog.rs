@@ -45,6 +45,9 @@ pub struct ProgArgs {
     /// ~/.cache/hoard-gocacheprog).
     #[arg(long, env = "HOARD_GOCACHE_DIR")]
     pub dir: Option<PathBuf>,
+    /// A hoard token (when the server has `[auth]`), sent as `Authorization: Bearer`.
+    #[arg(long, env = "HOARD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Entries are shared within a namespace (e.g. one per toolchain or per team).
     #[arg(long, env = "HOARD_GOCACHE_NAMESPACE", default_value = "default")]
     pub namespace: String,
@@ -146,6 +149,7 @@ type Flight = Arc<tokio::sync::OnceCell<bool>>;
 struct Helper {
     dir: PathBuf,
     base: String,
+    authorization: Option<http::HeaderValue>,
     http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
     /// Unix ms until which the server is not asked (after a connection failure).
@@ -246,6 +250,7 @@ async fn main(args: ProgArgs) -> anyhow::Result<()> {
     let helper = Arc::new(Helper {
         dir,
         base,
+        authorization: crate::http::bearer(args.token.as_deref()),
         http: Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(crate::gomod::upstream::connector(Duration::from_secs(2))),
@@ -674,9 +679,11 @@ impl Helper {
             return None;
         }
         let url = format!("{}/action/{}", self.base, hex(a));
-        let req = hyper::Request::get(&url)
-            .body(Full::new(Bytes::new()))
-            .ok()?;
+        let mut req = hyper::Request::get(&url);
+        if let Some(a) = &self.authorization {
+            req = req.header(http::header::AUTHORIZATION, a.clone());
+        }
+        let req = req.body(Full::new(Bytes::new())).ok()?;
         let sent = Instant::now();
         let resp = match tokio::time::timeout(self.timeout, self.http.request(req)).await {
             Ok(Ok(r)) => r,
@@ -843,10 +850,13 @@ impl Helper {
             hex(&u.action),
             hex(&u.output)
         );
-        let req = hyper::Request::put(&url)
+        let mut req = hyper::Request::put(&url)
             .header(http::header::CONTENT_LENGTH, data.len())
-            .header(super::SESSION, &self.session)
-            .body(Full::new(Bytes::from(data)));
+            .header(super::SESSION, &self.session);
+        if let Some(a) = &self.authorization {
+            req = req.header(http::header::AUTHORIZATION, a.clone());
+        }
+        let req = req.body(Full::new(Bytes::from(data)));
         let Ok(req) = req else { return };
         let ok = match tokio::time::timeout(self.timeout, self.http.request(req)).await {
             Ok(Ok(r)) => {

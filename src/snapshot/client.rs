@@ -57,21 +57,27 @@ pub struct Common {
     /// Transfers at once.
     #[arg(long, default_value_t = 8)]
     pub parallel: usize,
+    /// A hoard token (when the server has `[auth]`), sent as `Authorization: Bearer`.
+    #[arg(long, env = "HOARD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 type Http = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+#[derive(Clone)]
 struct Conn {
     http: Http,
     base: String,
+    authorization: Option<http::HeaderValue>,
 }
 
 impl Conn {
-    fn new(url: &str) -> Conn {
+    fn new(url: &str, token: Option<&str>) -> Conn {
         Conn {
             http: Client::builder(TokioExecutor::new())
                 .build(crate::gomod::upstream::connector(Duration::from_secs(10))),
             base: url.trim_end_matches('/').to_owned(),
+            authorization: crate::http::bearer(token),
         }
     }
 
@@ -82,11 +88,14 @@ impl Conn {
         body: Bytes,
     ) -> anyhow::Result<(http::StatusCode, http::HeaderMap, Bytes)> {
         let url = format!("{}{path}", self.base);
-        let req = hyper::Request::builder()
+        let mut req = hyper::Request::builder()
             .method(method)
             .uri(&url)
-            .header(http::header::CONTENT_LENGTH, body.len())
-            .body(Full::new(body))?;
+            .header(http::header::CONTENT_LENGTH, body.len());
+        if let Some(a) = &self.authorization {
+            req = req.header(http::header::AUTHORIZATION, a.clone());
+        }
+        let req = req.body(Full::new(body))?;
         let resp = tokio::time::timeout(Duration::from_secs(300), self.http.request(req))
             .await
             .map_err(|_| anyhow::anyhow!("{url}: no answer within 300 s"))?
@@ -233,7 +242,7 @@ fn walk(root: &Path) -> anyhow::Result<Vec<(Node, PathBuf)>> {
 fn save(rt: &tokio::runtime::Runtime, c: &Common, dir: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
     format::check_key(&c.key).map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    let conn = Conn::new(&c.url);
+    let conn = Conn::new(&c.url, c.token.as_deref());
     let key_path = format!("/snapshots/{}", c.key);
     // What the key's last snapshot stored: those chunks are not compressed or offered again.
     let mut known: HashMap<String, String> = HashMap::new();
@@ -384,11 +393,9 @@ async fn upload(
         bytes += data.len() as u64;
         let permit = sem.clone().acquire_owned().await?;
         let path = format!("/snapshots/{key}/_chunks/{d}");
-        let http = conn.http.clone();
-        let base = conn.base.clone();
+        let c = conn.clone();
         tasks.spawn(async move {
             let _permit = permit;
-            let c = Conn { http, base };
             let (status, _, body) = c.call(http::Method::PUT, &path, data).await?;
             if !status.is_success() {
                 anyhow::bail!(
@@ -498,7 +505,7 @@ fn restore(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     format::check_key(&c.key).map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    let conn = Conn::new(&c.url);
+    let conn = Conn::new(&c.url, c.token.as_deref());
     let mut found = rt.block_on(conn.index(&format!("/snapshots/{}", c.key)))?;
     if found.is_none() {
         for p in restore_keys {
@@ -569,7 +576,7 @@ fn restore(
         let mut tasks = tokio::task::JoinSet::new();
         for (i, n) in fetch.iter().enumerate() {
             let permit = sem.clone().acquire_owned().await?;
-            let (node, http, base) = ((*n).clone(), conn.http.clone(), conn.base.clone());
+            let (node, conn) = ((*n).clone(), conn.clone());
             let (path, tmp) = (
                 dir.join(&n.path),
                 dir.join(format!("{}.hoard-restore-{i}", n.path)),
@@ -579,7 +586,6 @@ fn restore(
             tasks.spawn(async move {
                 let (key, downloaded, done_files) = (key_t, downloaded_t, done_t);
                 let _permit = permit;
-                let conn = Conn { http, base };
                 let mut data = Vec::with_capacity(node.size as usize);
                 for ch in &node.chunks {
                     let p = format!("/snapshots/{key}/_chunks/{}", ch.blob);

@@ -96,8 +96,12 @@ impl Hoard {
                         l.push_str(&line);
                         l.push('\n');
                     }
-                    if let Some(i) = line.find("listening on http://") {
-                        let addr: String = line[i + 20..]
+                    let found = line
+                        .find("listening on http://")
+                        .map(|i| i + 20)
+                        .or_else(|| line.find("listening on https://").map(|i| i + 21));
+                    if let Some(i) = found {
+                        let addr: String = line[i..]
                             .chars()
                             .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
                             .collect();
@@ -875,4 +879,63 @@ pub fn make_oci_layout(dir: &Path) -> (String, Vec<u8>) {
     });
     std::fs::write(dir.join("layout/index.json"), index.to_string()).unwrap();
     (dm, manifest)
+}
+
+/// A certificate for 127.0.0.1 and localhost signed by a CA of its own, made with openssl:
+/// (the CA's certificate, the server's certificate, its key).
+pub fn make_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let openssl = require_tool("openssl", "install it with `apt-get install openssl`");
+    let p = |ext: &str| dir.join(format!("{name}.{ext}"));
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run_ok(
+        Command::new(&openssl)
+            .args([
+                "req",
+                "-x509",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={name} CA"),
+            ])
+            .args(ec)
+            .arg("-keyout")
+            .arg(p("ca.key"))
+            .arg("-out")
+            .arg(p("ca.crt")),
+    );
+    run_ok(
+        Command::new(&openssl)
+            .args(["req", "-new", "-subj", &format!("/CN={name}")])
+            .args(ec)
+            .arg("-keyout")
+            .arg(p("key"))
+            .arg("-out")
+            .arg(p("csr")),
+    );
+    std::fs::write(
+        p("ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run_ok(
+        Command::new(&openssl)
+            .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+            .arg("-in")
+            .arg(p("csr"))
+            .arg("-CA")
+            .arg(p("ca.crt"))
+            .arg("-CAkey")
+            .arg(p("ca.key"))
+            .arg("-extfile")
+            .arg(p("ext"))
+            .arg("-out")
+            .arg(p("crt")),
+    );
+    (p("ca.crt"), p("crt"), p("key"))
 }
