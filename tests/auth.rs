@@ -837,3 +837,115 @@ fn tls_round_trip_with_skopeo_and_a_new_certificate_on_sighup() {
     std::fs::copy(&ca2, certs.join("ca.crt")).unwrap();
     run_ok(Command::new(&skopeo).args(["inspect", "--cert-dir", certs_s, "--creds", &creds, &dst]));
 }
+
+/// containerd's ctr and buildah push and pull with a token (both speak the token flow), and
+/// fail without one.
+#[test]
+fn ctr_and_buildah_push_and_pull_with_a_token() {
+    let skopeo = require_tool("skopeo", "install it with `apt-get install skopeo`");
+    let buildah = require_tool("buildah", "install it with `apt-get install buildah`");
+    let (h, s, _dir) = start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (dm, _) = make_oci_layout(tmp.path());
+    let creds = format!("ci:{}", s.team_a);
+    let reference = format!("127.0.0.1:{}/team-a/base:v1", h.port());
+    run_ok(Command::new(&skopeo).args([
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        &creds,
+        &format!("oci:{}:v1", tmp.path().join("layout").display()),
+        &format!("docker://{reference}"),
+    ]));
+
+    let ctd = Containerd::start(&tmp.path().join("ctd"));
+    let out = ctd
+        .ctr()
+        .args(["images", "pull", "--plain-http", &reference])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a pull without credentials");
+    run_ok(ctd.ctr().args([
+        "images",
+        "pull",
+        "--plain-http",
+        "--user",
+        &creds,
+        &reference,
+    ]));
+    let pushed = format!("127.0.0.1:{}/team-a/pushed:v2", h.port());
+    run_ok(ctd.ctr().args(["images", "tag", &reference, &pushed]));
+    let out = ctd
+        .ctr()
+        .args([
+            "images",
+            "push",
+            "--plain-http",
+            "--user",
+            &format!("x:{}", s.go),
+            &pushed,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a push with a token without oci scopes"
+    );
+    run_ok(
+        ctd.ctr()
+            .args(["images", "push", "--plain-http", "--user", &creds, &pushed]),
+    );
+    let r = get_as(
+        &h,
+        "HEAD",
+        "/v2/team-a/pushed/manifests/v2",
+        Some(&basic(&s.team_a)),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("docker-content-digest"), Some(dm.as_str()));
+
+    let root = tmp.path().join("buildah");
+    let b = || {
+        let mut c = Command::new(&buildah);
+        c.arg("--storage-driver")
+            .arg("vfs")
+            .arg("--root")
+            .arg(root.join("root"))
+            .arg("--runroot")
+            .arg(root.join("run"));
+        c
+    };
+    let out = b()
+        .args([
+            "pull",
+            "--tls-verify=false",
+            &format!("docker://{reference}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a buildah pull without credentials");
+    run_ok(b().args([
+        "pull",
+        "--tls-verify=false",
+        "--creds",
+        &creds,
+        &format!("docker://{reference}"),
+    ]));
+    let again = format!("docker://127.0.0.1:{}/team-a/buildah:v3", h.port());
+    run_ok(b().args([
+        "push",
+        "--tls-verify=false",
+        "--creds",
+        &creds,
+        &reference,
+        &again,
+    ]));
+    let r = get_as(
+        &h,
+        "GET",
+        "/v2/team-a/buildah/tags/list",
+        Some(&basic(&s.team_a)),
+    );
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("v3"), "{}", r.text());
+}

@@ -112,8 +112,6 @@ fn buildah_layer_cache_round_trips_with_a_full_hit_after_wiping_local_storage() 
 
 #[test]
 fn containerd_pulls_and_pushes_through_a_private_containerd() {
-    let containerd = require_tool("containerd", "install it with `apt-get install containerd`");
-    let ctr = require_tool("ctr", "install it with `apt-get install containerd`");
     let skopeo = require_tool("skopeo", "install it with `apt-get install skopeo`");
     let h = Hoard::start(&[]);
     let tmp = tempfile::tempdir().unwrap();
@@ -125,45 +123,8 @@ fn containerd_pulls_and_pushes_through_a_private_containerd() {
         &format!("oci:{}:v1", tmp.path().join("layout").display()),
         &format!("docker://{reference}"),
     ]));
-    let d = tmp.path().join("ctd");
-    std::fs::create_dir_all(&d).unwrap();
-    let sock = d.join("c.sock");
-    std::fs::write(
-        d.join("config.toml"),
-        format!(
-            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.snapshotter.v1.btrfs\", \"io.containerd.snapshotter.v1.zfs\", \"io.containerd.snapshotter.v1.aufs\", \"io.containerd.snapshotter.v1.devmapper\"]\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n[debug]\n  address = \"\"\n",
-            root = d.join("root").display(),
-            state = d.join("state").display(),
-            sock = sock.display()
-        ),
-    )
-    .unwrap();
-    let mut daemon = Command::new(&containerd)
-        .arg("--config")
-        .arg(d.join("config.toml"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _guard = Kill(&mut daemon);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !sock.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let ctr_cmd = || {
-        let mut c = Command::new(&ctr);
-        c.arg("--address")
-            .arg(&sock)
-            .args(["--namespace", "hoardtest"]);
-        c
-    };
+    let ctd = Containerd::start(&tmp.path().join("ctd"));
+    let ctr_cmd = || ctd.ctr();
     run_ok(ctr_cmd().args(["images", "pull", "--plain-http", &reference]));
     let pushed = format!("127.0.0.1:{}/pushed/img:v2", h.port());
     run_ok(ctr_cmd().args(["images", "tag", &reference, &pushed]));

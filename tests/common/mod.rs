@@ -939,3 +939,57 @@ pub fn make_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
     );
     (p("ca.crt"), p("crt"), p("key"))
 }
+
+/// A private containerd (its own root, state and socket; no CRI), killed when dropped.
+pub struct Containerd {
+    child: Child,
+    pub sock: PathBuf,
+    ctr: PathBuf,
+}
+
+impl Containerd {
+    pub fn start(d: &Path) -> Containerd {
+        let containerd = require_tool("containerd", "install it with `apt-get install containerd`");
+        let ctr = require_tool("ctr", "install it with `apt-get install containerd`");
+        std::fs::create_dir_all(d).unwrap();
+        let sock = d.join("c.sock");
+        std::fs::write(
+            d.join("config.toml"),
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.snapshotter.v1.btrfs\", \"io.containerd.snapshotter.v1.zfs\", \"io.containerd.snapshotter.v1.aufs\", \"io.containerd.snapshotter.v1.devmapper\"]\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n[debug]\n  address = \"\"\n",
+                root = d.join("root").display(),
+                state = d.join("state").display(),
+                sock = sock.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(&containerd)
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Containerd { child, sock, ctr }
+    }
+
+    /// `ctr` on this containerd, in namespace hoardtest.
+    pub fn ctr(&self) -> Command {
+        let mut c = Command::new(&self.ctr);
+        c.arg("--address")
+            .arg(&self.sock)
+            .args(["--namespace", "hoardtest"]);
+        c
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
