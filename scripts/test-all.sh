@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs the real peers the tests talk to
-# (skopeo, buildah, containerd + ctr, Debian's docker-registry for the benchmark, faketime, openssl, and
+# (skopeo, buildah, containerd + ctr, Debian's docker-registry for the benchmark, faketime, openssl, chromium, and
 # an S3 server and a Go toolchain in a local venv), then checks formatting and lints and runs every test against
 # the release binary: all of them on the disk store, then the registry and lifecycle suites
 # again on the S3 and the tiered store (the tests start the S3 server themselves).
@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in skopeo:skopeo buildah:buildah containerd:containerd ctr:containerd docker-registry:docker-registry faketime:faketime openssl:openssl; do
+for pair in skopeo:skopeo buildah:buildah containerd:containerd ctr:containerd docker-registry:docker-registry faketime:faketime openssl:openssl chromium:chromium; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

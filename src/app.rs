@@ -808,8 +808,7 @@ pub async fn serve(
                     _ = tokio::time::sleep(gc_interval) => {}
                     _ = app.life.wake.notified() => {}
                 }
-                let life = app.life.clone();
-                match blocking(move || life.pass(None)).await {
+                match timed_pass(app.life.clone()).await {
                     Ok(r) => tracing::debug!(
                         removed = r.victims.len(),
                         freed = r.freed,
@@ -847,6 +846,17 @@ pub async fn serve(
             app.swept.send_replace(true);
         });
     }
+    let sampler = tokio::spawn(async {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            crate::metrics::sample(now);
+        }
+    });
     let expiry = {
         let reg = app.registry.clone();
         let period = (upload_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
@@ -876,6 +886,7 @@ pub async fn serve(
     };
     crate::http::serve(listener, handler, shutdown_signal(), grace, limits, tls).await;
     group_commit.abort();
+    sampler.abort();
     lifecycle.abort();
     expiry.abort();
     if let Some(w) = watcher {
@@ -922,6 +933,11 @@ async fn route(app: &Arc<App>, req: hyper::Request<hyper::body::Incoming>) -> Re
     if path.starts_with("/admin/") {
         return admin(app, req).await;
     }
+    let wants_html = req
+        .headers()
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
     match path {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => match app.ready.why_not() {
@@ -931,6 +947,35 @@ async fn route(app: &Arc<App>, req: hyper::Request<hyper::body::Incoming>) -> Re
                 format!("not ready: {why}\n"),
             ),
         },
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, metrics_text(app));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        "/status.json" => {
+            let mut r = text(StatusCode::OK, status_json(app));
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+        // Browsers get the page; everything else (curl, scripts, the tests) the text.
+        "/" if wants_html => {
+            let mut r = text(StatusCode::OK, STATUS_HTML.into());
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            r.headers_mut().insert(
+                "content-security-policy",
+                HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
+                ),
+            );
+            r
+        }
         "/" => text(StatusCode::OK, status_page(app)),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
@@ -1184,7 +1229,7 @@ async fn admin(app: &Arc<App>, req: hyper::Request<hyper::body::Incoming>) -> Re
             StatusCode::CONFLICT,
             app.not_collector().unwrap_or_default(),
         ),
-        "/admin/gc" => match blocking(move || life.pass(None)).await {
+        "/admin/gc" => match timed_pass(life).await {
             Ok(r) => text(StatusCode::OK, render_pass(&r)),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         },
@@ -1209,6 +1254,13 @@ async fn admin(app: &Arc<App>, req: hyper::Request<hyper::body::Incoming>) -> Re
 }
 
 /// A pass's result as text: one line per reason and repository, then the total.
+async fn timed_pass(life: Arc<Lifecycle>) -> Result<crate::lifecycle::gc::Report> {
+    let started = std::time::Instant::now();
+    let pass = blocking(move || life.pass(None)).await;
+    crate::metrics::gc_pass(started.elapsed());
+    pass
+}
+
 pub fn render_pass(r: &crate::lifecycle::gc::Report) -> String {
     let mut s = String::new();
     for ((reason, repo), t) in &r.tallies {
@@ -1227,6 +1279,160 @@ pub fn render_pass(r: &crate::lifecycle::gc::Report) -> String {
         t.tags, t.manifests, t.blobs, r.freed
     ));
     s
+}
+
+const STATUS_HTML: &str = include_str!("status.html");
+
+/// `/status.json`: what the status page shows.
+fn status_json(app: &App) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let (store, top_size) = {
+        let s = app.index.read();
+        let manifests: usize = s.repos.values().map(|r| r.manifests.len()).sum();
+        let tags: usize = s.repos.values().map(|r| r.tags.len()).sum();
+        let mut sizes: Vec<(String, u64)> = s
+            .repos
+            .iter()
+            .map(|(name, r)| {
+                let bytes = r
+                    .blobs
+                    .iter()
+                    .filter_map(|d| s.blobs.get(d).map(|b| b.size))
+                    .sum::<u64>();
+                (name.to_string(), bytes)
+            })
+            .filter(|(_, b)| *b > 0)
+            .collect();
+        sizes.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        sizes.truncate(10);
+        (
+            serde_json::json!({
+                "bytes": s.total,
+                "limit": app.config.max_size.map(|m| m.0).unwrap_or(0),
+                "blobs": s.blobs.len(),
+                "manifests": manifests,
+                "tags": tags,
+                "repositories": s.repos.len(),
+                "uploads": app.registry.uploads.len(),
+            }),
+            sizes,
+        )
+    };
+    let fronts: Vec<serde_json::Value> = crate::metrics::hits_and_misses()
+        .into_iter()
+        .map(|(f, h, m)| serde_json::json!({"front": f, "hits": h, "misses": m}))
+        .collect();
+    let history: Vec<serde_json::Value> = crate::metrics::history(now)
+        .into_iter()
+        .map(|(t, row)| {
+            serde_json::json!({
+                "at": t,
+                "fronts": row.into_iter().map(|(f, h, m)| serde_json::json!({"front": f, "hits": h, "misses": m})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let evictions: Vec<serde_json::Value> = app
+        .life
+        .recent()
+        .into_iter()
+        .take(20)
+        .map(|(at, reason, repo, t)| {
+            serde_json::json!({"at": at, "reason": reason.as_str(), "repository": repo,
+                               "tags": t.tags, "manifests": t.manifests, "blobs": t.blobs, "bytes": t.bytes})
+        })
+        .collect();
+    let mut config: Vec<(String, String)> = app
+        .settings()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    config.push((
+        "auth".into(),
+        match &app.auth {
+            Some(_) => "tokens required (per-front-end scopes)".into(),
+            None => "off: every request is allowed".into(),
+        },
+    ));
+    config.push((
+        "tls".into(),
+        if app.config.tls_cert.is_some() {
+            "on"
+        } else {
+            "off"
+        }
+        .into(),
+    ));
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "ready": app.ready.why_not().is_none(),
+        "not_ready": app.ready.why_not(),
+        "store": store,
+        "fronts": fronts,
+        "history": history,
+        "top_size": top_size.into_iter().map(|(r, b)| serde_json::json!({"repository": r, "bytes": b})).collect::<Vec<_>>(),
+        "top_pulls": crate::metrics::top_pulls(10).into_iter().map(|(r, n)| serde_json::json!({"repository": r, "pulls": n})).collect::<Vec<_>>(),
+        "evictions": evictions,
+        "config": config,
+    })
+    .to_string()
+}
+
+/// `/metrics`: the counters the HTTP layer keeps, with the state's numbers set now.
+fn metrics_text(app: &App) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = crate::metrics::get();
+    let kind = |k: &'static str| crate::metrics::KindLabel { kind: k };
+    {
+        let s = app.index.read();
+        m.store_bytes.set(s.total as i64);
+        m.objects
+            .get_or_create(&kind("repositories"))
+            .set(s.repos.len() as i64);
+        m.objects
+            .get_or_create(&kind("manifests"))
+            .set(s.repos.values().map(|r| r.manifests.len()).sum::<usize>() as i64);
+        m.objects
+            .get_or_create(&kind("tags"))
+            .set(s.repos.values().map(|r| r.tags.len()).sum::<usize>() as i64);
+        m.objects
+            .get_or_create(&kind("blobs"))
+            .set(s.blobs.len() as i64);
+        m.objects
+            .get_or_create(&kind("unreferenced_blobs"))
+            .set(s.unreferenced.len() as i64);
+    }
+    m.store_limit_bytes
+        .set(app.config.max_size.map(|s| s.0 as i64).unwrap_or(0));
+    m.uploads.set(app.registry.uploads.len() as i64);
+    m.upload_bytes_reserved.set(app.life.reserved() as i64);
+    m.transfers.set(app.registry.transfers_in_progress() as i64);
+    m.ready.set(i64::from(app.ready.why_not().is_none()));
+    let mut by_reason: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    for ((reason, _repo), t) in app.life.totals() {
+        let e = by_reason.entry(reason.as_str().to_owned()).or_default();
+        e.0 += t.tags;
+        e.1 += t.bytes;
+    }
+    for (reason, (n, bytes)) in by_reason {
+        let l = crate::metrics::ReasonLabel { reason };
+        crate::metrics::set_counter(&m.evictions.get_or_create(&l), n);
+        crate::metrics::set_counter(&m.evicted_bytes.get_or_create(&l), bytes);
+    }
+    if let Some(b) = &app.bucket {
+        for (op, n) in b.counters.by_operation() {
+            let l = crate::metrics::OpLabel {
+                operation: op.to_string(),
+            };
+            crate::metrics::set_counter(&m.s3_requests.get_or_create(&l), n);
+        }
+        crate::metrics::set_counter(&m.s3_errors, b.counters.failures.load(Relaxed));
+        m.s3_clock_offset_seconds
+            .set(b.clock.offset_ms() as f64 / 1000.0);
+    }
+    crate::metrics::render()
 }
 
 fn status_page(app: &App) -> String {

@@ -792,7 +792,7 @@ pub fn need_of(method: &http::Method, path: &str, query: Option<&str>) -> Option
     }
     match path {
         "/healthz" | "/readyz" | "/token" => None,
-        "/metrics" | "/" => Some(Some(Need {
+        "/metrics" | "/" | "/status.json" => Some(Some(Need {
             front: Front::Metrics,
             name: Some("*".into()),
             action: READ,

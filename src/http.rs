@@ -355,6 +355,8 @@ struct Logged {
     started: std::time::Instant,
     finished: bool,
     errored: bool,
+    /// An access log line (always counted in the metrics).
+    log: bool,
 }
 
 impl http_body::Body for Logged {
@@ -389,6 +391,17 @@ impl http_body::Body for Logged {
 
 impl Drop for Logged {
     fn drop(&mut self) {
+        crate::metrics::request(
+            &self.method,
+            &self.path,
+            self.status,
+            self.bytes_in.unwrap_or(0),
+            self.bytes_out,
+            self.started.elapsed(),
+        );
+        if !self.log {
+            return;
+        }
         let complete =
             !self.errored && (self.finished || http_body::Body::is_end_stream(&self.inner));
         tracing::info!(
@@ -560,9 +573,6 @@ pub async fn serve(
                     req.extensions_mut().insert(Secure);
                 }
                 async move {
-                    if !limits.access_log {
-                        return Ok::<_, Infallible>(h(req).await);
-                    }
                     let started = std::time::Instant::now();
                     let method = req.method().clone();
                     let path = req.uri().path().to_owned();
@@ -583,11 +593,12 @@ pub async fn serve(
                         started,
                         finished: false,
                         errored: true,
+                        log: limits.access_log,
                     };
                     let resp = h(req).await;
                     line.status = resp.status().as_u16();
                     line.errored = false;
-                    Ok(resp.map(|inner| {
+                    Ok::<_, Infallible>(resp.map(|inner| {
                         line.inner = inner;
                         BoxBody::new(line)
                     }))

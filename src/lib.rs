@@ -14,6 +14,7 @@ pub mod gocache;
 pub mod gomod;
 pub mod http;
 pub mod lifecycle;
+pub mod metrics;
 pub mod names;
 pub mod oci;
 pub mod registry;

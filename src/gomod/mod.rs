@@ -344,6 +344,11 @@ impl GoProxy {
     async fn load(self: &Arc<Self>, slot: &Slot) -> Result<Entry> {
         let key = format!("{}:{}", slot.repo, slot.tag);
         let kept = self.kept(slot).await?;
+        if kept.is_some() {
+            crate::metrics::hit("gomod");
+        } else {
+            crate::metrics::miss("gomod");
+        }
         let due = slot.mutable
             && self
                 .fetched

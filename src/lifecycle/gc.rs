@@ -98,6 +98,9 @@ impl Tally {
 /// Where a blob no repository links is counted.
 const NO_REPO: &str = "-";
 
+/// Evictions the status page lists.
+const RECENT: usize = 50;
+
 #[derive(Debug, Default)]
 pub struct Report {
     pub tallies: BTreeMap<(Reason, String), Tally>,
@@ -554,6 +557,8 @@ pub struct Lifecycle {
     /// One pass at a time.
     running: Mutex<()>,
     totals: Mutex<BTreeMap<(Reason, String), Tally>>,
+    /// The last evictions (wall-clock ms, reason, repository, what), newest last.
+    recent: Mutex<std::collections::VecDeque<(i64, Reason, String, Tally)>>,
     /// Wakes the background pass when an upload pushed usage over the high watermark.
     pub wake: tokio::sync::Notify,
     /// Set when the store is a bucket shared with other replicas: passes run only in the
@@ -588,6 +593,7 @@ impl Lifecycle {
             data_dir,
             running: Mutex::new(()),
             totals: Mutex::new(BTreeMap::new()),
+            recent: Mutex::new(std::collections::VecDeque::new()),
             wake: tokio::sync::Notify::new(),
             shared: std::sync::OnceLock::new(),
         }
@@ -831,8 +837,17 @@ impl Lifecycle {
 
     fn count(&self, report: &Report) {
         let mut totals = self.totals.lock().unwrap_or_else(|e| e.into_inner());
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
         for ((reason, repo), t) in &report.tallies {
             totals.entry((*reason, repo.clone())).or_default().add(t);
+            recent.push_back((now, *reason, repo.clone(), *t));
+            while recent.len() > RECENT {
+                recent.pop_front();
+            }
             tracing::info!(
                 reason = %reason.as_str(),
                 repository = %repo,
@@ -843,6 +858,12 @@ impl Lifecycle {
                 "evicted"
             );
         }
+    }
+
+    /// The last evictions, newest first: (wall-clock ms, reason, repository, what went).
+    pub fn recent(&self) -> Vec<(i64, Reason, String, Tally)> {
+        let r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        r.iter().rev().cloned().collect()
     }
 
     /// Evictions since start, by reason and repository.
