@@ -257,6 +257,8 @@ async fn put(
         )));
     }
     let _permit = reg.transfer().await?;
+    // Held until the entry names the output (see `set_file_ref`).
+    let _pin = reg.life.pins.pin(digest);
     let mut writer = reg.new_writer(Algorithm::Sha256)?;
     writer.named(&digest);
     writer.reserve(size)?;

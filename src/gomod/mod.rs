@@ -467,6 +467,8 @@ impl GoProxy {
                     size: body.len() as u64,
                 };
                 if kept != Some(e) {
+                    // Held until the tag names it (see `set_file_ref`).
+                    let _pin = self.reg.life.pins.pin(d);
                     self.reg.put_bytes(&slot.repo, d, body).await.map_err(|e| {
                         Attempt::Failed(format!("keeping {}: {}", slot.url_path, e.message))
                     })?;
@@ -588,6 +590,7 @@ impl GoProxy {
                 )
                 .await
         };
+        let _pin = self.reg.life.pins.pin(digest);
         keep.await
             .map_err(|e| Attempt::Failed(format!("keeping {}: {}", slot.url_path, e.message)))?;
         drop(tmp);

@@ -522,6 +522,11 @@ impl Pins {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// What is pinned now.
+    pub fn snapshot(&self) -> crate::digest::DigestSet {
+        self.map().keys().copied().collect()
+    }
+
     pub fn pin(&self, d: Digest) -> Pin<'_> {
         *self.map().entry(d).or_insert(0) += 1;
         Pin {
@@ -626,8 +631,11 @@ impl Lifecycle {
         let now = self.clock.now_ms();
         let reserved = self.reserved();
         let mut report = Report::default();
+        // A blob someone is writing or linking right now (a file ref between its bytes and its
+        // manifest) is not collected under them.
+        let pinned = self.pins.snapshot();
         self.index.commit_if(|state| {
-            let (ops, r) = self.plan(state, now, ceiling, reserved, None);
+            let (ops, r) = self.plan(state, now, ceiling, reserved, Some(&pinned));
             report = r;
             Ok(ops)
         })?;
@@ -1339,6 +1347,30 @@ mod tests {
         assert!(w.life.index.read().total <= 680);
         let t = r.tallies[&(Reason::Size, "app".to_string())];
         assert_eq!((t.tags, t.manifests, t.blobs), (2, 2, 4));
+    }
+
+    #[test]
+    fn a_pinned_blob_survives_the_eviction_of_the_last_root_naming_it() {
+        // A file ref between its bytes and its manifest holds pins on both: the pass that
+        // evicts the only other ref naming the shared config must leave it.
+        let w = world(Policy {
+            max_size: Some(300),
+            orphan_grace: H,
+            ..Policy::default()
+        });
+        let config = w.blob("gomod/a", "empty config", 2);
+        let file = w.blob("gomod/a", "file", 200);
+        w.image("gomod/a", "v1", &[config, file]);
+        w.wait(1000);
+        let pin = w.life.pins.pin(config);
+        let big = w.blob("other", "big", 200);
+        w.image("other", "v1", &[big]);
+        let r = w.life.pass(None).unwrap();
+        w.check_invariant();
+        assert!(!w.has_tag("gomod/a", "v1"), "the older root went: {r:?}");
+        assert!(!w.has_blob(&file));
+        assert!(w.has_blob(&config), "the pinned config stays");
+        drop(pin);
     }
 
     #[test]

@@ -119,6 +119,9 @@ impl Registry {
         file: FileRef,
     ) -> Result<Digest> {
         let config = Digest::sha256_of(EMPTY_CONFIG);
+        // Both stay pinned until the manifest names them: a collection in between (the last
+        // other ref naming the empty config evicted) must not take them from under it.
+        let _pins = (self.life.pins.pin(config), self.life.pins.pin(file.digest));
         self.put_bytes(repo, config, Bytes::from_static(EMPTY_CONFIG))
             .await?;
         let manifest = serde_json::json!({
