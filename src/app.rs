@@ -1065,25 +1065,34 @@ fn authorize(
             return Err(refuse(StatusCode::FORBIDDEN, Some(&need), why, false));
         }
     }
-    // A mount reads the repository it comes from.
+    // A mount reads the repository it comes from; one without `from` (any repository) or
+    // from one the caller may not read becomes a plain upload. Keys as the front end decodes
+    // them.
     if need.oci && req.method() == http::Method::POST {
-        let q = req.uri().query().unwrap_or("");
-        let from = q
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("from="))
-            .map(crate::oci::percent_decode);
-        if let Some(from) = from {
-            let (front, name) = crate::auth::front_of_repo(&from);
-            let read = Need {
-                front,
-                name: Some(name),
-                action: crate::auth::READ,
-                oci: true,
-            };
-            if !matches!(auth.check(&who, &read), Verdict::Allow) {
-                let kept: Vec<&str> = q
+        let pairs = crate::oci::query(&req);
+        if pairs.iter().any(|(k, _)| k == "mount") {
+            let readable = crate::oci::query_one(&pairs, "from").is_some_and(|from| {
+                let (front, name) = crate::auth::front_of_repo(from);
+                let read = Need {
+                    front,
+                    name: Some(name),
+                    action: crate::auth::READ,
+                    oci: true,
+                    prefix_query: false,
+                };
+                matches!(auth.check(&who, &read), Verdict::Allow)
+            });
+            if !readable {
+                let kept: Vec<&str> = req
+                    .uri()
+                    .query()
+                    .unwrap_or("")
                     .split('&')
-                    .filter(|kv| !kv.starts_with("from=") && !kv.starts_with("mount="))
+                    .filter(|kv| {
+                        let k = kv.split_once('=').map_or(*kv, |(k, _)| k);
+                        let k = crate::oci::percent_decode(&k.replace('+', " "));
+                        !kv.is_empty() && k != "mount" && k != "from"
+                    })
                     .collect();
                 let pq = if kept.is_empty() {
                     req.uri().path().to_owned()
@@ -1155,6 +1164,10 @@ async fn token_endpoint(
                 .get(http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok());
             match auth.identify(authz) {
+                // A token from /token does not buy another: it would outlive its own expiry.
+                Ok(crate::auth::Who::Signed(_)) => {
+                    refuse("present a configured token (Basic), not one from /token".into())
+                }
                 Ok(who) => json(StatusCode::OK, auth.issue(&who, &scopes)),
                 Err(why) => refuse(why),
             }

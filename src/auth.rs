@@ -179,6 +179,9 @@ pub struct Need {
     pub action: u8,
     /// An OCI request: refusals speak the registry's challenge.
     pub oci: bool,
+    /// `name` is a prefix selecting names (a snapshot listing): allowed only where every name
+    /// it may select is.
+    pub prefix_query: bool,
 }
 
 impl Need {
@@ -194,6 +197,9 @@ impl Need {
     /// The distribution scope that would grant this, for a challenge.
     fn registry_scope(&self) -> Option<String> {
         let name = self.name.as_deref()?;
+        if self.front == Front::Oci && name == "*" {
+            return Some("registry:catalog:*".into());
+        }
         let repo = match self.front {
             Front::Oci => name.to_owned(),
             Front::Snapshot => format!("snapshots/{name}"),
@@ -486,18 +492,21 @@ impl Auth {
         }
         if scheme.eq_ignore_ascii_case("bearer") {
             if let Some(c) = self.verify(rest) {
-                return if c.exp + 30 < unix_now() {
-                    Err("the token from /token has expired; ask for a new one".into())
-                } else {
-                    Ok(Who::Signed(c))
-                };
+                if c.exp + 30 < unix_now() {
+                    return Err("the token from /token has expired; ask for a new one".into());
+                }
+                if !c.sub.is_empty() && !self.tokens.iter().any(|t| t.name == c.sub) {
+                    return Err(format!("token {:?} is no longer configured", c.sub));
+                }
+                return Ok(Who::Signed(c));
             }
             return self
                 .by_secret(rest)
                 .map(Who::Token)
                 .ok_or_else(|| "unknown or forged token".into());
         }
-        Err(format!("unsupported authorization scheme {scheme:?}"))
+        // Not the header's text: a secret sent without a scheme must not reach a log.
+        Err("unsupported authorization scheme (use Basic or Bearer)".into())
     }
 
     pub fn name_of(&self, who: &Who) -> String {
@@ -531,6 +540,14 @@ impl Auth {
                 }) || self.anon_allows(need)
             }
             _ => match &need.name {
+                // Every key the prefix may select must be covered: a prefix grant that is
+                // itself a prefix of it.
+                Some(n) if need.prefix_query => self.grants_of(who).any(|g| {
+                    g.front == need.front
+                        && g.actions & need.action == need.action
+                        && g.prefix
+                        && n.starts_with(&g.pattern)
+                }),
                 Some(n) => self
                     .grants_of(who)
                     .any(|g| g.covers(need.front, n, need.action)),
@@ -614,11 +631,13 @@ impl Auth {
                     if actions & a == 0 {
                         continue;
                     }
+                    // Names are literal: "*" is the catalog's name, not every repository.
                     let need = Need {
                         front,
-                        name: (name != "*").then(|| name.clone()),
+                        name: Some(name.clone()),
                         action: a,
                         oci: true,
+                        prefix_query: false,
                     };
                     if self.allowed(who, &need) {
                         granted |= a;
@@ -721,6 +740,7 @@ pub fn need_of(method: &http::Method, path: &str, query: Option<&str>) -> Option
             name,
             action,
             oci,
+            prefix_query: false,
         }))
     };
     if path == "/v2" || path == "/v2/" {
@@ -734,6 +754,7 @@ pub fn need_of(method: &http::Method, path: &str, query: Option<&str>) -> Option
                 name: Some("*".into()),
                 action: READ,
                 oci: true,
+                prefix_query: false,
             }));
         }
         let repo = ["/manifests/", "/blobs/", "/tags/", "/referrers/"]
@@ -771,6 +792,7 @@ pub fn need_of(method: &http::Method, path: &str, query: Option<&str>) -> Option
             name: Some(key),
             action,
             oci: false,
+            prefix_query: rest.is_empty(),
         }));
     }
     if let Some(rest) = path.strip_prefix("/gocache/") {
@@ -797,6 +819,7 @@ pub fn need_of(method: &http::Method, path: &str, query: Option<&str>) -> Option
             name: Some("*".into()),
             action: READ,
             oci: false,
+            prefix_query: false,
         })),
         _ => None,
     }
@@ -905,6 +928,7 @@ mod tests {
             name: Some(name.into()),
             action: READ,
             oci: true,
+            prefix_query: false,
         };
         let who = a.identify(Some(&basic(&secret))).unwrap();
         assert!(matches!(a.check(&who, &pull("team-a/x")), Verdict::Allow));
@@ -966,6 +990,31 @@ mod tests {
         // Another process's key does not verify it.
         let (b, _) = auth(&[], &[]);
         assert!(b.verify(t).is_none());
+    }
+
+    #[test]
+    fn a_prefix_listing_needs_a_grant_over_every_key_it_may_select() {
+        let (a, secret) = auth(&["snapshot:ci/k:read", "snapshot:team/*:read"], &[]);
+        let who = a.identify(Some(&basic(&secret))).unwrap();
+        let list = |p: &str| Need {
+            front: Front::Snapshot,
+            name: Some(p.into()),
+            action: READ,
+            oci: false,
+            prefix_query: true,
+        };
+        assert!(
+            matches!(a.check(&who, &list("ci/k")), Verdict::Deny { .. }),
+            "ci/k… may select ci/kernel"
+        );
+        assert!(matches!(a.check(&who, &list("team/")), Verdict::Allow));
+        assert!(matches!(a.check(&who, &list("team/x-")), Verdict::Allow));
+        assert!(matches!(a.check(&who, &list("tea")), Verdict::Deny { .. }));
+        let exact = Need {
+            prefix_query: false,
+            ..list("ci/k")
+        };
+        assert!(matches!(a.check(&who, &exact), Verdict::Allow));
     }
 
     #[test]

@@ -369,6 +369,59 @@ fn the_registry_speaks_distributions_token_flow_and_scopes_hold() {
     // Without write on the target, no upload at all.
     assert_eq!(mount("team-a/lib", &sha256(&shared), &basic(&s.go)), 403);
 
+    // "*" is a name, not a wildcard: a token asked for it reaches no repository.
+    let star = get_as(
+        &h,
+        "GET",
+        "/token?service=hoard&scope=repository:*:pull,push,delete&scope=registry:catalog:*",
+        Some(&basic(&s.team_a)),
+    );
+    let star = star.json()["token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        get_as(&h, "GET", "/v2/private/x/tags/list", Some(&bearer(&star))).status,
+        401
+    );
+    assert_eq!(
+        get_as(&h, "GET", "/v2/_catalog", Some(&bearer(&star))).status,
+        401
+    );
+    let cat = get_as(&h, "GET", "/v2/_catalog", None);
+    assert_eq!(
+        challenge_param(&cat, "scope").as_deref(),
+        Some("registry:catalog:*")
+    );
+    // A mount with no `from`, or an encoded one, is a plain upload too.
+    let m = |q: &str| {
+        h.req("POST", &format!("/v2/public/base/blobs/uploads/?{q}"))
+            .header("Authorization", &basic(&s.team_a))
+            .send()
+            .status
+    };
+    assert_eq!(m(&format!("mount={}", sha256(&private))), 202);
+    assert_eq!(
+        m(&format!("mount={}&%66rom=private/x", sha256(&private))),
+        202
+    );
+    assert_eq!(head(&sha256(&private)), 404);
+    // A token from /token does not buy a new one.
+    assert_eq!(
+        get_as(
+            &h,
+            "GET",
+            "/token?scope=repository:team-a/app:pull",
+            Some(&bearer(&token))
+        )
+        .status,
+        401
+    );
+    // A secret sent without a scheme is refused and not logged.
+    let raw = h
+        .req("GET", "/v2/team-a/app/tags/list")
+        .header("Authorization", &s.team_a)
+        .send();
+    assert_eq!(raw.status, 401);
+    assert!(!raw.text().contains(s.team_a.as_str()));
+
     // Logs name tokens, never secrets.
     let log = h.log();
     assert!(log.contains("team-a may not"), "{log}");
@@ -448,6 +501,36 @@ fn every_front_end_checks_its_scope() {
     assert!(!matches!(missing("ci/k", &basic(&s.snap)), 401 | 403));
     assert_eq!(missing("dev/k", &basic(&s.snap)), 403);
     assert_eq!(missing("ci/k", &basic(&s.go)), 403);
+    // A digest stored only in an image repository is "missing" to a snapshot: naming it does
+    // not link it.
+    let layer = bytes(8, 4000);
+    let pushed = h
+        .req(
+            "POST",
+            &format!("/v2/team-a/img/blobs/uploads/?digest={}", sha256(&layer)),
+        )
+        .header("Authorization", &basic(&s.team_a))
+        .body(layer.clone())
+        .send();
+    assert_eq!(pushed.status, 201);
+    let missing_list = h
+        .req("POST", "/snapshots/ci/k/_missing")
+        .header("Authorization", &basic(&s.snap))
+        .body(format!("[\"{}\"]", sha256(&layer)))
+        .send();
+    assert!(
+        missing_list.text().contains(&sha256(&layer)),
+        "{}",
+        missing_list.text()
+    );
+    assert_eq!(
+        snap(
+            "GET",
+            &format!("/snapshots/ci/k/_chunks/{}", sha256(&layer)),
+            &basic(&s.snap)
+        ),
+        404
+    );
     assert_eq!(snap("GET", "/snapshots/ci/k", &basic(&s.snap)), 404);
     assert_eq!(snap("GET", "/snapshots/dev/k", &basic(&s.snap)), 403);
     assert_eq!(snap("DELETE", "/snapshots/ci/k", &basic(&s.snap)), 403);

@@ -158,7 +158,7 @@ fn s3_requests_per_pushed_and_pulled_blob() {
     let mut pushed = Vec::new();
     for i in 0..5 {
         let data = bytes(10 + i, 4 * K);
-        let before = h.s3_requests();
+        let before = h.s3_settled();
         let (status, body) = push_mono(&h, "app", &data);
         assert_eq!(status, 201, "{body}");
         let n = h.s3_requests() - before;
@@ -166,7 +166,7 @@ fn s3_requests_per_pushed_and_pulled_blob() {
         pushed.push(data);
     }
     for data in &pushed {
-        let before = h.s3_requests();
+        let before = h.s3_settled();
         let r = h
             .req("GET", &format!("/v2/app/blobs/{}", sha256(data)))
             .send();
@@ -175,7 +175,7 @@ fn s3_requests_per_pushed_and_pulled_blob() {
         assert_eq!(h.s3_requests() - before, 1, "one GET per pulled blob");
     }
     // A ranged pull is one ranged GET too.
-    let before = h.s3_requests();
+    let before = h.s3_settled();
     let r = h
         .req("GET", &format!("/v2/app/blobs/{}", sha256(&pushed[0])))
         .header("Range", "bytes=100-199")
@@ -184,7 +184,7 @@ fn s3_requests_per_pushed_and_pulled_blob() {
     assert!(r.body == pushed[0][100..200]);
     assert_eq!(h.s3_requests() - before, 1);
     // HEAD is answered from the index.
-    let before = h.s3_requests();
+    let before = h.s3_settled();
     let r = h
         .req("HEAD", &format!("/v2/app/blobs/{}", sha256(&pushed[1])))
         .send();
@@ -206,7 +206,7 @@ fn tiered_hits_cost_no_s3_request_and_concurrent_misses_share_one_fetch() {
     // Pushed through this replica: in the disk tier already, blob pulls cost nothing in S3;
     // a pull by tag costs the one request that reads the tag (another replica may have moved
     // it), and the manifest comes from memory.
-    let before = h.s3_requests();
+    let before = h.s3_settled();
     for _ in 0..2 {
         assert!(pull(&h, "app", "v1"));
     }
@@ -215,7 +215,7 @@ fn tiered_hits_cost_no_s3_request_and_concurrent_misses_share_one_fetch() {
         2,
         "two pulls by tag: one tag read each, nothing else"
     );
-    let before = h.s3_requests();
+    let before = h.s3_settled();
     for b in &img.blobs {
         let r = h.req("GET", &format!("/v2/app/blobs/{b}")).send();
         assert_eq!(r.status, 200);
@@ -252,7 +252,7 @@ fn tiered_hits_cost_no_s3_request_and_concurrent_misses_share_one_fetch() {
     );
     assert_eq!(h.status_number("fast tier").max(1), 1);
     // And the next pull is a hit.
-    let before = h.s3_requests();
+    let before = h.s3_settled();
     assert_eq!(
         h.req("GET", &format!("/v2/app/blobs/{d}"))
             .send()

@@ -227,7 +227,22 @@ impl Snapshots {
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e),
         }
-        self.reg.mount(repo, d, None).await
+        // Shared between snapshots, never taken from elsewhere: a chunk already in another
+        // snapshot's repository is linked from there; a digest seen only in an image
+        // repository is "missing" (its bytes are uploaded), so naming a digest is never a way
+        // to read what is stored outside the snapshots.
+        let source = {
+            let state = self.reg.index.read();
+            state
+                .repos
+                .iter()
+                .find(|(name, r)| name.as_str().starts_with("snapshots/") && r.blobs.contains(d))
+                .map(|(name, _)| name.clone())
+        };
+        match source.and_then(|n| RepoName::parse(&n).ok()) {
+            Some(from) => self.reg.mount(repo, d, Some(&from)).await,
+            None => Ok(false),
+        }
     }
 
     /// The key (under `prefix`) whose snapshot was saved last.

@@ -175,6 +175,21 @@ impl Hoard {
             .sum()
     }
 
+    /// `s3_requests` once it held still for 300 ms: what a push left to do in the background
+    /// (its access record, a link) is done before a measured step starts.
+    pub fn s3_settled(&self) -> u64 {
+        let mut last = self.s3_requests();
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = self.s3_requests();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        last
+    }
+
     /// S3 requests of one operation on one kind of object (`"GetObject"`, `"tag"`).
     pub fn s3_kind(&self, op: &str, kind: &str) -> u64 {
         self.status_number(&format!("s3 kind {op} {kind}"))
