@@ -352,9 +352,19 @@ fn sixty_four_clients_mixing_every_front_end_with_eviction_running() {
         for n in 0..CLIENTS {
             tasks.push(tokio::spawn(client(s.clone(), n, until)));
         }
+        let mut next_print = started + Duration::from_secs(30);
         while Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let rss = h.proc_status("VmRSS");
+            if secs >= 60 && Instant::now() >= next_print {
+                next_print += Duration::from_secs(30);
+                println!(
+                    "  {:>4} s: {} requests, RSS {} MiB",
+                    started.elapsed().as_secs(),
+                    s.ops.load(Ordering::Relaxed),
+                    rss / 1024
+                );
+            }
             rss_max = rss_max.max(rss);
             if Instant::now() >= warm && rss_warm == 0 {
                 rss_warm = rss;

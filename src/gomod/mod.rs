@@ -276,7 +276,15 @@ impl GoProxy {
             Route::Sumdb(name, rest) => self.sumdb_slot(&name, &rest)?,
         };
         let entry = self.load(&slot).await?;
-        self.respond(&slot, entry, head).await
+        match self.respond(&slot, entry, head).await {
+            // The kept bytes went with a collection between the lookup and the read (the tag
+            // with them): look again, which fetches upstream, rather than tell go "not found".
+            Err(e) if e.is_not_found() => {
+                let entry = self.load(&slot).await?;
+                self.respond(&slot, entry, head).await
+            }
+            r => r,
+        }
     }
 
     fn module_slot(&self, m: ModPath, f: File) -> Result<Slot> {

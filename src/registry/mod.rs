@@ -80,8 +80,10 @@ impl Registry {
             body_timeout: DEFAULT_BODY_TIMEOUT,
             manifest_bytes: Arc::new(tokio::sync::Semaphore::new(MANIFEST_BUDGET_KIB)),
             shared,
+            // About a KiB an entry with its annotations: 20,000 hot refs (a few dozen builds'
+            // GOCACHEPROG entries) in ~20 MiB; a miss reads the manifest again.
             file_refs: std::sync::Mutex::new(lru::LruCache::new(
-                std::num::NonZeroUsize::new(100_000).unwrap_or(std::num::NonZeroUsize::MIN),
+                std::num::NonZeroUsize::new(20_000).unwrap_or(std::num::NonZeroUsize::MIN),
             )),
         }
     }
