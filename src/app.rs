@@ -1108,18 +1108,6 @@ fn authorize(
     Ok(req)
 }
 
-/// Form or query text as pairs (`+` is a space, `%XX` decoded).
-fn form_pairs(s: &str) -> Vec<(String, String)> {
-    s.split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            let d = |x: &str| crate::oci::percent_decode(&x.replace('+', " "));
-            (d(k), d(v))
-        })
-        .collect()
-}
-
 /// `/token`: distribution's token endpoint (`GET` with Basic credentials or none) and the
 /// OAuth2 password grant (`POST`, form-encoded), as registry clients use them.
 async fn token_endpoint(
@@ -1153,7 +1141,7 @@ async fn token_endpoint(
     };
     match *req.method() {
         http::Method::GET => {
-            let pairs = form_pairs(req.uri().query().unwrap_or(""));
+            let pairs = crate::oci::form_pairs(req.uri().query().unwrap_or(""));
             let scopes: Vec<String> = pairs
                 .iter()
                 .filter(|(k, _)| k == "scope")
@@ -1185,7 +1173,7 @@ async fn token_endpoint(
                     )
                 }
             };
-            let pairs = form_pairs(&String::from_utf8_lossy(&body));
+            let pairs = crate::oci::form_pairs(&String::from_utf8_lossy(&body));
             let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
             let scopes: Vec<String> = get("scope")
                 .unwrap_or_default()
@@ -1296,16 +1284,37 @@ pub fn render_pass(r: &crate::lifecycle::gc::Report) -> String {
 
 const STATUS_HTML: &str = include_str!("status.html");
 
+/// What the index holds, for the status page, its JSON and `/metrics`.
+struct Counts {
+    bytes: u64,
+    repositories: usize,
+    manifests: usize,
+    tags: usize,
+    blobs: usize,
+    unreferenced: usize,
+}
+
+fn counts(app: &App) -> Counts {
+    let s = app.index.read();
+    Counts {
+        bytes: s.total,
+        repositories: s.repos.len(),
+        manifests: s.repos.values().map(|r| r.manifests.len()).sum(),
+        tags: s.repos.values().map(|r| r.tags.len()).sum(),
+        blobs: s.blobs.len(),
+        unreferenced: s.unreferenced.len(),
+    }
+}
+
 /// `/status.json`: what the status page shows.
 fn status_json(app: &App) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
+    let c = counts(app);
     let (store, top_size) = {
         let s = app.index.read();
-        let manifests: usize = s.repos.values().map(|r| r.manifests.len()).sum();
-        let tags: usize = s.repos.values().map(|r| r.tags.len()).sum();
         let mut sizes: Vec<(String, u64)> = s
             .repos
             .iter()
@@ -1323,12 +1332,12 @@ fn status_json(app: &App) -> String {
         sizes.truncate(10);
         (
             serde_json::json!({
-                "bytes": s.total,
+                "bytes": c.bytes,
                 "limit": app.config.max_size.map(|m| m.0).unwrap_or(0),
-                "blobs": s.blobs.len(),
-                "manifests": manifests,
-                "tags": tags,
-                "repositories": s.repos.len(),
+                "blobs": c.blobs,
+                "manifests": c.manifests,
+                "tags": c.tags,
+                "repositories": c.repositories,
                 "uploads": app.registry.uploads.len(),
             }),
             sizes,
@@ -1449,13 +1458,14 @@ fn metrics_text(app: &App) -> String {
 }
 
 fn status_page(app: &App) -> String {
-    let s = app.index.read();
-    let bytes = s.total;
-    let manifests: usize = s.repos.values().map(|r| r.manifests.len()).sum();
-    let tags: usize = s.repos.values().map(|r| r.tags.len()).sum();
-    let unreferenced = s.unreferenced.len();
-    let (repos, blobs) = (s.repos.len(), s.blobs.len());
-    drop(s);
+    let Counts {
+        bytes,
+        repositories: repos,
+        manifests,
+        tags,
+        blobs,
+        unreferenced,
+    } = counts(app);
     let (lag, held) = app.index.sync_lag();
     let mut out = format!(
         "hoard {}\nrepositories: {}\nmanifests: {manifests}\ntags: {tags}\nblobs: {} ({bytes} bytes, {})\n\

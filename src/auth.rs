@@ -312,17 +312,6 @@ pub fn new_secret() -> String {
     )
 }
 
-fn unhex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -362,7 +351,7 @@ impl Auth {
             let hash = t
                 .hash
                 .strip_prefix("sha256:")
-                .and_then(unhex32)
+                .and_then(crate::digest::hex32)
                 .ok_or_else(|| {
                     format!(
                         "token {:?}: hash must be sha256:<64 hex> (hoard token hash); a secret does not belong in the config",

@@ -275,6 +275,11 @@ fn hex_decode_lower(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// 64 lowercase hex digits as 32 bytes (output and action ids, token hashes).
+pub fn hex32(s: &str) -> Option<[u8; 32]> {
+    hex_decode_lower(s)?.try_into().ok()
+}
+
 pub(crate) fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;

@@ -186,17 +186,6 @@ fn hex(b: &[u8]) -> String {
     crate::digest::hex_encode(b)
 }
 
-fn unhex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
 fn id32(b64: &Option<String>) -> Option<[u8; 32]> {
     let raw = base64::engine::general_purpose::STANDARD
         .decode(b64.as_deref()?)
@@ -510,7 +499,7 @@ impl Helper {
         }
         let text = std::fs::read_to_string(self.action_path(a)).ok()?;
         let mut f = text.split_whitespace();
-        let output = unhex32(f.next()?)?;
+        let output = crate::digest::hex32(f.next()?)?;
         let size: u64 = f.next()?.parse().ok()?;
         let time_ms: i64 = f.next()?.parse().ok()?;
         let path = self.output_path(&output);
@@ -706,9 +695,9 @@ impl Helper {
         let next: Vec<[u8; 32]> = h
             .get(super::NEXT)
             .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(',').filter_map(unhex32).collect())
+            .map(|v| v.split(',').filter_map(crate::digest::hex32).collect())
             .unwrap_or_default();
-        let output = unhex32(h.get(super::OUTPUT_ID)?.to_str().ok()?)?;
+        let output = crate::digest::hex32(h.get(super::OUTPUT_ID)?.to_str().ok()?)?;
         let size: u64 = h
             .get(http::header::CONTENT_LENGTH)?
             .to_str()
@@ -890,8 +879,8 @@ mod tests {
     fn times_and_ids() {
         assert_eq!(go_time(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
         let a = [7u8; 32];
-        assert_eq!(unhex32(&hex(&a)), Some(a));
-        assert_eq!(unhex32("zz"), None);
+        assert_eq!(crate::digest::hex32(&hex(&a)), Some(a));
+        assert_eq!(crate::digest::hex32("zz"), None);
         let b64 = Some(base64::engine::general_purpose::STANDARD.encode(a));
         assert_eq!(id32(&b64), Some(a));
         assert_eq!(id32(&Some("AAAA".into())), None);

@@ -143,10 +143,12 @@ pub fn empty_response(status: StatusCode, headers: &[(HeaderName, String)]) -> R
 
 /// Decoded `key=value` pairs of the request's query, in order.
 pub fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
-    req.uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
+    form_pairs(req.uri().query().unwrap_or(""))
+}
+
+/// Query or form text as decoded pairs (`+` is a space, `%XX` a byte).
+pub fn form_pairs(s: &str) -> Vec<(String, String)> {
+    s.split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
