@@ -753,6 +753,13 @@ pub async fn serve(
         }
         _ => None,
     };
+    let grpc_tcp = match &config.grpc_listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| anyhow::anyhow!("cannot listen for gRPC on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let local: SocketAddr = listener.local_addr()?;
     let app = {
@@ -780,6 +787,45 @@ pub async fn serve(
     } else {
         "http"
     };
+    let content = {
+        let ingests = crate::containerd::ingest::Ingests::open(
+            app.data_dir.join("ingest"),
+            app.registry.clock.clone(),
+            app.life.clone(),
+        )?;
+        Arc::new(crate::containerd::Content::new(
+            app.registry.clone(),
+            ingests,
+            app.life.policy.clock_skew_tolerance,
+        ))
+    };
+    let content_upkeep = {
+        let content = content.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            let mut rounds = 0u64;
+            loop {
+                tick.tick().await;
+                if let Err(e) = content.expire_leases().await {
+                    tracing::warn!(error = %e, "lease expiry failed; will retry");
+                }
+                rounds += 1;
+                if rounds % 720 == 1 {
+                    let c = content.clone();
+                    let n = blocking(move || c.ingests.expire(INGEST_IDLE_MS)).await;
+                    if n > 0 {
+                        tracing::info!(ingests = n, "removed content ingests idle for a day");
+                    }
+                }
+            }
+        })
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let grpc_tasks = crate::grpc::serve(&app, &content, tls.clone(), grpc_tcp, stop_rx.clone())?;
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
     tracing::info!("listening on {scheme}://{local}");
 
     let group_commit = {
@@ -884,7 +930,17 @@ pub async fn serve(
         header_timeout: app.config.body_timeout.0,
         access_log: app.config.access_log,
     };
-    crate::http::serve(listener, handler, shutdown_signal(), grace, limits, tls).await;
+    let mut http_stop = stop_rx.clone();
+    let stopped = async move {
+        let _ = http_stop.wait_for(|s| *s).await;
+    };
+    crate::http::serve(listener, handler, stopped, grace, limits, tls).await;
+    for t in grpc_tasks {
+        if tokio::time::timeout(grace, t).await.is_err() {
+            tracing::warn!("gRPC calls still running after the shutdown timeout; stopping anyway");
+        }
+    }
+    content_upkeep.abort();
     group_commit.abort();
     sampler.abort();
     lifecycle.abort();
@@ -1224,38 +1280,31 @@ async fn admin(app: &Arc<App>, req: hyper::Request<hyper::body::Incoming>) -> Re
         q.split('&')
             .any(|kv| kv == "repair=true" || kv == "repair=1")
     });
-    let life = app.life.clone();
     match req.uri().path() {
-        "/admin/gc" if app.not_collector().is_some() => text(
-            StatusCode::CONFLICT,
-            app.not_collector().unwrap_or_default(),
-        ),
-        "/admin/gc" => match timed_pass(life).await {
-            Ok(r) => text(StatusCode::OK, render_pass(&r)),
+        "/admin/gc" => match crate::admin::gc(app).await {
+            Ok(r) => text(StatusCode::OK, r.text),
+            Err(e) if e.kind == crate::error::ErrorKind::Conflict => {
+                text(StatusCode::CONFLICT, e.message)
+            }
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         },
-        "/admin/verify" => {
-            // Unknown objects a crash left count as strays until the start-up walk removed them.
-            let mut swept = app.swept.subscribe();
-            let _ = swept.wait_for(|done| *done).await;
-            match blocking(move || crate::lifecycle::verify::verify(&life, repair)).await {
-                Ok(r) => {
-                    let status = if r.is_clean() || r.repaired {
-                        StatusCode::OK
-                    } else {
-                        StatusCode::CONFLICT
-                    };
-                    text(status, r.render())
-                }
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        "/admin/verify" => match crate::admin::verify(app, repair).await {
+            Ok(r) => {
+                let status = if r.clean || r.repaired {
+                    StatusCode::OK
+                } else {
+                    StatusCode::CONFLICT
+                };
+                text(status, r.text)
             }
-        }
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        },
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }
 
 /// A pass's result as text: one line per reason and repository, then the total.
-async fn timed_pass(life: Arc<Lifecycle>) -> Result<crate::lifecycle::gc::Report> {
+pub(crate) async fn timed_pass(life: Arc<Lifecycle>) -> Result<crate::lifecycle::gc::Report> {
     let started = std::time::Instant::now();
     let pass = blocking(move || life.pass(None)).await;
     crate::metrics::gc_pass(started.elapsed());
@@ -1282,19 +1331,22 @@ pub fn render_pass(r: &crate::lifecycle::gc::Report) -> String {
     s
 }
 
+/// A content ingest nobody wrote to for this long is removed.
+const INGEST_IDLE_MS: i64 = 24 * 3600 * 1000;
+
 const STATUS_HTML: &str = include_str!("status.html");
 
 /// What the index holds, for the status page, its JSON and `/metrics`.
-struct Counts {
-    bytes: u64,
-    repositories: usize,
-    manifests: usize,
-    tags: usize,
-    blobs: usize,
-    unreferenced: usize,
+pub(crate) struct Counts {
+    pub bytes: u64,
+    pub repositories: usize,
+    pub manifests: usize,
+    pub tags: usize,
+    pub blobs: usize,
+    pub unreferenced: usize,
 }
 
-fn counts(app: &App) -> Counts {
+pub(crate) fn counts(app: &App) -> Counts {
     let s = app.index.read();
     Counts {
         bytes: s.total,

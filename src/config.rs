@@ -48,6 +48,15 @@ pub struct Config {
     /// Serve HTTPS with this certificate chain (PEM) and `tls_key`; both read again on SIGHUP.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// The gRPC unix socket (containerd's content API, hoard's admin API). Default
+    /// `<data_dir>/hoard.sock`; "none" serves no socket.
+    pub grpc_socket: Option<PathBuf>,
+    /// Also serve gRPC on this TCP address (tokens required when auth is on; TLS with
+    /// `tls_cert`). Unset: socket only.
+    pub grpc_listen: Option<String>,
+    /// The content API's view on these listeners: what `List` shows and `Delete` drops (see
+    /// the README). One per node sharing a store.
+    pub grpc_view: String,
     pub store: StoreConfig,
     /// The caching module proxy at `/gomod/`.
     pub gomod: GomodConfig,
@@ -144,6 +153,9 @@ impl Default for Config {
             send_timeout: HumanDuration(Duration::from_secs(60)),
             access_log: true,
             tls_cert: None,
+            grpc_socket: None,
+            grpc_listen: None,
+            grpc_view: "default".into(),
             tls_key: None,
             store: StoreConfig::default(),
             gomod: GomodConfig::default(),
@@ -726,6 +738,15 @@ pub struct ServeFlags {
     /// The private key for --tls-cert, PEM.
     #[arg(long, env = "HOARD_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// The gRPC unix socket (default <data-dir>/hoard.sock; "none" for no socket).
+    #[arg(long, env = "HOARD_GRPC_SOCKET")]
+    pub grpc_socket: Option<PathBuf>,
+    /// Also serve gRPC over TCP on this address, e.g. 0.0.0.0:5001.
+    #[arg(long, env = "HOARD_GRPC_LISTEN")]
+    pub grpc_listen: Option<String>,
+    /// The content API's view for these listeners (default "default").
+    #[arg(long, env = "HOARD_GRPC_VIEW")]
+    pub grpc_view: Option<String>,
 }
 
 impl Config {
@@ -772,6 +793,16 @@ impl Config {
         if let Some(v) = &s.tls_key {
             c.tls_key = Some(v.clone());
         }
+        if let Some(v) = &s.grpc_socket {
+            c.grpc_socket = Some(v.clone());
+        }
+        if let Some(v) = &s.grpc_listen {
+            c.grpc_listen = Some(v.clone());
+        }
+        if let Some(v) = &s.grpc_view {
+            c.grpc_view = v.clone();
+        }
+        crate::containerd::check_identifier("grpc_view", &c.grpc_view).map_err(|e| e.message)?;
         if c.tls_cert.is_some() != c.tls_key.is_some() {
             return Err("tls_cert and tls_key go together: set both or neither".into());
         }

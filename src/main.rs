@@ -60,6 +60,9 @@ enum Command {
     /// one.
     #[command(subcommand)]
     Snapshot(hoard::snapshot::client::SnapshotCmd),
+    /// Ask a running hoard over its gRPC socket (hoard.v1.Admin): stats, refs, gc, verify,
+    /// evict. Human output, or --json.
+    Admin(AdminArgs),
     /// Tokens for `[auth]`: `new` makes a secret and prints it with the config entry holding
     /// its hash; `hash` prints the hash of a secret read from stdin.
     #[command(subcommand)]
@@ -233,6 +236,69 @@ fn raise_open_files() {
     }
 }
 
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The daemon's socket (default: hoard.sock in the data directory).
+    #[arg(long, env = "HOARD_GRPC_SOCKET", global = true)]
+    socket: Option<std::path::PathBuf>,
+    /// Data directory whose socket to use (default ./hoard-data).
+    #[arg(long, env = "HOARD_DATA_DIR", global = true)]
+    data_dir: Option<std::path::PathBuf>,
+    /// Print the answer as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: AdminCmd,
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Size, counts, hits and misses; per repository with --prefix.
+    Stats {
+        /// Only repositories whose name starts with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+    /// Refs (tags, and the internal refs of the Go caches, snapshots and content views).
+    Refs {
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// At most this many (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+    },
+    /// Run a lifecycle pass now and print what went and why.
+    Gc,
+    /// Re-hash every blob and check every ref (exit 1 if something is wrong).
+    Verify {
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Remove refs now: "repository:tag", or a prefix ending in '*' ("team-a/*"); then a pass
+    /// removes what they alone reached.
+    Evict { target: String },
+}
+
+fn admin(a: AdminArgs) -> anyhow::Result<()> {
+    let socket = a.socket.unwrap_or_else(|| {
+        a.data_dir
+            .unwrap_or_else(|| std::path::PathBuf::from("./hoard-data"))
+            .join("hoard.sock")
+    });
+    let cmd = match a.cmd {
+        AdminCmd::Stats { prefix } => hoard::admin::Command::Stats { prefix },
+        AdminCmd::Refs { prefix, limit } => hoard::admin::Command::Refs { prefix, limit },
+        AdminCmd::Gc => hoard::admin::Command::Gc,
+        AdminCmd::Verify { repair } => hoard::admin::Command::Verify { repair },
+        AdminCmd::Evict { target } => hoard::admin::Command::Evict { target },
+    };
+    let ok = runtime()?.block_on(hoard::admin::run(&socket, cmd, a.json))?;
+    if !ok {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 #[derive(Subcommand)]
 enum TokenCmd {
     /// A new random secret, and the `[[auth.tokens]]` entry to paste (the secret is printed
@@ -387,6 +453,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Token(c) => token(c),
+        Command::Admin(a) => admin(a),
         Command::CheckConfig { file } => check_config(file),
         Command::Bench(args) => runtime()?.block_on(hoard::bench::run(args)),
         Command::BenchSha256 => {

@@ -328,6 +328,11 @@ pub fn hit(front: &'static str) {
     get().hits.get_or_create(&FrontLabel { front }).inc();
 }
 
+/// A request refused for its credentials outside HTTP (gRPC over TCP).
+pub fn refused(front: &'static str) {
+    get().refusals.get_or_create(&FrontLabel { front }).inc();
+}
+
 pub fn miss(front: &'static str) {
     get().misses.get_or_create(&FrontLabel { front }).inc();
 }
@@ -457,7 +462,7 @@ pub fn history(now_ms: i64) -> Vec<Sample> {
 /// The hit and miss totals by front end (for the status page).
 pub fn hits_and_misses() -> Vec<(&'static str, u64, u64)> {
     let m = get();
-    ["oci", "gomod", "gocache", "snapshot"]
+    ["oci", "gomod", "gocache", "snapshot", "content"]
         .into_iter()
         .map(|front| {
             let f = FrontLabel { front };

@@ -1,4 +1,4 @@
-//! TLS for the HTTP listener (rustls): a certificate chain and key from PEM files, read again
+//! TLS for the HTTP and gRPC listeners (rustls): a certificate chain and key from PEM files, read again
 //! on SIGHUP so a renewed certificate needs no restart. A reload that fails keeps the one in
 //! use and says why.
 
@@ -62,5 +62,15 @@ impl Tls {
             Err(p) => p.into_inner().clone(),
         };
         tokio_rustls::TlsAcceptor::from(c)
+    }
+
+    /// The same, offering HTTP/2 by ALPN: for gRPC, whose clients insist on it.
+    pub fn acceptor_h2(&self) -> tokio_rustls::TlsAcceptor {
+        let mut c = match self.current.read() {
+            Ok(c) => (**c).clone(),
+            Err(p) => (**p.into_inner()).clone(),
+        };
+        c.alpn_protocols = vec![b"h2".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(c))
     }
 }

@@ -335,6 +335,35 @@ impl Registry {
         writer: Box<dyn BlobWriter>,
         expect: Expect,
     ) -> Result<u64> {
+        self.commit_with(repo, expect, move || writer.commit(expect))
+            .await
+    }
+
+    /// Commits bytes a client streamed into the file at `path` (hashed as they came: `hashed`,
+    /// `size`) as blob `expect.digest`, visible in `repo`: the content API's ingests.
+    pub async fn commit_file(
+        &self,
+        repo: &RepoName,
+        path: std::path::PathBuf,
+        hashed: Digest,
+        size: u64,
+        expect: Expect,
+    ) -> Result<u64> {
+        let store = self.store.clone();
+        self.commit_with(repo, expect, move || {
+            store.adopt(&path, hashed, size, expect)
+        })
+        .await
+    }
+
+    /// The commit of an upload: `commit` makes the bytes the blob (blocking), then it is
+    /// recorded and linked into `repo`.
+    async fn commit_with(
+        &self,
+        repo: &RepoName,
+        expect: Expect,
+        commit: impl FnOnce() -> Result<u64> + Send + 'static,
+    ) -> Result<u64> {
         // Pinned from before the rename until the record: a concurrent pass must not unlink
         // the new file as the remains of an evicted one.
         let _pin = self.life.pins.pin(expect.digest);
@@ -344,7 +373,7 @@ impl Registry {
                 s.await_clear(&[expect.digest], &[]).await?;
             }
         }
-        let size = blocking(move || writer.commit(expect)).await?;
+        let size = blocking(commit).await?;
         if let Some(s) = &self.shared {
             s.put_link(repo.as_str(), expect.digest, size).await?;
             if s.doomed_blob(&expect.digest) {

@@ -159,4 +159,93 @@ impl Registry {
         }
         Ok(stored.digest)
     }
+
+    /// Points `repo:tag` at a manifest listing `files` (each stored and visible in `repo`), with
+    /// `annotations` on the manifest itself: a ref that holds several files at once (a content
+    /// lease). Replaces whatever the tag named.
+    pub async fn set_files_ref(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        artifact_type: &str,
+        files: &[FileRef],
+        annotations: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Digest> {
+        let config = Digest::sha256_of(EMPTY_CONFIG);
+        let _pins: Vec<_> = std::iter::once(config)
+            .chain(files.iter().map(|f| f.digest))
+            .map(|d| self.life.pins.pin(d))
+            .collect();
+        self.put_bytes(repo, config, Bytes::from_static(EMPTY_CONFIG))
+            .await?;
+        let layers: Vec<serde_json::Value> = files
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "mediaType": "application/octet-stream",
+                    "digest": f.digest.to_string(),
+                    "size": f.size,
+                })
+            })
+            .collect();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": artifact_type,
+            "config": {
+                "mediaType": EMPTY_CONFIG_TYPE,
+                "digest": config.to_string(),
+                "size": EMPTY_CONFIG.len(),
+            },
+            "layers": layers,
+            "annotations": annotations,
+        });
+        let body = Bytes::from(
+            serde_json::to_vec(&manifest)
+                .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?,
+        );
+        let reference = Reference::Tag(tag.clone());
+        let stored = self
+            .put_manifest(PutManifest {
+                repo,
+                reference: &reference,
+                content_type: Some(OCI_MANIFEST),
+                body,
+                extra_tags: &[],
+            })
+            .await?;
+        Ok(stored.digest)
+    }
+
+    /// The manifest-level annotations and the files of a ref `set_files_ref` wrote; `None` when
+    /// there is no such ref.
+    pub async fn files_ref(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<Option<(serde_json::Map<String, serde_json::Value>, Vec<FileRef>)>> {
+        #[derive(Deserialize)]
+        struct Full {
+            #[serde(default)]
+            layers: Vec<Layer>,
+            #[serde(default)]
+            annotations: serde_json::Map<String, serde_json::Value>,
+        }
+        let bytes = match self.get_manifest(repo, &Reference::Tag(tag.clone())).await {
+            Ok((_, _, b)) => b,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let m: Full = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::internal(format!("manifest of {repo}:{tag}: {e}")))?;
+        let mut files = Vec::with_capacity(m.layers.len());
+        for l in m.layers {
+            files.push(FileRef {
+                digest: l.digest.parse()?,
+                size: l.size,
+                annotations: l.annotations,
+            });
+        }
+        Ok(Some((m.annotations, files)))
+    }
 }

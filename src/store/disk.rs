@@ -318,7 +318,14 @@ fn commit_file(
             .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))?;
     }
     drop(file);
-    let dest = store.blob_path(&expect.digest);
+    place(store, tmp, &expect.digest, written)?;
+    Ok(written)
+}
+
+/// Renames a verified file into place under its digest: the commit point.
+fn place(store: &Inner, tmp: &Path, digest: &Digest, written: u64) -> Result<()> {
+    let sync = store.durability == Durability::Sync;
+    let dest = store.blob_path(digest);
     let parent = dest.parent().unwrap_or(&store.root);
     // Concurrent uploads of one digest both rename identical bytes onto the same name: the last
     // rename wins atomically and readers see one whole file either way.
@@ -352,7 +359,7 @@ fn commit_file(
             store.sync_wanted.notify_one();
         }
     }
-    Ok(written)
+    Ok(())
 }
 
 fn rehash(path: &Path, alg: Algorithm) -> Result<Digest> {
@@ -419,6 +426,26 @@ fn random_name() -> String {
 }
 
 impl BlobStore for DiskStore {
+    fn adopt(&self, file: &Path, hashed: Digest, size: u64, expect: Expect) -> Result<u64> {
+        super::check_adopted(hashed, size, &expect)?;
+        if self.inner.durability == Durability::Sync {
+            File::open(file)
+                .and_then(|f| f.sync_data())
+                .map_err(|e| Error::io(format!("syncing {}", file.display()), e))?;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let same_fs = match (fs::metadata(file), fs::metadata(&self.inner.root)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev(),
+            _ => false,
+        };
+        if !same_fs {
+            // The ingest directory on another file system: copied instead of renamed.
+            return super::copy_in(self, file, expect);
+        }
+        place(&self.inner, file, &expect.digest, size)?;
+        Ok(size)
+    }
+
     fn begin(&self, alg: Algorithm) -> Result<Box<dyn BlobWriter>> {
         let path = self.inner.tmp.join(random_name());
         let create = || OpenOptions::new().write(true).create_new(true).open(&path);

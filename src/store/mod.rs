@@ -9,11 +9,12 @@ pub mod s3;
 pub mod tiered;
 
 use std::io::{Read, Seek};
+use std::path::Path;
 
 use bytes::Bytes;
 
 use crate::digest::{Algorithm, Digest};
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 
 /// The bytes of one stored blob, positioned at its start.
 pub trait BlobRead: Read + Seek + Send + Sync {
@@ -94,11 +95,56 @@ pub trait BlobStore: Send + Sync + 'static {
     fn sync(&self) -> Result<()>;
     /// Moves a blob found corrupt out of the way, kept for inspection but never served.
     fn quarantine(&self, d: &Digest) -> Result<()>;
+    /// Makes the file at `path` (bytes a client streamed, which hashed to `hashed` and came to
+    /// `size` bytes as they were written) the blob `expect.digest`, checking both first. The file
+    /// is moved (a disk store renames it) or copied; it is gone or unchanged afterwards.
+    fn adopt(&self, path: &Path, hashed: Digest, size: u64, expect: Expect) -> Result<u64> {
+        check_adopted(hashed, size, &expect)?;
+        copy_in(self, path, expect)
+    }
     /// A commit is durable when it returns (S3): there is no group commit to wait for and
     /// nothing to re-verify after an unclean stop.
     fn durable_on_commit(&self) -> bool {
         false
     }
+}
+
+/// The checks a commit makes, for bytes hashed elsewhere.
+pub fn check_adopted(hashed: Digest, size: u64, expect: &Expect) -> Result<()> {
+    if let Some(want) = expect.size.filter(|w| *w != size) {
+        return Err(Error::new(
+            ErrorKind::SizeMismatch,
+            format!("received {size} bytes, but {want} were declared"),
+        ));
+    }
+    if hashed != expect.digest {
+        return Err(Error::new(
+            ErrorKind::DigestMismatch,
+            format!(
+                "the content hashes to {hashed}, not to the digest given ({})",
+                expect.digest
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Streams a file into `store` through an ordinary upload (verified again as it goes).
+pub fn copy_in<S: BlobStore + ?Sized>(store: &S, path: &Path, expect: Expect) -> Result<u64> {
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let mut w = store.begin(expect.digest.algorithm())?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        if n == 0 {
+            break;
+        }
+        w.write(&buf[..n])?;
+    }
+    w.commit(expect)
 }
 
 /// Re-hashes a stored blob; `Ok(true)` when its bytes still match its name.
