@@ -38,5 +38,5 @@ for store in s3 tiered; do
   echo "== the registry and lifecycle suites on the $store store"
   HOARD_TEST_STORE=$store cargo test --release \
     --test oci_api --test clients --test buildkit_replay --test lifecycle --test invariants \
-    --test gomod --test gocache --test snapshot 2>&1 | tee -a "$log"
+    --test gomod --test gocache --test snapshot --test content 2>&1 | tee -a "$log"
 done

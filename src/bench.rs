@@ -769,3 +769,253 @@ pub async fn fill_s3(args: FillS3Args) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchContentArgs {
+    /// The content API sockets to compare, as label=path (e.g. hoard=…/hoard.sock
+    /// containerd=…/containerd.sock); each round runs them in turn, the order alternating.
+    #[arg(required = true)]
+    pub targets: Vec<String>,
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Size of the large blob, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub large_mib: usize,
+    /// How many small (4 KiB) blobs.
+    #[arg(long, default_value_t = 5000)]
+    pub small: usize,
+    /// Small blobs written and read at once (containerd's pulls use 3; BuildKit more).
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+}
+
+/// One blob written as `ctr content ingest` (containerd's `content.WriteBlob`) writes it: STAT
+/// with size and digest, 1 MiB WRITEs, COMMIT. `AlreadyExists` counts as written.
+async fn ingest(
+    ch: &tonic::transport::Channel,
+    reference: String,
+    data: bytes::Bytes,
+) -> anyhow::Result<()> {
+    use crate::proto::content as api;
+    let digest = crate::digest::Digest::sha256_of(&data).to_string();
+    let total = data.len() as i64;
+    let mut msgs = vec![api::WriteContentRequest {
+        action: api::WriteAction::Stat as i32,
+        r#ref: reference.clone(),
+        total,
+        expected: digest.clone(),
+        ..Default::default()
+    }];
+    let mut at = 0usize;
+    while at < data.len() {
+        let n = (data.len() - at).min(1 << 20);
+        msgs.push(api::WriteContentRequest {
+            action: api::WriteAction::Write as i32,
+            r#ref: reference.clone(),
+            offset: at as i64,
+            data: data.slice(at..at + n),
+            ..Default::default()
+        });
+        at += n;
+    }
+    msgs.push(api::WriteContentRequest {
+        action: api::WriteAction::Commit as i32,
+        r#ref: reference,
+        total,
+        offset: total,
+        expected: digest,
+        ..Default::default()
+    });
+    // One message at a time, each waiting for its reply, as containerd's client does.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut c =
+        api::content_client::ContentClient::new(ch.clone()).max_encoding_message_size(16 << 20);
+    let mut r = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    r.metadata_mut()
+        .insert("containerd-namespace", "bench".parse()?);
+    let mut msgs = msgs.into_iter();
+    tx.send(msgs.next().ok_or_else(|| anyhow::anyhow!("no message"))?)
+        .await?;
+    let mut replies = match c.write(r).await {
+        Ok(s) => s.into_inner(),
+        Err(e) if e.code() == tonic::Code::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    loop {
+        match replies.message().await {
+            Ok(Some(_)) => match msgs.next() {
+                Some(m) => tx.send(m).await?,
+                None => return Ok(()),
+            },
+            Ok(None) => return Ok(()),
+            Err(e) if e.code() == tonic::Code::AlreadyExists => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn read_blob(ch: &tonic::transport::Channel, digest: String) -> anyhow::Result<u64> {
+    use crate::proto::content as api;
+    let mut c =
+        api::content_client::ContentClient::new(ch.clone()).max_decoding_message_size(16 << 20);
+    let mut r = tonic::Request::new(api::ReadContentRequest {
+        digest,
+        offset: 0,
+        size: 0,
+    });
+    r.metadata_mut()
+        .insert("containerd-namespace", "bench".parse()?);
+    let mut s = c.read(r).await?.into_inner();
+    let mut n = 0;
+    while let Some(m) = s.message().await? {
+        n += m.data.len() as u64;
+    }
+    Ok(n)
+}
+
+/// Distinct blobs for each round and target: a fixed random buffer with a counter stamped in.
+fn bench_blob(base: &[u8], len: usize, stamp: u64) -> bytes::Bytes {
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        let n = (len - v.len()).min(base.len());
+        v.extend_from_slice(&base[..n]);
+    }
+    for (i, chunk) in v.chunks_mut(1 << 20).enumerate() {
+        let s = stamp
+            .wrapping_mul(1_000_003)
+            .wrapping_add(i as u64)
+            .to_le_bytes();
+        let k = s.len().min(chunk.len());
+        chunk[..k].copy_from_slice(&s[..k]);
+    }
+    bytes::Bytes::from(v)
+}
+
+/// `hoard bench-content`: large and small ingests and reads over containerd's content API,
+/// against each target in turn (alternating order), reporting MB/s, blobs/s and ratios to the
+/// last target.
+pub async fn run_content(args: BenchContentArgs) -> anyhow::Result<()> {
+    let mut targets = Vec::new();
+    for t in &args.targets {
+        let (label, path) = t
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("{t}: give targets as label=socket"))?;
+        let ch = crate::grpc::connect_socket(std::path::Path::new(path)).await?;
+        targets.push((label.to_owned(), ch));
+    }
+    let mut base = vec![0u8; 1 << 20];
+    getrandom::getrandom(&mut base).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let base = Arc::new(base);
+    // results[target] = (large ingest s, large read s, small ingest s, small read s), per round
+    let mut results: Vec<Vec<[f64; 4]>> = vec![Vec::new(); targets.len()];
+    let large = args.large_mib << 20;
+    for round in 0..args.rounds {
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for &ti in &order {
+            let (label, ch) = &targets[ti];
+            let stamp = (round * 100 + ti) as u64 * 1_000_000;
+            let big = bench_blob(&base, large, stamp);
+            let big_digest = crate::digest::Digest::sha256_of(&big).to_string();
+            let t = std::time::Instant::now();
+            ingest(ch, format!("bench-large-{stamp}"), big.clone()).await?;
+            let li = t.elapsed().as_secs_f64();
+            drop(big);
+            let t = std::time::Instant::now();
+            let n = read_blob(ch, big_digest).await?;
+            let lr = t.elapsed().as_secs_f64();
+            anyhow::ensure!(n == large as u64, "{label}: read {n} of {large} bytes");
+            // Small blobs, `concurrency` at a time.
+            let smalls: Vec<(String, bytes::Bytes)> = (0..args.small)
+                .map(|i| {
+                    let b = bench_blob(&base[(i % 200) * 4096..], 4096, stamp + 1 + i as u64);
+                    (crate::digest::Digest::sha256_of(&b).to_string(), b)
+                })
+                .collect();
+            let sem = Arc::new(tokio::sync::Semaphore::new(args.concurrency));
+            let t = std::time::Instant::now();
+            let mut tasks = Vec::new();
+            for (i, (_, b)) in smalls.iter().enumerate() {
+                let permit = sem.clone().acquire_owned().await?;
+                let (ch, b) = (ch.clone(), b.clone());
+                tasks.push(tokio::spawn(async move {
+                    let _p = permit;
+                    ingest(&ch, format!("bench-small-{stamp}-{i}"), b).await
+                }));
+            }
+            for t in tasks {
+                t.await??;
+            }
+            let si = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            let mut tasks = Vec::new();
+            for (d, _) in &smalls {
+                let permit = sem.clone().acquire_owned().await?;
+                let (ch, d) = (ch.clone(), d.clone());
+                tasks.push(tokio::spawn(async move {
+                    let _p = permit;
+                    read_blob(&ch, d).await
+                }));
+            }
+            for t in tasks {
+                anyhow::ensure!(t.await?? == 4096, "{label}: a small read came back short");
+            }
+            let sr = t.elapsed().as_secs_f64();
+            eprintln!(
+                "round {round} {label}: large ingest {:.0} MB/s, read {:.0} MB/s; small ingest {:.0}/s, read {:.0}/s",
+                large as f64 / li / 1e6,
+                large as f64 / lr / 1e6,
+                args.small as f64 / si,
+                args.small as f64 / sr
+            );
+            results[ti].push([li, lr, si, sr]);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let mut med = Vec::new();
+    for r in &results {
+        let mut m = [0f64; 4];
+        for (k, slot) in m.iter_mut().enumerate() {
+            let mut v: Vec<f64> = r.iter().map(|x| x[k]).collect();
+            *slot = median(&mut v);
+        }
+        med.push(m);
+    }
+    let names = ["large ingest", "large read", "small ingest", "small read"];
+    println!(
+        "median of {} rounds: {} MiB large blob, {} x 4 KiB small blobs ({} at a time)",
+        args.rounds, args.large_mib, args.small, args.concurrency
+    );
+    for (ti, (label, _)) in targets.iter().enumerate() {
+        let m = med[ti];
+        println!(
+            "{label:>12}: large ingest {:7.0} MB/s  large read {:7.0} MB/s  small ingest {:7.0}/s  small read {:7.0}/s",
+            large as f64 / m[0] / 1e6,
+            large as f64 / m[1] / 1e6,
+            args.small as f64 / m[2],
+            args.small as f64 / m[3]
+        );
+    }
+    if let (Some(first), Some(last)) = (med.first(), med.last()) {
+        if targets.len() > 1 {
+            let ratios: Vec<String> = names
+                .iter()
+                .enumerate()
+                .map(|(k, n)| format!("{n} {:.2}x", last[k] / first[k]))
+                .collect();
+            println!(
+                "{} vs {} (speed ratio, >1 = {} faster): {}",
+                targets[0].0,
+                targets[targets.len() - 1].0,
+                targets[0].0,
+                ratios.join(", ")
+            );
+        }
+    }
+    Ok(())
+}

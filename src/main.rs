@@ -75,6 +75,9 @@ enum Command {
     },
     /// Measure push/HEAD/pull/manifest throughput against a registry URL (see benches/).
     Bench(hoard::bench::BenchArgs),
+    /// Ingest and read large and small blobs over containerd's content API on each socket
+    /// given (hoard's, a containerd's), alternating; prints MB/s and ratios (benches/content.sh).
+    BenchContent(hoard::bench::BenchContentArgs),
     /// Print one core's sha256 throughput in MB/s.
     BenchSha256,
     /// Build a data directory with N blobs in its index and files (for the restart benchmark).
@@ -456,6 +459,7 @@ fn main() -> anyhow::Result<()> {
         Command::Admin(a) => admin(a),
         Command::CheckConfig { file } => check_config(file),
         Command::Bench(args) => runtime()?.block_on(hoard::bench::run(args)),
+        Command::BenchContent(args) => runtime()?.block_on(hoard::bench::run_content(args)),
         Command::BenchSha256 => {
             println!("{:.0}", hoard::bench::sha256_speed());
             Ok(())

@@ -1032,3 +1032,258 @@ fn ctr_and_buildah_push_and_pull_with_a_token() {
     assert_eq!(r.status, 200);
     assert!(r.text().contains("v3"), "{}", r.text());
 }
+
+/// A gRPC channel over TLS to `addr`, trusting `ca` (HTTP/2 offered by ALPN, as gRPC clients do).
+async fn tls_channel(addr: &str, ca: &std::path::Path) -> tonic::transport::Channel {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let addr = addr.to_owned();
+    tonic::transport::Endpoint::try_from(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let (connector, addr) = (connector.clone(), addr.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                let name = rustls::pki_types::ServerName::try_from("localhost")
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+#[test]
+fn grpc_needs_a_token_over_tcp_speaks_tls_and_trusts_the_socket() {
+    use hoard::proto::admin::admin_client::AdminClient;
+    use hoard::proto::content as api;
+    use hoard::proto::content::content_client::ContentClient;
+    use hoard::proto::leases::leases_client::LeasesClient;
+    use tonic::Code;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (e1, node) = new_token("node-a", &["content:node-a/*:read,write,delete"]);
+    let (e2, reader) = new_token("reader", &["content:node-a/*:read"]);
+    let (e3, ops) = new_token("ops", &["admin", "metrics"]);
+    let (e4, team_a) = new_token("team-a", &["oci:team-a/*:read,write"]);
+    let config = dir.path().join("hoard.toml");
+    std::fs::write(&config, format!("[auth]\n\n{e1}\n{e2}\n{e3}\n{e4}")).unwrap();
+    let (ca, cert, key) = make_cert(dir.path(), "grpc");
+    let h = Hoard::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--grpc-view",
+        "node-a",
+    ]);
+    let log = h.log();
+    let addr: String = log
+        .split("gRPC on https://")
+        .nth(1)
+        .expect("the TCP listener's address in the log")
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+        .collect();
+
+    // A real TLS client: the handshake offers the certificate and agrees on HTTP/2.
+    let openssl = require_tool("openssl", "install it with `apt-get install openssl`");
+    let out = Command::new(openssl)
+        .args(["s_client", "-connect", &addr, "-alpn", "h2", "-CAfile"])
+        .arg(&ca)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ALPN protocol: h2"), "{text}");
+    assert!(text.contains("Verify return code: 0"), "{text}");
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ch = tls_channel(&addr, &ca).await;
+        let with = |token: Option<&str>, view: Option<&str>| {
+            let (token, view) = (token.map(str::to_owned), view.map(str::to_owned));
+            move |mut r: tonic::Request<()>| {
+                if let Some(t) = &token {
+                    r.metadata_mut()
+                        .insert("authorization", format!("Bearer {t}").parse().unwrap());
+                }
+                if let Some(v) = &view {
+                    r.metadata_mut().insert("hoard-view", v.parse().unwrap());
+                }
+                r.metadata_mut()
+                    .insert("containerd-namespace", "ci".parse().unwrap());
+                Ok(r)
+            }
+        };
+        let data = b"a layer written over TCP".to_vec();
+        let digest = sha256(&data);
+        let commit = || api::WriteContentRequest {
+            action: api::WriteAction::Commit as i32,
+            r#ref: "tcp".into(),
+            expected: digest.clone(),
+            data: data.clone().into(),
+            ..Default::default()
+        };
+        // Each token against each service: (token, write allowed, read allowed, admin allowed).
+        let none: Option<&str> = None;
+        let cases = [
+            (
+                none,
+                Code::Unauthenticated,
+                Code::Unauthenticated,
+                Code::Unauthenticated,
+            ),
+            (
+                Some("not-a-token"),
+                Code::Unauthenticated,
+                Code::Unauthenticated,
+                Code::Unauthenticated,
+            ),
+            (
+                Some(team_a.as_str()),
+                Code::PermissionDenied,
+                Code::PermissionDenied,
+                Code::PermissionDenied,
+            ),
+            (
+                Some(reader.as_str()),
+                Code::PermissionDenied,
+                Code::Ok,
+                Code::PermissionDenied,
+            ),
+            (
+                Some(ops.as_str()),
+                Code::PermissionDenied,
+                Code::PermissionDenied,
+                Code::Ok,
+            ),
+            (
+                Some(node.as_str()),
+                Code::Ok,
+                Code::Ok,
+                Code::PermissionDenied,
+            ),
+        ];
+        for (token, write, read, admin) in cases {
+            let who = match token {
+                None => "no token",
+                Some(t) if t == node => "node-a",
+                Some(t) if t == reader => "reader",
+                Some(t) if t == ops => "ops",
+                Some(t) if t == team_a => "team-a",
+                Some(_) => "an unknown token",
+            };
+            let mut c = ContentClient::with_interceptor(ch.clone(), with(token, None));
+            let code = |r: Result<(), tonic::Status>| r.err().map_or(Code::Ok, |e| e.code());
+            let w: Result<(), tonic::Status> = async {
+                let mut s = c
+                    .write(tokio_stream::iter(vec![commit()]))
+                    .await?
+                    .into_inner();
+                while s.message().await?.is_some() {}
+                Ok(())
+            }
+            .await;
+            // A second commit of the same bytes is AlreadyExists: allowed, too.
+            let w = match w {
+                Err(e) if e.code() == Code::AlreadyExists => Ok(()),
+                r => r,
+            };
+            assert_eq!(code(w), write, "{who}: Write");
+            let r = c.list(api::ListContentRequest::default()).await.map(|_| ());
+            assert_eq!(code(r), read, "{who}: List");
+            let mut a = AdminClient::with_interceptor(ch.clone(), with(token, None));
+            let r = a
+                .stats(hoard::proto::admin::StatsRequest::default())
+                .await
+                .map(|_| ());
+            assert_eq!(code(r), admin, "{who}: Admin.Stats");
+        }
+        // Deleting and leases need their actions; another view is another scope.
+        let mut c = ContentClient::with_interceptor(ch.clone(), with(Some(&reader), None));
+        let e = c
+            .delete(api::DeleteContentRequest {
+                digest: digest.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        let mut l = LeasesClient::with_interceptor(ch.clone(), with(Some(&reader), None));
+        let e = l
+            .create(hoard::proto::leases::CreateRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        let mut l = LeasesClient::with_interceptor(ch.clone(), with(Some(&node), None));
+        l.create(hoard::proto::leases::CreateRequest::default())
+            .await
+            .unwrap();
+        let mut c = ContentClient::with_interceptor(ch.clone(), with(Some(&node), Some("node-b")));
+        let e = c
+            .list(api::ListContentRequest::default())
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.code(), Code::PermissionDenied, "another view");
+        let mut c = ContentClient::with_interceptor(ch.clone(), with(Some(&node), None));
+        c.delete(api::DeleteContentRequest {
+            digest: digest.clone(),
+        })
+        .await
+        .unwrap();
+
+        // The socket needs no token: its file permissions are its access control.
+        let sock = hoard::grpc::connect_socket(&h.data.join("hoard.sock"))
+            .await
+            .unwrap();
+        let mut a = AdminClient::new(sock.clone());
+        a.stats(hoard::proto::admin::StatsRequest::default())
+            .await
+            .unwrap();
+        let mut c = ContentClient::new(sock);
+        c.info(api::InfoRequest {
+            digest: digest.clone(),
+        })
+        .await
+        .unwrap();
+    });
+    // Refusals are logged with the token's name, never its value.
+    let log = h.log();
+    assert!(log.contains("reader may not"), "{log}");
+    for s in [&node, &reader, &ops, &team_a] {
+        assert!(!log.contains(s.as_str()), "a secret in the log");
+    }
+    // Refusals are counted.
+    let metrics = run_ok(
+        Command::new("curl")
+            .args(["-sf", "--cacert"])
+            .arg(&ca)
+            .args(["-H", &format!("Authorization: {}", bearer(&ops))])
+            .arg(format!("https://localhost:{}/metrics", h.port())),
+    );
+    assert!(
+        metrics.contains("auth_refusals_total{front=\"content\"}"),
+        "{metrics}"
+    );
+}
