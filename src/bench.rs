@@ -793,6 +793,7 @@ pub struct BenchContentArgs {
 /// with size and digest, 1 MiB WRITEs, COMMIT. `AlreadyExists` counts as written.
 async fn ingest(
     ch: &tonic::transport::Channel,
+    lease: &str,
     reference: String,
     data: bytes::Bytes,
 ) -> anyhow::Result<()> {
@@ -833,6 +834,8 @@ async fn ingest(
     let mut r = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     r.metadata_mut()
         .insert("containerd-namespace", "bench".parse()?);
+    // Under a lease, as ctr writes (containerd collects unleased, unreferenced content).
+    r.metadata_mut().insert("containerd-lease", lease.parse()?);
     let mut msgs = msgs.into_iter();
     tx.send(msgs.next().ok_or_else(|| anyhow::anyhow!("no message"))?)
         .await?;
@@ -919,8 +922,17 @@ pub async fn run_content(args: BenchContentArgs) -> anyhow::Result<()> {
             let stamp = (round * 100 + ti) as u64 * 1_000_000;
             let big = bench_blob(&base, large, stamp);
             let big_digest = crate::digest::Digest::sha256_of(&big).to_string();
+            let lease = format!("bench-{stamp}");
+            let mut lc = crate::proto::leases::leases_client::LeasesClient::new(ch.clone());
+            let mut r = tonic::Request::new(crate::proto::leases::CreateRequest {
+                id: lease.clone(),
+                ..Default::default()
+            });
+            r.metadata_mut()
+                .insert("containerd-namespace", "bench".parse()?);
+            lc.create(r).await?;
             let t = std::time::Instant::now();
-            ingest(ch, format!("bench-large-{stamp}"), big.clone()).await?;
+            ingest(ch, &lease, format!("bench-large-{stamp}"), big.clone()).await?;
             let li = t.elapsed().as_secs_f64();
             drop(big);
             let t = std::time::Instant::now();
@@ -939,10 +951,10 @@ pub async fn run_content(args: BenchContentArgs) -> anyhow::Result<()> {
             let mut tasks = Vec::new();
             for (i, (_, b)) in smalls.iter().enumerate() {
                 let permit = sem.clone().acquire_owned().await?;
-                let (ch, b) = (ch.clone(), b.clone());
+                let (ch, b, lease) = (ch.clone(), b.clone(), lease.clone());
                 tasks.push(tokio::spawn(async move {
                     let _p = permit;
-                    ingest(&ch, format!("bench-small-{stamp}-{i}"), b).await
+                    ingest(&ch, &lease, format!("bench-small-{stamp}-{i}"), b).await
                 }));
             }
             for t in tasks {
@@ -971,6 +983,14 @@ pub async fn run_content(args: BenchContentArgs) -> anyhow::Result<()> {
                 args.small as f64 / sr
             );
             results[ti].push([li, lr, si, sr]);
+            // Let go of this round's blobs: each store collects them its own way.
+            let mut r = tonic::Request::new(crate::proto::leases::DeleteRequest {
+                id: lease,
+                sync: false,
+            });
+            r.metadata_mut()
+                .insert("containerd-namespace", "bench".parse()?);
+            lc.delete(r).await?;
         }
     }
     let median = |v: &mut Vec<f64>| {

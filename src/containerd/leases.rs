@@ -1,9 +1,10 @@
 //! containerd's leases (`containerd.services.leases.v1.Leases`): a lease holds the content it
 //! lists (and what is written under it, via the `containerd-lease` header) for as long as it
-//! lives. A lease is a ref in `containerd/<view>/leases/<namespace>` (tag: the hex of its id's
-//! sha256) whose manifest lists its stored content as layers, so the lifecycle treats leased
-//! content as reached from a root, like a tag's. Its id, labels, creation time and every
-//! resource (content not stored yet, snapshots, ingests) are the manifest's annotations.
+//! lives. A lease is refs in `containerd/<view>/leases/<namespace>`: tag `<key>` (the first 16
+//! hex digits of its id's sha256) carries its id, labels, creation time and the resources that
+//! are not stored content (snapshots, ingests, content not written yet) in its annotations, and
+//! one tag `<key>-<digest hex>` per stored blob it holds, so the lifecycle treats leased content
+//! as reached from a root, like a tag's, and adding a blob to a lease costs one small ref.
 //!
 //! `containerd.io/gc.expire` is an absolute time the *client* computed; hoard removes the lease
 //! once its own cache clock is past that time plus the clock-skew tolerance, so a client whose
@@ -85,16 +86,6 @@ pub fn lease_repo(view: &str, namespace: &str) -> Result<RepoName> {
     RepoName::parse(&format!("containerd/{view}/leases/{namespace}"))
 }
 
-fn lease_tag(id: &str) -> Result<Tag> {
-    if id.is_empty() || id.len() > 256 {
-        return Err(Error::invalid(
-            What::Parameter,
-            "a lease id must be 1 to 256 bytes",
-        ));
-    }
-    Tag::parse(&Digest::sha256_of(id.as_bytes()).hex())
-}
-
 fn random_id(now: Millis) -> String {
     let mut raw = [0u8; 8];
     if getrandom::getrandom(&mut raw).is_err() {
@@ -103,47 +94,83 @@ fn random_id(now: Millis) -> String {
     format!("{}-{}", now, crate::digest::hex_encode(&raw))
 }
 
+/// The tags of one lease: `<key>` for the lease itself, `<key>-<digest hex>` per content it holds.
+fn lease_key(id: &str) -> Result<String> {
+    if id.is_empty() || id.len() > 256 {
+        return Err(Error::invalid(
+            What::Parameter,
+            "a lease id must be 1 to 256 bytes",
+        ));
+    }
+    Ok(Digest::sha256_of(id.as_bytes()).hex()[..16].to_owned())
+}
+
+fn content_tag(key: &str, d: &Digest) -> Result<Tag> {
+    Tag::parse(&format!("{key}-{}", d.hex()))
+}
+
 impl Content {
+    /// Tags of `repo` starting with `prefix`.
+    fn tags_from(&self, repo: &RepoName, prefix: &str) -> Vec<String> {
+        let state = self.reg.index.read();
+        state
+            .repos
+            .get(repo.as_str())
+            .map(|r| {
+                r.tags
+                    .range(prefix.to_owned()..)
+                    .take_while(|(t, _)| t.starts_with(prefix))
+                    .map(|(t, _)| t.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     async fn lease_read(&self, repo: &RepoName, id: &str) -> Result<Option<Lease>> {
-        let Some((a, _files)) = self.reg.files_ref(repo, &lease_tag(id)?).await? else {
+        let key = lease_key(id)?;
+        let Some((a, _)) = self.reg.files_ref(repo, &Tag::parse(&key)?).await? else {
             return Ok(None);
         };
         let s = |k: &str| a.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+        let mut resources: Vec<Resource> = serde_json::from_str(s(RESOURCES)).unwrap_or_default();
+        for t in self.tags_from(repo, &format!("{key}-")) {
+            if let Some(hex) = t.strip_prefix(&format!("{key}-")) {
+                resources.push(Resource {
+                    id: format!("sha256:{hex}"),
+                    kind: "content".into(),
+                });
+            }
+        }
+        resources.sort();
         Ok(Some(Lease {
             id: s(ID).to_owned(),
             created: s(CREATED).parse().unwrap_or(0),
             labels: serde_json::from_str(s(LABELS)).unwrap_or_default(),
-            resources: serde_json::from_str(s(RESOURCES)).unwrap_or_default(),
+            resources,
         }))
     }
 
+    /// Writes the lease itself (id, labels, time, resources other than stored content).
     async fn lease_write(&self, repo: &RepoName, lease: &Lease) -> Result<()> {
-        let mut files = Vec::new();
-        let mut pins = Vec::new();
-        for r in lease.resources.iter().filter(|r| r.kind == "content") {
-            let Ok(d) = r.id.parse::<Digest>() else {
-                continue;
-            };
-            pins.push(self.reg.life.pins.pin(d));
-            // Content not stored (yet) is listed, not held: there are no bytes to keep.
-            if self.reg.mount(repo, &d, None).await? {
-                if let Some(size) = self.reg.index.blob_size(&d) {
-                    files.push(FileRef {
-                        digest: d,
-                        size,
-                        annotations: Default::default(),
-                    });
-                }
-            }
-        }
+        let others: Vec<&Resource> = lease
+            .resources
+            .iter()
+            .filter(|r| r.kind != "content")
+            .collect();
         let mut a = serde_json::Map::new();
         let json = |v: &dyn erased::Json| v.json();
         a.insert(ID.into(), lease.id.clone().into());
         a.insert(CREATED.into(), lease.created.to_string().into());
         a.insert(LABELS.into(), json(&lease.labels)?.into());
-        a.insert(RESOURCES.into(), json(&lease.resources)?.into());
+        a.insert(RESOURCES.into(), json(&others)?.into());
         self.reg
-            .set_files_ref(repo, &lease_tag(&lease.id)?, LEASE_TYPE, &files, a)
+            .set_files_ref(
+                repo,
+                &Tag::parse(&lease_key(&lease.id)?)?,
+                LEASE_TYPE,
+                &[],
+                a,
+            )
             .await?;
         Ok(())
     }
@@ -184,8 +211,29 @@ impl Content {
     pub async fn lease_delete(&self, scope: &Scope, id: &str) -> Result<()> {
         let repo = lease_repo(&scope.view, scope.ns())?;
         let _g = self.stripe(&format!("{repo}#{id}")).await;
+        self.remove_lease(&repo, id).await
+    }
+
+    /// Drops what the lease holds, then the lease.
+    async fn remove_lease(&self, repo: &RepoName, id: &str) -> Result<()> {
+        let key = lease_key(id)?;
+        let meta = Tag::parse(&key)?;
+        if self.reg.files_ref(repo, &meta).await?.is_none() {
+            return Err(Error::not_found(format!("lease {id:?} not found")));
+        }
+        for t in self.tags_from(repo, &format!("{key}-")) {
+            match self
+                .reg
+                .delete_manifest(repo, &Reference::Tag(Tag::parse(&t)?))
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
         self.reg
-            .delete_manifest(&repo, &Reference::Tag(lease_tag(id)?))
+            .delete_manifest(repo, &Reference::Tag(meta))
             .await
             .map_err(|e| {
                 if e.is_not_found() {
@@ -202,16 +250,11 @@ impl Content {
     }
 
     async fn leases_in(&self, repo: &RepoName, filters: &Filters) -> Result<Vec<Lease>> {
-        let tags: Vec<String> = {
-            let state = self.reg.index.read();
-            state
-                .repos
-                .get(repo.as_str())
-                .map(|r| r.tags.keys().cloned().collect())
-                .unwrap_or_default()
-        };
         let mut out = Vec::new();
-        for t in tags {
+        for t in self.tags_from(repo, "") {
+            if t.contains('-') {
+                continue;
+            }
             let Ok(tag) = Tag::parse(&t) else { continue };
             let Some((a, _)) = self.reg.files_ref(repo, &tag).await? else {
                 continue;
@@ -229,41 +272,82 @@ impl Content {
         Ok(out)
     }
 
-    /// Adds `r` to lease `id` (nothing if it is there already).
+    /// Adds `r` to lease `id` (nothing if it is there already). Stored content becomes a ref of
+    /// its own; content not stored (yet) and other resources are listed with the lease.
     pub async fn lease_add(&self, scope: &Scope, id: &str, r: Resource) -> Result<()> {
-        self.lease_change(scope, id, |l| {
-            if l.resources.contains(&r) {
-                return false;
-            }
-            l.resources.push(r);
-            l.resources.sort();
-            true
-        })
-        .await
-    }
-
-    pub async fn lease_remove(&self, scope: &Scope, id: &str, r: &Resource) -> Result<()> {
-        self.lease_change(scope, id, |l| {
-            let before = l.resources.len();
-            l.resources.retain(|x| x != r);
-            l.resources.len() != before
-        })
-        .await
-    }
-
-    async fn lease_change(
-        &self,
-        scope: &Scope,
-        id: &str,
-        f: impl FnOnce(&mut Lease) -> bool,
-    ) -> Result<()> {
         let repo = lease_repo(&scope.view, scope.ns())?;
         let _g = self.stripe(&format!("{repo}#{id}")).await;
+        let key = lease_key(id)?;
+        let Some((a, _)) = self.reg.files_ref(&repo, &Tag::parse(&key)?).await? else {
+            return Err(Error::not_found(format!("lease {id:?} not found")));
+        };
+        if r.kind == "content" {
+            let d: Digest = r.id.parse()?;
+            let _pin = self.reg.life.pins.pin(d);
+            if self.reg.mount(&repo, &d, None).await? {
+                if let Some(size) = self.reg.index.blob_size(&d) {
+                    let tag = content_tag(&key, &d)?;
+                    if self.reg.file_ref(&repo, &tag).await?.is_none() {
+                        self.reg
+                            .set_file_ref(
+                                &repo,
+                                &tag,
+                                LEASE_TYPE,
+                                "application/octet-stream",
+                                FileRef {
+                                    digest: d,
+                                    size,
+                                    annotations: Default::default(),
+                                },
+                            )
+                            .await?;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        let mut others: Vec<Resource> = a
+            .get(RESOURCES)
+            .and_then(|v| v.as_str())
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default();
+        if others.contains(&r) {
+            return Ok(());
+        }
+        others.push(r);
+        others.sort();
         let mut lease = self
             .lease_read(&repo, id)
             .await?
             .ok_or_else(|| Error::not_found(format!("lease {id:?} not found")))?;
-        if f(&mut lease) {
+        lease.resources = others;
+        self.lease_write(&repo, &lease).await
+    }
+
+    pub async fn lease_remove(&self, scope: &Scope, id: &str, r: &Resource) -> Result<()> {
+        let repo = lease_repo(&scope.view, scope.ns())?;
+        let _g = self.stripe(&format!("{repo}#{id}")).await;
+        let key = lease_key(id)?;
+        let mut lease = self
+            .lease_read(&repo, id)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("lease {id:?} not found")))?;
+        if r.kind == "content" {
+            if let Ok(d) = r.id.parse::<Digest>() {
+                match self
+                    .reg
+                    .delete_manifest(&repo, &Reference::Tag(content_tag(&key, &d)?))
+                    .await
+                {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let before = lease.resources.len();
+        lease.resources.retain(|x| x != r);
+        if lease.resources.len() != before {
             self.lease_write(&repo, &lease).await?;
         }
         Ok(())
@@ -290,11 +374,7 @@ impl Content {
                 let Some(exp) = l.expires() else { continue };
                 if now > exp.saturating_add(self.skew) {
                     let _g = self.stripe(&format!("{repo}#{}", l.id)).await;
-                    match self
-                        .reg
-                        .delete_manifest(&repo, &Reference::Tag(lease_tag(&l.id)?))
-                        .await
-                    {
+                    match self.remove_lease(&repo, &l.id).await {
                         Ok(()) => {
                             tracing::info!(repository = %repo, lease = %l.id, "lease expired");
                             n += 1;

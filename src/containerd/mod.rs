@@ -647,6 +647,24 @@ impl api::content_server::Content for ContentService {
         }
         let permit = self.core.reg.transfer().await.map_err(status)?;
         let store = self.core.reg.store.clone();
+        if len <= READ_CHUNK as u64 {
+            // One message: opened and read in one step on the blocking pool.
+            let data = blocking(move || {
+                let _permit = permit;
+                let mut r = store.open_at(&d, offset)?;
+                let mut buf = vec![0u8; len as usize];
+                std::io::Read::read_exact(&mut r, &mut buf)
+                    .map_err(|e| Error::io(format!("reading {d}"), e))?;
+                Ok::<_, Error>(Bytes::from(buf))
+            })
+            .await
+            .map_err(status)?;
+            let msg = api::ReadContentResponse {
+                offset: offset as i64,
+                data,
+            };
+            return Ok(Response::new(Box::pin(tokio_stream::once(Ok(msg)))));
+        }
         let reader = blocking(move || store.open_at(&d, offset))
             .await
             .map_err(status)?;
