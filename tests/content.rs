@@ -468,6 +468,15 @@ fn write_follows_containerds_rules() {
         assert_eq!(first.message().await.unwrap().unwrap().offset, 2 << 20);
         drop(tx);
         assert!(first.message().await.unwrap().is_none());
+        // A small ingest (kept in memory while its stream lasts) cut off too.
+        let (_, end) = write(
+            &ch,
+            "t",
+            &[],
+            vec![write_msg(api::WriteAction::Write, "tiny", 0, b"0123456789")],
+        )
+        .await;
+        end.unwrap();
     });
 
     // Across a restart: the ingest is still at 2 MiB and the hash state is right.
@@ -481,6 +490,14 @@ fn write_follows_containerds_rules() {
         end.unwrap();
         assert_eq!(replies[0].offset, 2 << 20, "resumed after a restart");
         assert_eq!(replies[0].digest, sha256(&payload[..2 << 20]));
+        let mut tiny = write_msg(api::WriteAction::Commit, "tiny", 10, b"abc");
+        tiny.expected = sha256(b"0123456789abc");
+        let (replies, end) = write(&ch, "t", &[], vec![tiny]).await;
+        end.unwrap();
+        assert_eq!(
+            replies[0].offset, 13,
+            "a small ingest resumed after a restart"
+        );
         // A commit whose size is wrong.
         let mut bad = write_msg(api::WriteAction::Commit, "r1", 2 << 20, &payload[2 << 20..]);
         bad.total = (3 << 20) + 1;

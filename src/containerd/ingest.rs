@@ -1,16 +1,20 @@
-//! Ingests: the content API's uploads. Unlike an OCI upload session (in memory, named by
-//! hoard), an ingest is named by the client (containerd's `ref`) and must be resumable by
-//! offset after a cut stream *and* after a hoard restart, so its bytes and facts live in files:
+//! Ingests: the content API's uploads. Unlike an OCI upload session (named by hoard), an ingest
+//! is named by the client (containerd's `ref`) and must be resumable by offset after a cut
+//! stream and after a hoard restart. Its first MiB is kept in memory while a stream writes it
+//! (most blobs — manifests, configs, small layers — are committed from there in one store
+//! write, with no file created and removed per ingest); past that, or when the stream ends
+//! without a commit, it lives in files:
 //!
 //! ```text
-//! ingest/<sha256 of view, namespace and ref>/meta   JSON: view, namespace, ref, started, total, expected
-//! ingest/<…>/data                                   the bytes received so far
+//! ingest/<key>.meta   JSON: view, namespace, ref, started, total, expected
+//! ingest/<key>.data   the bytes received so far
 //! ```
-//! One stream at a time holds an ingest (`lock`); a second gets `Unavailable`, as containerd's
-//! own store answers. The bytes are hashed as they arrive; after a restart the hash state is
-//! rebuilt by reading `data` once. A commit hands `data` to the blob store (a disk store renames
-//! it into place: no second copy) and is then an ordinary verified blob. Space is reserved
-//! against the size bound as bytes arrive, so a full store refuses an ingest early.
+//! (`key`: sha256 of view, namespace and ref.) One stream at a time holds an ingest (`lock`); a
+//! second gets `Unavailable`, as containerd's own store answers. Bytes are hashed as they
+//! arrive; after a restart the hash state is rebuilt by reading `.data` once. A commit from
+//! files hands `.data` to the blob store (a disk store renames it into place: no second copy).
+//! A crash loses at most an in-memory ingest's bytes (under 1 MiB), which the client's next
+//! STAT shows as offset 0. Space is reserved against the size bound as bytes arrive.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -27,14 +31,16 @@ use crate::lifecycle::gc::Lifecycle;
 
 /// Space is reserved in steps of this much (or what one write needs, if more).
 const RESERVE_STEP: u64 = 8 << 20;
+/// An ingest stays in memory up to this size while a stream holds it.
+pub const IN_MEMORY: u64 = 1 << 20;
 
-/// What an ingest is, as `meta` keeps it.
+/// What an ingest is, as `.meta` keeps it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Meta {
     pub view: String,
     pub namespace: String,
     pub reference: String,
-    /// Cache time of the first byte (or of the stream that began it).
+    /// Cache time of the stream that began it.
     pub started: Millis,
     /// The size the client announced (0: none).
     pub total: u64,
@@ -50,16 +56,29 @@ pub struct State {
     pub updated: Millis,
 }
 
-/// An ingest held by one stream: its file, hash state and reservation.
+enum Bytes {
+    Memory(Vec<u8>),
+    File(File),
+}
+
+/// An ingest held by one stream: its bytes, hash state and reservation.
 pub struct Open {
     pub meta: Meta,
+    key: String,
     dir: PathBuf,
-    file: File,
+    bytes: Bytes,
     hasher: Hasher,
     offset: u64,
     pub updated: Millis,
     reserved: u64,
     life: Arc<Lifecycle>,
+    live: Arc<Mutex<HashMap<String, State>>>,
+}
+
+/// How a committed ingest's bytes reach the store.
+pub enum Payload {
+    Memory(bytes::Bytes),
+    File(PathBuf),
 }
 
 impl Open {
@@ -80,6 +99,39 @@ impl Open {
         }
     }
 
+    fn publish(&self) {
+        if let Ok(mut l) = self.live.lock() {
+            l.insert(self.key.clone(), self.state());
+        }
+    }
+
+    fn meta_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.meta", self.key))
+    }
+
+    fn data_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.data", self.key))
+    }
+
+    /// Moves an in-memory ingest to its files (blocking).
+    pub fn spill(&mut self) -> Result<()> {
+        if let Bytes::Memory(buf) = &self.bytes {
+            let path = self.data_path();
+            let mut f = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+            f.write_all(buf)
+                .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+            write_meta(&self.meta_path(), &self.meta)?;
+            self.bytes = Bytes::File(f);
+        }
+        Ok(())
+    }
+
     /// Appends `data` (blocking).
     pub fn append(&mut self, data: &[u8], now: Millis) -> Result<()> {
         let upto = self.offset + data.len() as u64;
@@ -88,42 +140,67 @@ impl Open {
             self.life.reserve(want)?;
             self.reserved += want;
         }
-        self.file
-            .write_all(data)
-            .map_err(|e| Error::io(format!("writing {}", self.dir.display()), e))?;
+        if upto > IN_MEMORY {
+            self.spill()?;
+        }
+        match &mut self.bytes {
+            Bytes::Memory(buf) => buf.extend_from_slice(data),
+            Bytes::File(f) => f
+                .write_all(data)
+                .map_err(|e| Error::io(format!("writing ingest {}", self.key), e))?,
+        }
         self.hasher.update(data);
         self.offset = upto;
         self.updated = now;
+        self.publish();
         Ok(())
     }
 
     /// Drops every byte: the ingest starts again at offset 0 (blocking).
     pub fn truncate(&mut self, now: Millis) -> Result<()> {
-        self.file
-            .set_len(0)
-            .map_err(|e| Error::io(format!("truncating {}", self.dir.display()), e))?;
-        use std::io::Seek;
-        self.file
-            .seek(std::io::SeekFrom::Start(0))
-            .map_err(|e| Error::io(format!("truncating {}", self.dir.display()), e))?;
+        match &mut self.bytes {
+            Bytes::Memory(buf) => buf.clear(),
+            Bytes::File(f) => {
+                use std::io::Seek;
+                f.set_len(0)
+                    .and_then(|()| f.seek(std::io::SeekFrom::Start(0)))
+                    .map_err(|e| Error::io(format!("truncating ingest {}", self.key), e))?;
+            }
+        }
         self.hasher = Algorithm::Sha256.hasher();
         self.offset = 0;
         self.updated = now;
+        self.publish();
         Ok(())
     }
 
     /// Records announced facts (`total`, `expected`) so a resumed stream knows them.
     pub fn save_meta(&self) -> Result<()> {
-        write_meta(&self.dir, &self.meta)
+        self.publish();
+        match self.bytes {
+            Bytes::Memory(_) => Ok(()),
+            Bytes::File(_) => write_meta(&self.meta_path(), &self.meta),
+        }
     }
 
-    pub fn data_path(&self) -> PathBuf {
-        self.dir.join("data")
+    /// The bytes, for the commit; the ingest's files go once the store has them (`remove`).
+    pub fn payload(&mut self) -> Payload {
+        match &mut self.bytes {
+            Bytes::Memory(buf) => Payload::Memory(bytes::Bytes::from(std::mem::take(buf))),
+            Bytes::File(_) => Payload::File(self.data_path()),
+        }
     }
 
-    /// The directory is removed (after a commit took `data`, or an abort).
-    pub fn remove(self) {
-        let _ = fs::remove_dir_all(&self.dir);
+    /// The ingest is over (committed or aborted): its files are removed (blocking).
+    pub fn remove(mut self) {
+        if let Bytes::File(_) = self.bytes {
+            let _ = fs::remove_file(self.data_path());
+            let _ = fs::remove_file(self.meta_path());
+        }
+        self.bytes = Bytes::Memory(Vec::new());
+        if let Ok(mut l) = self.live.lock() {
+            l.remove(&self.key);
+        }
     }
 }
 
@@ -134,7 +211,40 @@ impl Drop for Open {
 }
 
 /// A stream's hold on one ingest; `None` inside until the ingest exists.
-pub type Held = tokio::sync::OwnedMutexGuard<Option<Open>>;
+pub struct Held {
+    guard: tokio::sync::OwnedMutexGuard<Option<Open>>,
+}
+
+impl std::ops::Deref for Held {
+    type Target = Option<Open>;
+    fn deref(&self) -> &Option<Open> {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut Option<Open> {
+        &mut self.guard
+    }
+}
+
+impl Held {
+    /// The stream ended without a commit: an in-memory ingest goes to its files so it can be
+    /// resumed by a later stream, or after a restart (blocking).
+    pub fn release(mut self) -> Result<()> {
+        if let Some(open) = self.guard.as_mut() {
+            open.spill()?;
+        }
+        if let Some(open) = self.guard.as_ref() {
+            if let Ok(mut l) = open.live.lock() {
+                l.remove(&open.key);
+            }
+        }
+        // The ingest (now in files) is loaded again by the next stream.
+        *self.guard = None;
+        Ok(())
+    }
+}
 
 pub struct Ingests {
     dir: PathBuf,
@@ -142,7 +252,11 @@ pub struct Ingests {
     life: Arc<Lifecycle>,
     /// One lock per ingest key that a stream holds or held.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Open>>>>>,
+    /// Ingests streams hold now, as their last write left them.
+    live: Arc<Mutex<HashMap<String, State>>>,
 }
+
+type Slots = HashMap<String, Arc<tokio::sync::Mutex<Option<Open>>>>;
 
 /// The key naming an ingest: view, namespace and the client's ref.
 pub fn key(view: &str, namespace: &str, reference: &str) -> String {
@@ -159,75 +273,73 @@ impl Ingests {
             clock,
             life,
             locks: Mutex::new(HashMap::new()),
+            live: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
-    fn locks(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<Option<Open>>>>> {
+    fn locks(&self) -> std::sync::MutexGuard<'_, Slots> {
         self.locks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Holds the ingest `reference` for one stream, loading it from disk if it exists there
-    /// (blocking work: call from the blocking pool). `Unavailable` while another stream holds it.
+    /// Holds the ingest `reference` for one stream, loading it from its files if it has some
+    /// (blocking). `Unavailable` while another stream holds it.
     pub fn lock(&self, view: &str, namespace: &str, reference: &str) -> Result<Held> {
         let k = key(view, namespace, reference);
         let slot = self.locks().entry(k.clone()).or_default().clone();
-        let mut held = slot.try_lock_owned().map_err(|_| {
+        let mut guard = slot.try_lock_owned().map_err(|_| {
             Error::new(
                 ErrorKind::Unavailable,
                 format!("ref {reference} locked: another stream is writing it"),
             )
         })?;
-        if held.is_none() {
-            *held = self.load(&self.dir.join(&k))?;
+        if guard.is_none() {
+            *guard = self.load(&k)?;
         }
-        Ok(held)
+        if let Some(open) = guard.as_ref() {
+            open.publish();
+        }
+        Ok(Held { guard })
     }
 
-    /// Starts ingest `reference` in a held slot (blocking).
-    pub fn create(&self, held: &mut Held, meta: Meta) -> Result<()> {
-        let dir = self
-            .dir
-            .join(key(&meta.view, &meta.namespace, &meta.reference));
-        fs::create_dir_all(&dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        write_meta(&dir, &meta)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(dir.join("data"))
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        **held = Some(Open {
+    /// Starts ingest `meta.reference` in a held slot, in memory.
+    pub fn create(&self, held: &mut Held, meta: Meta) {
+        let key = key(&meta.view, &meta.namespace, &meta.reference);
+        let open = Open {
             updated: meta.started,
             meta,
-            dir,
-            file,
+            key,
+            dir: self.dir.clone(),
+            bytes: Bytes::Memory(Vec::new()),
             hasher: Algorithm::Sha256.hasher(),
             offset: 0,
             reserved: 0,
             life: self.life.clone(),
-        });
-        Ok(())
+            live: self.live.clone(),
+        };
+        open.publish();
+        **held = Some(open);
     }
 
-    /// An ingest found on disk: its hash state rebuilt from its bytes.
-    fn load(&self, dir: &Path) -> Result<Option<Open>> {
-        let meta = match read_meta(dir) {
+    /// An ingest found in files: its hash state rebuilt from its bytes.
+    fn load(&self, key: &str) -> Result<Option<Open>> {
+        let meta_path = self.dir.join(format!("{key}.meta"));
+        let meta = match read_meta(&meta_path) {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(None),
             Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "unreadable ingest removed");
-                let _ = fs::remove_dir_all(dir);
+                tracing::warn!(ingest = %key, error = %e, "unreadable ingest removed");
+                let _ = fs::remove_file(&meta_path);
+                let _ = fs::remove_file(self.dir.join(format!("{key}.data")));
                 return Ok(None);
             }
         };
-        let path = dir.join("data");
+        let path = self.dir.join(format!("{key}.data"));
+        // Read to its end: the cursor is where the next bytes go.
         let mut file = OpenOptions::new()
             .read(true)
-            .append(true)
+            .write(true)
             .create(true)
+            .truncate(false)
             .open(&path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         let mut hasher = Algorithm::Sha256.hasher();
@@ -247,41 +359,59 @@ impl Ingests {
         Ok(Some(Open {
             updated: modified_ms(&path).unwrap_or(meta.started),
             meta,
-            dir: dir.to_owned(),
-            file,
+            key: key.to_owned(),
+            dir: self.dir.clone(),
+            bytes: Bytes::File(file),
             hasher,
             offset,
             reserved: offset,
             life: self.life.clone(),
+            live: self.live.clone(),
         }))
     }
 
-    /// Every ingest of `view` (and `namespace`, if given), held or not (blocking).
+    /// Every ingest of `view` (and `namespace`, if given): those streams hold now and those in
+    /// files (blocking).
     pub fn list(&self, view: &str, namespace: Option<&str>) -> Result<Vec<State>> {
-        let mut out = Vec::new();
-        let entries = match fs::read_dir(&self.dir) {
-            Ok(e) => e,
-            Err(e) => return Err(Error::io(format!("listing {}", self.dir.display()), e)),
-        };
+        let mut found: HashMap<String, State> = HashMap::new();
+        let entries = fs::read_dir(&self.dir)
+            .map_err(|e| Error::io(format!("listing {}", self.dir.display()), e))?;
         for e in entries.flatten() {
-            let dir = e.path();
-            let Ok(Some(meta)) = read_meta(&dir) else {
+            let path = e.path();
+            let Some(key) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".meta"))
+                .map(str::to_owned)
+            else {
                 continue;
             };
-            if meta.view != view || namespace.is_some_and(|n| n != meta.namespace) {
+            let Ok(Some(meta)) = read_meta(&path) else {
                 continue;
-            }
-            let data = dir.join("data");
+            };
+            let data = self.dir.join(format!("{key}.data"));
             let (offset, updated) = match fs::metadata(&data) {
                 Ok(m) => (m.len(), modified_ms(&data).unwrap_or(meta.started)),
                 Err(_) => (0, meta.started),
             };
-            out.push(State {
-                meta,
-                offset,
-                updated,
-            });
+            found.insert(
+                key,
+                State {
+                    meta,
+                    offset,
+                    updated,
+                },
+            );
         }
+        if let Ok(l) = self.live.lock() {
+            for (k, s) in l.iter() {
+                found.insert(k.clone(), s.clone());
+            }
+        }
+        let mut out: Vec<State> = found
+            .into_values()
+            .filter(|s| s.meta.view == view && namespace.is_none_or(|n| n == s.meta.namespace))
+            .collect();
         out.sort_by(|a, b| a.meta.reference.cmp(&b.meta.reference));
         Ok(out)
     }
@@ -299,7 +429,7 @@ impl Ingests {
         }
     }
 
-    /// Forgets lock slots nobody holds (their ingests stay on disk).
+    /// Forgets lock slots nobody holds (their ingests stay in their files).
     pub fn trim(&self) {
         self.locks().retain(|_, slot| match slot.try_lock() {
             Ok(g) => g.is_some(),
@@ -311,20 +441,12 @@ impl Ingests {
     pub fn expire(&self, idle_ms: Millis) -> usize {
         let now = self.clock.now_ms();
         let mut n = 0;
-        let Ok(entries) = fs::read_dir(&self.dir) else {
-            return 0;
-        };
-        for e in entries.flatten() {
-            let dir = e.path();
-            let Ok(Some(meta)) = read_meta(&dir) else {
-                continue;
-            };
-            let updated = modified_ms(&dir.join("data")).unwrap_or(meta.started);
-            if now.saturating_sub(updated) <= idle_ms {
+        for s in self.list_all() {
+            if now.saturating_sub(s.updated) <= idle_ms {
                 continue;
             }
             // Only when no stream holds it.
-            if let Ok(mut held) = self.lock(&meta.view, &meta.namespace, &meta.reference) {
+            if let Ok(mut held) = self.lock(&s.meta.view, &s.meta.namespace, &s.meta.reference) {
                 if let Some(open) = held.take() {
                     open.remove();
                     n += 1;
@@ -334,23 +456,43 @@ impl Ingests {
         self.trim();
         n
     }
+
+    fn list_all(&self) -> Vec<State> {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().is_some_and(|x| x == "meta") {
+                if let Ok(Some(meta)) = read_meta(&path) {
+                    let data = path.with_extension("data");
+                    out.push(State {
+                        updated: modified_ms(&data).unwrap_or(meta.started),
+                        offset: 0,
+                        meta,
+                    });
+                }
+            }
+        }
+        out
+    }
 }
 
-fn write_meta(dir: &Path, meta: &Meta) -> Result<()> {
+fn write_meta(path: &Path, meta: &Meta) -> Result<()> {
     let body = serde_json::to_vec(meta).map_err(|e| Error::internal(e.to_string()))?;
-    let tmp = dir.join("meta.new");
-    fs::write(&tmp, body).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-    fs::rename(&tmp, dir.join("meta"))
-        .map_err(|e| Error::io(format!("writing {}", dir.display()), e))
+    // Written in place: a torn file after a crash is unreadable and the ingest is dropped
+    // (its client starts again), which costs less than a rename per ingest.
+    fs::write(path, body).map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 
-fn read_meta(dir: &Path) -> Result<Option<Meta>> {
-    match fs::read(dir.join("meta")) {
+fn read_meta(path: &Path) -> Result<Option<Meta>> {
+    match fs::read(path) {
         Ok(b) => serde_json::from_slice(&b)
             .map(Some)
-            .map_err(|e| Error::internal(format!("{}: {e}", dir.display()))),
+            .map_err(|e| Error::internal(format!("{}: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(format!("reading {}", dir.display()), e)),
+        Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
     }
 }
 

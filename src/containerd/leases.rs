@@ -175,6 +175,29 @@ impl Content {
         Ok(())
     }
 
+    /// Whether lease `id` exists in `repo` (its own tag only: cheap).
+    async fn lease_exists(&self, repo: &RepoName, key: &str) -> Result<bool> {
+        match self
+            .reg
+            .resolve_manifest(repo, &Reference::Tag(Tag::parse(key)?))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `NotFound` unless lease `id` exists in the request's namespace.
+    pub async fn lease_check(&self, scope: &Scope, id: &str) -> Result<()> {
+        let repo = lease_repo(&scope.view, scope.ns())?;
+        if self.lease_exists(&repo, &lease_key(id)?).await? {
+            Ok(())
+        } else {
+            Err(Error::not_found(format!("lease {id:?} not found")))
+        }
+    }
+
     /// The lease `id` of the request's namespace; `NotFound` if there is none.
     pub async fn lease_get(&self, scope: &Scope, id: &str) -> Result<Lease> {
         let repo = lease_repo(&scope.view, scope.ns())?;
@@ -278,9 +301,9 @@ impl Content {
         let repo = lease_repo(&scope.view, scope.ns())?;
         let _g = self.stripe(&format!("{repo}#{id}")).await;
         let key = lease_key(id)?;
-        let Some((a, _)) = self.reg.files_ref(&repo, &Tag::parse(&key)?).await? else {
+        if !self.lease_exists(&repo, &key).await? {
             return Err(Error::not_found(format!("lease {id:?} not found")));
-        };
+        }
         if r.kind == "content" {
             let d: Digest = r.id.parse()?;
             let _pin = self.reg.life.pins.pin(d);
@@ -306,6 +329,9 @@ impl Content {
                 }
             }
         }
+        let Some((a, _)) = self.reg.files_ref(&repo, &Tag::parse(&key)?).await? else {
+            return Err(Error::not_found(format!("lease {id:?} not found")));
+        };
         let mut others: Vec<Resource> = a
             .get(RESOURCES)
             .and_then(|v| v.as_str())

@@ -744,7 +744,7 @@ impl api::content_server::Content for ContentService {
         let scope = self.scope(&req, crate::auth::WRITE)?;
         if let Some(lease) = &scope.lease {
             // Writing under a lease that does not exist is refused before any byte.
-            self.core.lease_get(&scope, lease).await.map_err(status)?;
+            self.core.lease_check(&scope, lease).await.map_err(status)?;
         }
         let mut input = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(2);
@@ -820,15 +820,27 @@ async fn write_stream(
             total: 0,
             expected: None,
         };
-        let c = core.clone();
-        let (h, r) = blocking(move || {
-            let r = c.ingests.create(&mut held, meta);
-            (held, r)
-        })
-        .await;
-        held = h;
-        r.map_err(status)?;
+        core.ingests.create(&mut held, meta);
     }
+    let r = write_loop(core, scope, input, tx, first, &mut held).await;
+    // Not committed (the client hung up, or a message was refused): what was written stays,
+    // resumable by the next stream on this ref, also after a restart.
+    if held.is_some() {
+        if let Err(e) = blocking(move || held.release()).await {
+            tracing::warn!(error = %e, "cannot keep an ingest for resuming");
+        }
+    }
+    r
+}
+
+async fn write_loop(
+    core: &Arc<Content>,
+    scope: &Scope,
+    input: &mut Streaming<api::WriteContentRequest>,
+    tx: &Tx,
+    first: api::WriteContentRequest,
+    held: &mut ingest::Held,
+) -> std::result::Result<(), Status> {
     let mut msg = Some(first);
     loop {
         let req = match msg.take() {
@@ -897,7 +909,7 @@ async fn write_stream(
                         (o, r)
                     })
                     .await;
-                    *held = Some(o);
+                    **held = Some(o);
                     r.map_err(status)?;
                 }
             }
@@ -936,23 +948,31 @@ async fn write_stream(
                 )));
             }
             let repo = content_repo(&scope.view, scope.ns()).map_err(status)?;
-            let open = held
+            let mut open = held
                 .take()
                 .ok_or_else(|| Status::internal("ingest vanished"))?;
-            let path = open.data_path();
-            let r = core
-                .reg
-                .commit_file(
-                    &repo,
-                    path,
-                    hashed,
-                    size,
-                    Expect {
-                        digest: expected,
-                        size: Some(size),
-                    },
-                )
-                .await;
+            let r = match open.payload() {
+                // Small: one store write, no ingest file was ever made.
+                ingest::Payload::Memory(bytes) => core
+                    .reg
+                    .put_bytes(&repo, expected, bytes)
+                    .await
+                    .map(|()| size),
+                ingest::Payload::File(path) => {
+                    core.reg
+                        .commit_file(
+                            &repo,
+                            path,
+                            hashed,
+                            size,
+                            Expect {
+                                digest: expected,
+                                size: Some(size),
+                            },
+                        )
+                        .await
+                }
+            };
             blocking(move || open.remove()).await;
             r.map_err(status)?;
             core.committed(scope, expected, size, req.labels.into_iter().collect())
