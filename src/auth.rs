@@ -708,6 +708,15 @@ pub fn front_of_repo(repo: &str) -> (Front, String) {
     if let Some(k) = repo.strip_prefix("gomod/") {
         return (Front::Gomod, k.to_owned());
     }
+    // A content view's holds and leases: `containerd/<view>/{content,leases}/<namespace>`, in
+    // the content API's scope names (`<view>/<namespace>`).
+    if let Some(k) = repo.strip_prefix("containerd/") {
+        let name = match k.split('/').collect::<Vec<_>>()[..] {
+            [view, "content" | "leases", ns] => format!("{view}/{ns}"),
+            _ => k.to_owned(),
+        };
+        return (Front::Content, name);
+    }
     (Front::Oci, repo.to_owned())
 }
 

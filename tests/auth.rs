@@ -1268,6 +1268,21 @@ fn grpc_needs_a_token_over_tcp_speaks_tls_and_trusts_the_socket() {
         .await
         .unwrap();
     });
+    // Over /v2/, a view's internal repositories are the content scope's too.
+    let tags = |token: &str| {
+        run_ok(
+            Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+                .arg(&ca)
+                .args(["-H", &format!("Authorization: {}", basic(token))])
+                .arg(format!(
+                    "https://localhost:{}/v2/containerd/node-a/content/ci/tags/list",
+                    h.port()
+                )),
+        )
+    };
+    assert_eq!(tags(&reader), "200");
+    assert_eq!(tags(&team_a), "403");
     // Refusals are logged with the token's name, never its value.
     let log = h.log();
     assert!(log.contains("reader may not"), "{log}");

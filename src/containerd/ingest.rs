@@ -210,9 +210,28 @@ impl Drop for Open {
     }
 }
 
-/// A stream's hold on one ingest; `None` inside until the ingest exists.
+/// A stream's hold on one ingest; `None` inside until the ingest exists. Dropped empty (the
+/// ingest committed, aborted or left in its files), it takes its lock slot out of the map while
+/// it still holds it, so the map keeps only ingests in use.
 pub struct Held {
     guard: tokio::sync::OwnedMutexGuard<Option<Open>>,
+    slots: Arc<Mutex<Slots>>,
+    slot: Arc<tokio::sync::Mutex<Option<Open>>>,
+    key: String,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.guard.is_none() {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            if slots
+                .get(&self.key)
+                .is_some_and(|s| Arc::ptr_eq(s, &self.slot))
+            {
+                slots.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl std::ops::Deref for Held {
@@ -232,9 +251,10 @@ impl Held {
     /// The stream ended without a commit: an in-memory ingest goes to its files so it can be
     /// resumed by a later stream, or after a restart (blocking).
     pub fn release(mut self) -> Result<()> {
-        if let Some(open) = self.guard.as_mut() {
-            open.spill()?;
-        }
+        let spilled = match self.guard.as_mut() {
+            Some(open) => open.spill(),
+            None => Ok(()),
+        };
         if let Some(open) = self.guard.as_ref() {
             if let Ok(mut l) = open.live.lock() {
                 l.remove(&open.key);
@@ -242,7 +262,7 @@ impl Held {
         }
         // The ingest (now in files) is loaded again by the next stream.
         *self.guard = None;
-        Ok(())
+        spilled
     }
 }
 
@@ -250,8 +270,8 @@ pub struct Ingests {
     dir: PathBuf,
     clock: SharedClock,
     life: Arc<Lifecycle>,
-    /// One lock per ingest key that a stream holds or held.
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Open>>>>>,
+    /// One lock per ingest key that a stream holds.
+    locks: Arc<Mutex<Slots>>,
     /// Ingests streams hold now, as their last write left them.
     live: Arc<Mutex<HashMap<String, State>>>,
 }
@@ -272,7 +292,7 @@ impl Ingests {
             dir,
             clock,
             life,
-            locks: Mutex::new(HashMap::new()),
+            locks: Arc::new(Mutex::new(HashMap::new())),
             live: Arc::new(Mutex::new(HashMap::new())),
         })
     }
@@ -285,20 +305,34 @@ impl Ingests {
     /// (blocking). `Unavailable` while another stream holds it.
     pub fn lock(&self, view: &str, namespace: &str, reference: &str) -> Result<Held> {
         let k = key(view, namespace, reference);
-        let slot = self.locks().entry(k.clone()).or_default().clone();
-        let mut guard = slot.try_lock_owned().map_err(|_| {
+        let busy = || {
             Error::new(
                 ErrorKind::Unavailable,
                 format!("ref {reference} locked: another stream is writing it"),
             )
-        })?;
-        if guard.is_none() {
-            *guard = self.load(&k)?;
+        };
+        let (slot, guard) = loop {
+            let slot = self.locks().entry(k.clone()).or_default().clone();
+            let guard = slot.clone().try_lock_owned().map_err(|_| busy())?;
+            // A holder that finished may have taken this slot out of the map meanwhile: then
+            // the map's slot (or a new one) is the lock, not this one.
+            if self.locks().get(&k).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                break (slot, guard);
+            }
+        };
+        let mut held = Held {
+            guard,
+            slots: self.locks.clone(),
+            slot,
+            key: k.clone(),
+        };
+        if held.guard.is_none() {
+            *held.guard = self.load(&k)?;
         }
-        if let Some(open) = guard.as_ref() {
+        if let Some(open) = held.guard.as_ref() {
             open.publish();
         }
-        Ok(Held { guard })
+        Ok(held)
     }
 
     /// Starts ingest `meta.reference` in a held slot, in memory.
@@ -429,14 +463,6 @@ impl Ingests {
         }
     }
 
-    /// Forgets lock slots nobody holds (their ingests stay in their files).
-    pub fn trim(&self) {
-        self.locks().retain(|_, slot| match slot.try_lock() {
-            Ok(g) => g.is_some(),
-            Err(_) => true,
-        });
-    }
-
     /// Removes ingests untouched for `idle_ms` of cache time (blocking). Returns how many.
     pub fn expire(&self, idle_ms: Millis) -> usize {
         let now = self.clock.now_ms();
@@ -453,7 +479,6 @@ impl Ingests {
                 }
             }
         }
-        self.trim();
         n
     }
 

@@ -861,6 +861,8 @@ async fn write_loop(
         }
         if !req.expected.is_empty() {
             let d = digest_arg(&req.expected)?;
+            // Kept from here until the view holds it (a collection in between must not take it).
+            let _pin = core.reg.life.pins.pin(d);
             if open.meta.expected.as_deref() != Some(req.expected.as_str()) {
                 open.meta.expected = Some(req.expected.clone());
                 meta_changed = true;
@@ -948,6 +950,8 @@ async fn write_loop(
                 )));
             }
             let repo = content_repo(&scope.view, scope.ns()).map_err(status)?;
+            // Pinned from the commit until the view holds it: nothing references it in between.
+            let _pin = core.reg.life.pins.pin(expected);
             let mut open = held
                 .take()
                 .ok_or_else(|| Status::internal("ingest vanished"))?;
