@@ -26,6 +26,7 @@ free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0)
 # hoard with its defaults (disk store, group commit), access log off as a busy farm runs it.
 "$HOARD" serve --data-dir "$WORK/hoard" --listen "127.0.0.1:$(free_port)" --access-log false \
   >"$WORK/hoard.log" 2>&1 & pids+=($!)
+HOARD_PID=$!
 # containerd with its own local content store (CRI and snapshotters it cannot use here off).
 mkdir -p "$WORK/containerd"
 cat >"$WORK/containerd/config.toml" <<TOML
@@ -41,6 +42,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
   address = ""
 TOML
 containerd --config "$WORK/containerd/config.toml" >"$WORK/containerd.log" 2>&1 & pids+=($!)
+CTD_PID=$!
 for _ in $(seq 200); do [ -S "$WORK/hoard/hoard.sock" ] && [ -S "$WORK/containerd/c.sock" ] && break; sleep 0.05; done
 "$HOARD" bench-content --rounds "$ROUNDS" --large-mib "$LARGE" --small "$SMALL" \
   "hoard=$WORK/hoard/hoard.sock" "containerd=$WORK/containerd/c.sock"
+# The same work was asked of both: the CPU each server spent on it (user + system).
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$1/stat"; }
+echo "server CPU seconds for the whole run: hoard $(cpu "$HOARD_PID"), containerd $(cpu "$CTD_PID")"

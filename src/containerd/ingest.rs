@@ -463,12 +463,18 @@ impl Ingests {
         }
     }
 
-    /// Removes ingests untouched for `idle_ms` of cache time (blocking). Returns how many.
+    /// Removes ingests untouched for `idle_ms` (blocking). Returns how many. A file's time is
+    /// the wall clock's, so an ingest must look idle by both the wall clock and the cache clock:
+    /// a wall clock stepped back or forward cannot make one expire early.
     pub fn expire(&self, idle_ms: Millis) -> usize {
         let now = self.clock.now_ms();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as Millis);
         let mut n = 0;
         for s in self.list_all() {
-            if now.saturating_sub(s.updated) <= idle_ms {
+            if now.saturating_sub(s.updated) <= idle_ms || wall.saturating_sub(s.updated) <= idle_ms
+            {
                 continue;
             }
             // Only when no stream holds it.

@@ -554,7 +554,18 @@ impl api::content_server::Content for ContentService {
     ) -> std::result::Result<Response<api::InfoResponse>, Status> {
         let scope = self.scope(&req, crate::auth::READ)?;
         let d = digest_arg(&req.get_ref().digest)?;
-        let h = self.core.info(&scope, &d).await.map_err(status)?;
+        let h = match self.core.info(&scope, &d).await {
+            Ok(h) => {
+                crate::metrics::hit("content");
+                h
+            }
+            Err(e) => {
+                if e.is_not_found() {
+                    crate::metrics::miss("content");
+                }
+                return Err(status(e));
+            }
+        };
         Ok(Response::new(api::InfoResponse {
             info: Some(h.info()),
         }))
@@ -626,7 +637,11 @@ impl api::content_server::Content for ContentService {
             .stored_size(&d)
             .await
             .map_err(status)?
-            .ok_or_else(|| Status::not_found(format!("content {d} not found")))?;
+            .ok_or_else(|| {
+                crate::metrics::miss("content");
+                Status::not_found(format!("content {d} not found"))
+            })?;
+        crate::metrics::hit("content");
         let offset = r.offset.max(0) as u64;
         if offset > size {
             return Err(Status::out_of_range(format!(
