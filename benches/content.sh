@@ -45,6 +45,7 @@ containerd --config "$WORK/containerd/config.toml" >"$WORK/containerd.log" 2>&1 
 CTD_PID=$!
 for _ in $(seq 200); do [ -S "$WORK/hoard/hoard.sock" ] && [ -S "$WORK/containerd/c.sock" ] && break; sleep 0.05; done
 "$HOARD" bench-content --rounds "$ROUNDS" --large-mib "$LARGE" --small "$SMALL" \
+  --pid "hoard=$HOARD_PID" --pid "containerd=$CTD_PID" \
   "hoard=$WORK/hoard/hoard.sock" "containerd=$WORK/containerd/c.sock"
 # The same work was asked of both: the CPU each server spent on it (user + system).
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$1/stat"; }

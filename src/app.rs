@@ -754,6 +754,11 @@ pub async fn serve(
         _ => None,
     };
     let grpc_tcp = match &config.grpc_listen {
+        // Checked before the store is opened, like every reason not to start.
+        Some(_) if !config.auth.enabled() => anyhow::bail!(
+            "grpc_listen needs [auth] tokens: over TCP every call must carry one (the admin \
+             API can evict everything); without tokens use the unix socket"
+        ),
         Some(addr) => Some(
             std::net::TcpListener::bind(addr)
                 .map_err(|e| anyhow::anyhow!("cannot listen for gRPC on {addr}: {e}"))?,
@@ -788,14 +793,11 @@ pub async fn serve(
         "http"
     };
     let content = {
-        let ingests = crate::containerd::ingest::Ingests::open(
-            app.data_dir.join("ingest"),
-            app.registry.clock.clone(),
-            app.life.clone(),
-        )?;
+        app.registry
+            .uploads
+            .open_ingests(app.data_dir.join("ingest"), app.life.clone())?;
         Arc::new(crate::containerd::Content::new(
             app.registry.clone(),
-            ingests,
             app.life.policy.clock_skew_tolerance,
         ))
     };
@@ -803,19 +805,10 @@ pub async fn serve(
         let content = content.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
-            let mut rounds = 0u64;
             loop {
                 tick.tick().await;
                 if let Err(e) = content.expire_leases().await {
                     tracing::warn!(error = %e, "lease expiry failed; will retry");
-                }
-                rounds += 1;
-                if rounds % 720 == 1 {
-                    let c = content.clone();
-                    let n = blocking(move || c.ingests.expire(INGEST_IDLE_MS)).await;
-                    if n > 0 {
-                        tracing::info!(ingests = n, "removed content ingests idle for a day");
-                    }
                 }
             }
         })
@@ -908,11 +901,22 @@ pub async fn serve(
         let period = (upload_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
+            let mut last_ingest_sweep: Option<std::time::Instant> = None;
             loop {
                 tick.tick().await;
                 let n = reg.uploads.expire(upload_timeout.as_millis() as i64);
                 if n > 0 {
                     tracing::info!(sessions = n, "expired idle upload sessions");
+                }
+                // containerd's ingests: idle for a day (a client may resume one after a long
+                // stop); their directory is read at most hourly.
+                if last_ingest_sweep.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
+                    last_ingest_sweep = Some(std::time::Instant::now());
+                    let reg = reg.clone();
+                    let n = blocking(move || reg.uploads.expire_ingests(INGEST_IDLE_MS)).await;
+                    if n > 0 {
+                        tracing::info!(ingests = n, "removed content ingests idle for a day");
+                    }
                 }
             }
         })

@@ -787,6 +787,20 @@ pub struct BenchContentArgs {
     /// Small blobs written and read at once (containerd's pulls use 3; BuildKit more).
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
+    /// The server process behind a target, as label=pid: its CPU time per part is reported too
+    /// (on a small machine the client's share of the CPU can cap every server alike).
+    #[arg(long = "pid")]
+    pub pids: Vec<String>,
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 /// One blob written as `ctr content ingest` (containerd's `content.WriteBlob`) writes it: STAT
@@ -911,6 +925,14 @@ pub async fn run_content(args: BenchContentArgs) -> anyhow::Result<()> {
     let base = Arc::new(base);
     // results[target] = (large ingest s, large read s, small ingest s, small read s), per round
     let mut results: Vec<Vec<[f64; 4]>> = vec![Vec::new(); targets.len()];
+    // The server's CPU seconds per part, per round, where its pid is known.
+    let mut cpu: Vec<Vec<[f64; 4]>> = vec![Vec::new(); targets.len()];
+    let pid_of = |label: &str| -> Option<u32> {
+        args.pids.iter().find_map(|p| {
+            let (l, n) = p.split_once('=')?;
+            (l == label).then(|| n.parse().ok()).flatten()
+        })
+    };
     let large = args.large_mib << 20;
     for round in 0..args.rounds {
         let mut order: Vec<usize> = (0..targets.len()).collect();
@@ -931,13 +953,17 @@ pub async fn run_content(args: BenchContentArgs) -> anyhow::Result<()> {
             r.metadata_mut()
                 .insert("containerd-namespace", "bench".parse()?);
             lc.create(r).await?;
+            let pid = pid_of(label);
+            let mut marks = vec![pid.and_then(cpu_seconds).unwrap_or(0.0)];
             let t = std::time::Instant::now();
             ingest(ch, &lease, format!("bench-large-{stamp}"), big.clone()).await?;
             let li = t.elapsed().as_secs_f64();
+            marks.push(pid.and_then(cpu_seconds).unwrap_or(0.0));
             drop(big);
             let t = std::time::Instant::now();
             let n = read_blob(ch, big_digest).await?;
             let lr = t.elapsed().as_secs_f64();
+            marks.push(pid.and_then(cpu_seconds).unwrap_or(0.0));
             anyhow::ensure!(n == large as u64, "{label}: read {n} of {large} bytes");
             // Small blobs, `concurrency` at a time.
             let smalls: Vec<(String, bytes::Bytes)> = (0..args.small)
@@ -947,6 +973,7 @@ pub async fn run_content(args: BenchContentArgs) -> anyhow::Result<()> {
                 })
                 .collect();
             let sem = Arc::new(tokio::sync::Semaphore::new(args.concurrency));
+            let small_from = pid.and_then(cpu_seconds).unwrap_or(0.0);
             let t = std::time::Instant::now();
             let mut tasks = Vec::new();
             for (i, (_, b)) in smalls.iter().enumerate() {
@@ -961,6 +988,8 @@ pub async fn run_content(args: BenchContentArgs) -> anyhow::Result<()> {
                 t.await??;
             }
             let si = t.elapsed().as_secs_f64();
+            marks.push(small_from);
+            marks.push(pid.and_then(cpu_seconds).unwrap_or(0.0));
             let t = std::time::Instant::now();
             let mut tasks = Vec::new();
             for (d, _) in &smalls {
@@ -975,6 +1004,17 @@ pub async fn run_content(args: BenchContentArgs) -> anyhow::Result<()> {
                 anyhow::ensure!(t.await?? == 4096, "{label}: a small read came back short");
             }
             let sr = t.elapsed().as_secs_f64();
+            marks.push(pid.and_then(cpu_seconds).unwrap_or(0.0));
+            if pid.is_some() {
+                // marks: [start, after large ingest, after large read, small start, after small
+                // ingest, after small read]
+                cpu[ti].push([
+                    marks[1] - marks[0],
+                    marks[2] - marks[1],
+                    marks[4] - marks[3],
+                    marks[5] - marks[4],
+                ]);
+            }
             eprintln!(
                 "round {round} {label}: large ingest {:.0} MB/s, read {:.0} MB/s; small ingest {:.0}/s, read {:.0}/s",
                 large as f64 / li / 1e6,
@@ -1019,6 +1059,23 @@ pub async fn run_content(args: BenchContentArgs) -> anyhow::Result<()> {
             large as f64 / m[1] / 1e6,
             args.small as f64 / m[2],
             args.small as f64 / m[3]
+        );
+    }
+    for (ti, (label, _)) in targets.iter().enumerate() {
+        if cpu[ti].is_empty() {
+            continue;
+        }
+        let mut m = [0f64; 4];
+        for (k, slot) in m.iter_mut().enumerate() {
+            let mut v: Vec<f64> = cpu[ti].iter().map(|x| x[k]).collect();
+            *slot = median(&mut v);
+        }
+        println!(
+            "{label:>12} CPU: large ingest {:.2} s/GiB  large read {:.2} s/GiB  small ingest {:.0} µs/blob  small read {:.0} µs/blob",
+            m[0] * 1024.0 / args.large_mib as f64,
+            m[1] * 1024.0 / args.large_mib as f64,
+            m[2] * 1e6 / args.small as f64,
+            m[3] * 1e6 / args.small as f64
         );
     }
     if let (Some(first), Some(last)) = (med.first(), med.last()) {

@@ -40,6 +40,19 @@ impl Gate {
         name: Option<String>,
         action: u8,
     ) -> Result<(), Status> {
+        self.check_scope(req, front, name, false, action)
+    }
+
+    /// `check`, for a request that acts on every name starting with `name` (a content request
+    /// without a namespace acts on the whole view): a grant must cover them all.
+    pub fn check_scope<T>(
+        &self,
+        req: &Request<T>,
+        front: Front,
+        name: Option<String>,
+        prefix_query: bool,
+        action: u8,
+    ) -> Result<(), Status> {
         let Some(auth) = self.app.auth.as_ref().filter(|_| self.tcp) else {
             return Ok(());
         };
@@ -59,7 +72,7 @@ impl Gate {
             name,
             action,
             oci: false,
-            prefix_query: false,
+            prefix_query,
         };
         match auth.check(&who, &need) {
             Verdict::Allow => Ok(()),

@@ -1078,8 +1078,9 @@ fn grpc_needs_a_token_over_tcp_speaks_tls_and_trusts_the_socket() {
     let (e2, reader) = new_token("reader", &["content:node-a/*:read"]);
     let (e3, ops) = new_token("ops", &["admin", "metrics"]);
     let (e4, team_a) = new_token("team-a", &["oci:team-a/*:read,write"]);
+    let (e5, one_ns) = new_token("one-namespace", &["content:node-a/ci:read"]);
     let config = dir.path().join("hoard.toml");
-    std::fs::write(&config, format!("[auth]\n\n{e1}\n{e2}\n{e3}\n{e4}")).unwrap();
+    std::fs::write(&config, format!("[auth]\n\n{e1}\n{e2}\n{e3}\n{e4}\n{e5}")).unwrap();
     let (ca, cert, key) = make_cert(dir.path(), "grpc");
     let h = Hoard::start(&[
         "--config",
@@ -1252,6 +1253,19 @@ fn grpc_needs_a_token_over_tcp_speaks_tls_and_trusts_the_socket() {
         })
         .await
         .unwrap();
+
+        // A grant of one namespace does not reach a request without one (which acts on every
+        // namespace of the view, as containerd's collector does).
+        let mut c = ContentClient::with_interceptor(ch.clone(), with(Some(&one_ns), None));
+        c.list(api::ListContentRequest::default()).await.unwrap();
+        let mut bare = tonic::Request::new(api::ListContentRequest::default());
+        bare.metadata_mut()
+            .insert("authorization", format!("Bearer {one_ns}").parse().unwrap());
+        let mut c = ContentClient::new(ch.clone());
+        assert_eq!(
+            c.list(bare).await.err().map(|e| e.code()),
+            Some(Code::PermissionDenied)
+        );
 
         // The socket needs no token: its file permissions are its access control.
         let sock = hoard::grpc::connect_socket(&h.data.join("hoard.sock"))

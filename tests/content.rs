@@ -1469,3 +1469,23 @@ fn admin_api_over_the_socket() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
 }
+
+#[test]
+fn grpc_over_tcp_is_refused_without_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hoard"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(tmp.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a TCP gRPC listener with no tokens");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("grpc_listen needs [auth] tokens"), "{err}");
+}

@@ -308,7 +308,7 @@ impl Content {
             let d: Digest = r.id.parse()?;
             let _pin = self.reg.life.pins.pin(d);
             if self.reg.mount(&repo, &d, None).await? {
-                if let Some(size) = self.reg.index.blob_size(&d) {
+                if let Some(size) = self.stored_size(&d).await? {
                     let tag = content_tag(&key, &d)?;
                     if self.reg.file_ref(&repo, &tag).await?.is_none() {
                         self.reg
@@ -499,8 +499,15 @@ pub struct LeasesService {
 impl LeasesService {
     fn scope<T>(&self, req: &Request<T>, action: u8) -> std::result::Result<Scope, Status> {
         let scope = Scope::of(&self.view, req).map_err(status)?;
-        self.gate
-            .check(req, Front::Content, Some(scope.auth_name()), action)?;
+        // Without a namespace a request may act on every namespace of the view.
+        let whole_view = scope.namespace.is_none();
+        self.gate.check_scope(
+            req,
+            Front::Content,
+            Some(scope.auth_name()),
+            whole_view,
+            action,
+        )?;
         Ok(scope)
     }
 }

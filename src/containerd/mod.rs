@@ -20,7 +20,6 @@
 //! one) list and delete across all namespaces of the view; writes without one go to `default`.
 
 pub mod filters;
-pub mod ingest;
 pub mod leases;
 
 use std::collections::{BTreeMap, HashMap};
@@ -42,8 +41,8 @@ use crate::registry::refs::FileRef;
 use crate::registry::{blocking, Registry};
 use crate::store::Expect;
 
+use crate::registry::uploads::ingest::{self, Ingests};
 use filters::{Fields, Filters};
-use ingest::Ingests;
 
 pub const NAMESPACE_HEADER: &str = "containerd-namespace";
 pub const LEASE_HEADER: &str = "containerd-lease";
@@ -65,7 +64,6 @@ const LIST_BATCH: usize = 256;
 /// The content API's state: the registry it shares blobs with, the ingests, per-ref locks.
 pub struct Content {
     pub reg: Arc<Registry>,
-    pub ingests: Ingests,
     /// Read-modify-write of one ref (labels, a lease's resources) happens under its stripe.
     stripes: Vec<tokio::sync::Mutex<()>>,
     /// The lifecycle's clock-skew tolerance (lease expiry waits this much longer).
@@ -116,9 +114,13 @@ impl Scope {
         self.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
     }
 
-    /// The auth scope name: `<view>/<namespace>`.
+    /// The auth scope name: `<view>/<namespace>`, or `<view>/` (a prefix: every namespace)
+    /// without a namespace.
     pub fn auth_name(&self) -> String {
-        format!("{}/{}", self.view, self.ns())
+        match &self.namespace {
+            Some(ns) => format!("{}/{ns}", self.view),
+            None => format!("{}/", self.view),
+        }
     }
 }
 
@@ -281,13 +283,17 @@ pub fn status(e: Error) -> Status {
 }
 
 impl Content {
-    pub fn new(reg: Arc<Registry>, ingests: Ingests, skew: Millis) -> Content {
+    pub fn new(reg: Arc<Registry>, skew: Millis) -> Content {
         Content {
             reg,
-            ingests,
             stripes: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             skew,
         }
+    }
+
+    /// The ingests (the registry's upload-session module keeps them).
+    pub fn ingests(&self) -> Result<&Ingests> {
+        self.reg.uploads.ingests()
     }
 
     pub(crate) async fn stripe(&self, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
@@ -324,12 +330,15 @@ impl Content {
     }
 
     async fn hold_in(&self, repo: &RepoName, d: &Digest) -> Result<Option<Hold>> {
+        if d.algorithm() != crate::digest::Algorithm::Sha256 {
+            return Ok(None);
+        }
         let tag = tag_of(d)?;
         Ok(self.reg.file_ref(repo, &tag).await?.map(Hold::of))
     }
 
     /// Size of `d` if the store has it (on a shared bucket, wherever it was written).
-    async fn stored_size(&self, d: &Digest) -> Result<Option<u64>> {
+    pub(crate) async fn stored_size(&self, d: &Digest) -> Result<Option<u64>> {
         if let Some(n) = self.reg.index.blob_size(d) {
             return Ok(Some(n));
         }
@@ -363,6 +372,9 @@ impl Content {
 
     /// Drops `repo`'s hold on `d`; `false` if it had none. Bytes are the lifecycle's to judge.
     async fn drop_hold(&self, repo: &RepoName, d: &Digest) -> Result<bool> {
+        if d.algorithm() != crate::digest::Algorithm::Sha256 {
+            return Ok(false);
+        }
         let tag = tag_of(d)?;
         match self.reg.delete_manifest(repo, &Reference::Tag(tag)).await {
             Ok(()) => {}
@@ -396,6 +408,10 @@ impl Content {
             updated: now,
             labels: BTreeMap::new(),
         };
+        if d.algorithm() != crate::digest::Algorithm::Sha256 {
+            // (Views hold sha256 content only: a sha512 blob is seen, not held.)
+            return Ok(hold);
+        }
         let repo = content_repo(&scope.view, scope.ns())?;
         let _g = self.stripe(&format!("{repo}@{d}")).await;
         if let Some(h) = self.hold_in(&repo, d).await? {
@@ -536,8 +552,15 @@ type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = std::result::Result<T, 
 impl ContentService {
     fn scope<T>(&self, req: &Request<T>, action: u8) -> std::result::Result<Scope, Status> {
         let scope = Scope::of(&self.view, req).map_err(status)?;
-        self.gate
-            .check(req, Front::Content, Some(scope.auth_name()), action)?;
+        // Without a namespace a request may act on every namespace of the view.
+        let whole_view = scope.namespace.is_none();
+        self.gate.check_scope(
+            req,
+            Front::Content,
+            Some(scope.auth_name()),
+            whole_view,
+            action,
+        )?;
         Ok(scope)
     }
 }
@@ -718,7 +741,7 @@ impl api::content_server::Content for ContentService {
         let core = self.core.clone();
         let ns = scope.ns().to_owned();
         let view = scope.view.clone();
-        let found = blocking(move || core.ingests.list(&view, Some(&ns)))
+        let found = blocking(move || core.ingests()?.list(&view, Some(&ns)))
             .await
             .map_err(status)?
             .into_iter()
@@ -738,7 +761,7 @@ impl api::content_server::Content for ContentService {
         let core = self.core.clone();
         let view = scope.view.clone();
         let ns = scope.namespace.clone();
-        let all = blocking(move || core.ingests.list(&view, ns.as_deref()))
+        let all = blocking(move || core.ingests()?.list(&view, ns.as_deref()))
             .await
             .map_err(status)?;
         Ok(Response::new(api::ListStatusesResponse {
@@ -779,7 +802,7 @@ impl api::content_server::Content for ContentService {
         let scope = self.scope(&req, crate::auth::WRITE)?;
         let reference = req.into_inner().r#ref;
         let core = self.core.clone();
-        blocking(move || core.ingests.abort(&scope.view, scope.ns(), &reference))
+        blocking(move || core.ingests()?.abort(&scope.view, scope.ns(), &reference))
             .await
             .map_err(status)?;
         Ok(Response::new(()))
@@ -821,7 +844,7 @@ async fn write_stream(
     let mut held = {
         let core = core.clone();
         let (view, ns, r) = (scope.view.clone(), scope.ns().to_owned(), reference.clone());
-        blocking(move || core.ingests.lock(&view, &ns, &r))
+        blocking(move || core.ingests()?.lock(&view, &ns, &r))
             .await
             .map_err(status)?
     };
@@ -835,7 +858,7 @@ async fn write_stream(
             total: 0,
             expected: None,
         };
-        core.ingests.create(&mut held, meta);
+        core.ingests().map_err(status)?.create(&mut held, meta);
     }
     let r = write_loop(core, scope, input, tx, first, &mut held).await;
     // Not committed (the client hung up, or a message was refused): what was written stays,
@@ -967,6 +990,17 @@ async fn write_loop(
             let repo = content_repo(&scope.view, scope.ns()).map_err(status)?;
             // Pinned from the commit until the view holds it: nothing references it in between.
             let _pin = core.reg.life.pins.pin(expected);
+            if core.stored_size(&expected).await.map_err(status)?.is_some() {
+                // Stored meanwhile (or the client named no digest): containerd answers
+                // AlreadyExists; the view holds it and the ingest goes.
+                if let Some(open) = held.take() {
+                    blocking(move || open.remove()).await;
+                }
+                core.committed(scope, expected, size, req.labels.into_iter().collect())
+                    .await
+                    .map_err(status)?;
+                return Err(Status::already_exists(format!("content {expected}")));
+            }
             let mut open = held
                 .take()
                 .ok_or_else(|| Status::internal("ingest vanished"))?;

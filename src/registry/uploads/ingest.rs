@@ -1,4 +1,4 @@
-//! Ingests: the content API's uploads. Unlike an OCI upload session (named by hoard), an ingest
+//! Ingests: containerd's uploads (see the module above). Unlike an OCI upload (named by hoard), an ingest
 //! is named by the client (containerd's `ref`) and must be resumable by offset after a cut
 //! stream and after a hoard restart. Its first MiB is kept in memory while a stream writes it
 //! (most blobs — manifests, configs, small layers — are committed from there in one store
@@ -136,7 +136,10 @@ impl Open {
     pub fn append(&mut self, data: &[u8], now: Millis) -> Result<()> {
         let upto = self.offset + data.len() as u64;
         if upto > self.reserved {
-            let want = (upto - self.reserved).max(RESERVE_STEP);
+            // In memory, exactly what arrived (small blobs are many: a step each would promise
+            // far more room than they take); in files, a step at a time.
+            let step = if upto <= IN_MEMORY { 0 } else { RESERVE_STEP };
+            let want = (upto - self.reserved).max(step);
             self.life.reserve(want)?;
             self.reserved += want;
         }
@@ -304,7 +307,10 @@ impl Ingests {
     /// Holds the ingest `reference` for one stream, loading it from its files if it has some
     /// (blocking). `Unavailable` while another stream holds it.
     pub fn lock(&self, view: &str, namespace: &str, reference: &str) -> Result<Held> {
-        let k = key(view, namespace, reference);
+        self.lock_key(key(view, namespace, reference), reference, true)
+    }
+
+    fn lock_key(&self, k: String, reference: &str, load: bool) -> Result<Held> {
         let busy = || {
             Error::new(
                 ErrorKind::Unavailable,
@@ -326,7 +332,7 @@ impl Ingests {
             slot,
             key: k.clone(),
         };
-        if held.guard.is_none() {
+        if load && held.guard.is_none() {
             *held.guard = self.load(&k)?;
         }
         if let Some(open) = held.guard.as_ref() {
@@ -453,14 +459,34 @@ impl Ingests {
     /// Removes ingest `reference` (blocking). `NotFound` if there is none; `Unavailable` while
     /// a stream writes it.
     pub fn abort(&self, view: &str, namespace: &str, reference: &str) -> Result<()> {
-        let mut held = self.lock(view, namespace, reference)?;
-        match held.take() {
-            Some(open) => {
-                open.remove();
-                Ok(())
-            }
-            None => Err(Error::not_found(format!("no ingest {reference}"))),
+        let k = key(view, namespace, reference);
+        if self.remove_files(&k, reference)? {
+            Ok(())
+        } else {
+            Err(Error::not_found(format!("no ingest {reference}")))
         }
+    }
+
+    /// Removes an ingest's files under its lock, without reading them (an abort or an expiry
+    /// must work on a full store and cost nothing per byte). `false` if it had none.
+    fn remove_files(&self, k: &str, reference: &str) -> Result<bool> {
+        let _held = self.lock_key(k.to_owned(), reference, false)?;
+        self.remove_locked(k)
+    }
+
+    /// Removes an ingest's files; the caller holds its lock.
+    fn remove_locked(&self, k: &str) -> Result<bool> {
+        let meta = self.dir.join(format!("{k}.meta"));
+        let data = self.dir.join(format!("{k}.data"));
+        let had = meta.exists() || data.exists();
+        for p in [meta, data] {
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("removing {}", p.display()), e)),
+            }
+        }
+        Ok(had)
     }
 
     /// Removes ingests untouched for `idle_ms` (blocking). Returns how many. A file's time is
@@ -477,12 +503,19 @@ impl Ingests {
             {
                 continue;
             }
-            // Only when no stream holds it.
-            if let Ok(mut held) = self.lock(&s.meta.view, &s.meta.namespace, &s.meta.reference) {
-                if let Some(open) = held.take() {
-                    open.remove();
-                    n += 1;
-                }
+            // Only when no stream holds it, and judged again under the lock (a stream may have
+            // written to it since the listing).
+            let k = key(&s.meta.view, &s.meta.namespace, &s.meta.reference);
+            let Ok(_held) = self.lock_key(k.clone(), &s.meta.reference, false) else {
+                continue;
+            };
+            let data = self.dir.join(format!("{k}.data"));
+            let updated = modified_ms(&data).unwrap_or(s.meta.started);
+            if now.saturating_sub(updated) <= idle_ms || wall.saturating_sub(updated) <= idle_ms {
+                continue;
+            }
+            if let Ok(true) = self.remove_locked(&k) {
+                n += 1;
             }
         }
         n

@@ -1,6 +1,17 @@
-//! Upload sessions: the one place that tracks a blob upload between requests — its repository,
-//! the writer holding the bytes and hash state so far, and when it was last used (idle sessions
-//! expire by the daemon's clock). OCI chunked uploads use it today; containerd's `Write` will too.
+//! Upload sessions: the one place that tracks an upload between requests — who names it, its
+//! bytes and hash state so far, the size and digest it promised, when it started and was last
+//! used, and when it expires (by the daemon's clock). Two kinds share it:
+//!
+//! - OCI uploads (here): named by hoard (a UUID per `POST`), bytes in the store's own writer
+//!   (its I/O thread and direct I/O for large layers), kept in memory: a registry client whose
+//!   session is gone starts a new one, as distribution-spec allows.
+//! - containerd ingests (`ingest`): named by the client's `ref`, resumable by offset after a cut
+//!   stream and after a restart, so kept in files past their first MiB or when their stream ends.
+//!
+//! Both reserve their bytes against the size bound as they arrive, verify size and digest at
+//! the commit, and expire when idle (`expire`, `expire_ingests`).
+
+pub mod ingest;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,6 +60,8 @@ struct Entry {
 pub struct Uploads {
     sessions: Mutex<HashMap<String, Entry>>,
     clock: SharedClock,
+    /// containerd's ingests, once the daemon opened their directory.
+    ingests: std::sync::OnceLock<ingest::Ingests>,
 }
 
 impl Uploads {
@@ -56,7 +69,34 @@ impl Uploads {
         Uploads {
             sessions: Mutex::new(HashMap::new()),
             clock,
+            ingests: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Opens the ingests kept under `dir` (the daemon does, before serving the content API).
+    pub fn open_ingests(
+        &self,
+        dir: std::path::PathBuf,
+        life: Arc<crate::lifecycle::gc::Lifecycle>,
+    ) -> Result<()> {
+        let i = ingest::Ingests::open(dir, self.clock.clone(), life)?;
+        let _ = self.ingests.set(i);
+        Ok(())
+    }
+
+    /// containerd's ingests; `Unavailable` before `open_ingests`.
+    pub fn ingests(&self) -> Result<&ingest::Ingests> {
+        self.ingests.get().ok_or_else(|| {
+            Error::new(
+                crate::error::ErrorKind::Unavailable,
+                "content ingests are not open yet",
+            )
+        })
+    }
+
+    /// Removes ingests idle for longer than `idle_ms` (blocking: it reads their directory).
+    pub fn expire_ingests(&self, idle_ms: i64) -> usize {
+        self.ingests.get().map_or(0, |i| i.expire(idle_ms))
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
