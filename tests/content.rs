@@ -477,6 +477,25 @@ fn write_follows_containerds_rules() {
         )
         .await;
         end.unwrap();
+        // Labels, set at the commit and changed after it, to be read after the restart.
+        let labelled = commit_blob(&ch, "t", "labelled", b"labelled", &[("a", "1")]).await;
+        ContentClient::new(ch.clone())
+            .update(req(
+                api::UpdateRequest {
+                    info: Some(api::Info {
+                        digest: labelled,
+                        labels: [("b".to_string(), "2".to_string())].into(),
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["labels.b".into()],
+                    }),
+                },
+                "t",
+                &[],
+            ))
+            .await
+            .unwrap();
     });
 
     // Across a restart: the ingest is still at 2 MiB and the hash state is right.
@@ -498,6 +517,10 @@ fn write_follows_containerds_rules() {
             replies[0].offset, 13,
             "a small ingest resumed after a restart"
         );
+        let labels = info(&ch, "t", &sha256(b"labelled")).await.unwrap().labels;
+        let want: HashMap<String, String> =
+            [("a".to_string(), "1".to_string()), ("b".into(), "2".into())].into();
+        assert_eq!(labels, want, "labels after a restart");
         // A commit whose size is wrong.
         let mut bad = write_msg(api::WriteAction::Commit, "r1", 2 << 20, &payload[2 << 20..]);
         bad.total = (3 << 20) + 1;
