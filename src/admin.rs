@@ -244,7 +244,9 @@ impl api::admin_server::Admin for AdminService {
     ) -> std::result::Result<Response<api::StatsResponse>, Status> {
         self.gate
             .check(&req, Front::Admin, None, crate::auth::READ)?;
-        Ok(Response::new(stats(&self.app, &req.get_ref().prefix)))
+        // A walk of the whole index: on the blocking pool.
+        let (app, prefix) = (self.app.clone(), req.into_inner().prefix);
+        Ok(Response::new(blocking(move || stats(&app, &prefix)).await))
     }
 
     async fn list_refs(
@@ -253,13 +255,10 @@ impl api::admin_server::Admin for AdminService {
     ) -> std::result::Result<Response<api::ListRefsResponse>, Status> {
         self.gate
             .check(&req, Front::Admin, None, crate::auth::READ)?;
-        let r = req.get_ref();
-        Ok(Response::new(list_refs(
-            &self.app,
-            &r.prefix,
-            r.page_size,
-            &r.page_token,
-        )))
+        let (app, r) = (self.app.clone(), req.into_inner());
+        Ok(Response::new(
+            blocking(move || list_refs(&app, &r.prefix, r.page_size, &r.page_token)).await,
+        ))
     }
 
     async fn gc(

@@ -131,23 +131,7 @@ impl Content {
         let Some((a, _)) = self.reg.files_ref(repo, &Tag::parse(&key)?).await? else {
             return Ok(None);
         };
-        let s = |k: &str| a.get(k).and_then(|v| v.as_str()).unwrap_or_default();
-        let mut resources: Vec<Resource> = serde_json::from_str(s(RESOURCES)).unwrap_or_default();
-        for t in self.tags_from(repo, &format!("{key}-")) {
-            if let Some(hex) = t.strip_prefix(&format!("{key}-")) {
-                resources.push(Resource {
-                    id: format!("sha256:{hex}"),
-                    kind: "content".into(),
-                });
-            }
-        }
-        resources.sort();
-        Ok(Some(Lease {
-            id: s(ID).to_owned(),
-            created: s(CREATED).parse().unwrap_or(0),
-            labels: serde_json::from_str(s(LABELS)).unwrap_or_default(),
-            resources,
-        }))
+        Ok(Some(self.lease_of(repo, &key, &a)))
     }
 
     /// Writes the lease itself (id, labels, time, resources other than stored content).
@@ -272,27 +256,72 @@ impl Content {
         self.leases_in(&repo, filters).await
     }
 
+    /// The leases of `repo`, read without refreshing their last access (the expiry sweep reads
+    /// them every few seconds: reads that counted as use would keep every lease young).
     async fn leases_in(&self, repo: &RepoName, filters: &Filters) -> Result<Vec<Lease>> {
+        let metas: Vec<(String, Digest)> = {
+            let state = self.reg.index.read();
+            state
+                .repos
+                .get(repo.as_str())
+                .map(|r| {
+                    r.tags
+                        .iter()
+                        .filter(|(t, _)| !t.contains('-'))
+                        .map(|(t, d)| (t.clone(), *d))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
         let mut out = Vec::new();
-        for t in self.tags_from(repo, "") {
-            if t.contains('-') {
-                continue;
+        for (key, manifest) in metas {
+            let bytes = match self.reg.read_small(&manifest, 1 << 20).await {
+                Ok(b) => b,
+                // Gone meanwhile (deleted, expired).
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            };
+            #[derive(serde::Deserialize)]
+            struct Meta {
+                #[serde(default)]
+                annotations: serde_json::Map<String, serde_json::Value>,
             }
-            let Ok(tag) = Tag::parse(&t) else { continue };
-            let Some((a, _)) = self.reg.files_ref(repo, &tag).await? else {
+            let Ok(m) = serde_json::from_slice::<Meta>(&bytes) else {
                 continue;
             };
-            let Some(id) = a.get(ID).and_then(|v| v.as_str()) else {
-                continue;
-            };
-            if let Some(l) = self.lease_read(repo, id).await? {
-                if filters.matches(&l) {
-                    out.push(l);
-                }
+            let l = self.lease_of(repo, &key, &m.annotations);
+            if filters.matches(&l) {
+                out.push(l);
             }
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    /// A lease from its own ref's annotations and its content refs.
+    fn lease_of(
+        &self,
+        repo: &RepoName,
+        key: &str,
+        a: &serde_json::Map<String, serde_json::Value>,
+    ) -> Lease {
+        let s = |k: &str| a.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+        let mut resources: Vec<Resource> = serde_json::from_str(s(RESOURCES)).unwrap_or_default();
+        for t in self.tags_from(repo, &format!("{key}-")) {
+            if let Some(hex) = t.strip_prefix(&format!("{key}-")) {
+                resources.push(Resource {
+                    id: format!("sha256:{hex}"),
+                    kind: "content".into(),
+                });
+            }
+        }
+        resources.sort();
+        Lease {
+            id: s(ID).to_owned(),
+            created: s(CREATED).parse().unwrap_or(0),
+            labels: serde_json::from_str(s(LABELS)).unwrap_or_default(),
+            resources,
+        }
     }
 
     /// Adds `r` to lease `id` (nothing if it is there already). Stored content becomes a ref of

@@ -505,7 +505,12 @@ impl Ingests {
             }
             // Only when no stream holds it, and judged again under the lock (a stream may have
             // written to it since the listing).
-            let k = key(&s.meta.view, &s.meta.namespace, &s.meta.reference);
+            // (A `.data` without `.meta` is listed by its key.)
+            let k = if s.meta.view.is_empty() && s.meta.started == 0 {
+                s.meta.reference.clone()
+            } else {
+                key(&s.meta.view, &s.meta.namespace, &s.meta.reference)
+            };
             let Ok(_held) = self.lock_key(k.clone(), &s.meta.reference, false) else {
                 continue;
             };
@@ -528,6 +533,27 @@ impl Ingests {
         let mut out = Vec::new();
         for e in entries.flatten() {
             let path = e.path();
+            // Bytes whose `.meta` was never written (a spill cut short): nothing can resume
+            // them; they go once they are as old as an idle ingest.
+            if path.extension().is_some_and(|x| x == "data")
+                && !path.with_extension("meta").exists()
+            {
+                if let Some(key) = path.file_stem().and_then(|k| k.to_str()) {
+                    out.push(State {
+                        updated: modified_ms(&path).unwrap_or(0),
+                        offset: 0,
+                        meta: Meta {
+                            view: String::new(),
+                            namespace: String::new(),
+                            reference: key.to_owned(),
+                            started: 0,
+                            total: 0,
+                            expected: None,
+                        },
+                    });
+                }
+                continue;
+            }
             if path.extension().is_some_and(|x| x == "meta") {
                 if let Ok(Some(meta)) = read_meta(&path) {
                     let data = path.with_extension("data");
@@ -563,4 +589,135 @@ fn read_meta(path: &Path) -> Result<Option<Meta>> {
 fn modified_ms(path: &Path) -> Option<Millis> {
     let t = fs::metadata(path).ok()?.modified().ok()?;
     Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as Millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::lifecycle::gc::Policy;
+    use crate::lifecycle::index::Index;
+    use crate::store::disk::{DiskStore, Durability};
+
+    const DAY: Millis = 24 * 3600 * 1000;
+
+    fn ingests(dir: &Path, clock: Arc<ManualClock>) -> Ingests {
+        let store = Arc::new(
+            DiskStore::open(
+                &dir.join("store"),
+                Durability::Group,
+                crate::store::disk::NO_DIRECT_IO,
+            )
+            .unwrap(),
+        );
+        let (index, _) = Index::open(&dir.join("index"), false).unwrap();
+        let life = Arc::new(Lifecycle::new(
+            Arc::new(index),
+            store,
+            clock.clone(),
+            Policy::default(),
+            None,
+        ));
+        Ingests::open(dir.join("ingest"), clock, life).unwrap()
+    }
+
+    fn meta(reference: &str, now: Millis) -> Meta {
+        Meta {
+            view: "v".into(),
+            namespace: "ns".into(),
+            reference: reference.into(),
+            started: now,
+            total: 0,
+            expected: None,
+        }
+    }
+
+    #[test]
+    fn small_ingests_stay_in_memory_until_their_stream_ends_then_resume_from_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+        let clock = ManualClock::new(now);
+        let i = ingests(tmp.path(), clock.clone());
+        let mut held = i.lock("v", "ns", "r").unwrap();
+        i.create(&mut held, meta("r", now));
+        held.as_mut().unwrap().append(b"hello ", now).unwrap();
+        // In memory: no file yet, but listed while its stream holds it.
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("ingest"))
+                .unwrap()
+                .count(),
+            0
+        );
+        assert_eq!(i.list("v", Some("ns")).unwrap()[0].offset, 6);
+        // A second stream on the same ref is refused.
+        assert_eq!(
+            i.lock("v", "ns", "r").err().map(|e| e.kind),
+            Some(ErrorKind::Unavailable)
+        );
+        held.release().unwrap();
+        // Another process (a restart) finds it in its files, hash state and all.
+        let again = ingests(tmp.path(), clock);
+        let mut held = again.lock("v", "ns", "r").unwrap();
+        let open = held.as_mut().unwrap();
+        assert_eq!(open.offset(), 6);
+        open.append(b"world", now).unwrap();
+        assert_eq!(open.digest(), Digest::sha256_of(b"hello world"));
+        // Past 1 MiB it goes to its files while the stream lasts.
+        open.append(&vec![7u8; 2 << 20], now).unwrap();
+        assert!(matches!(open.payload(), Payload::File(_)));
+    }
+
+    #[test]
+    fn idle_ingests_expire_by_both_clocks_and_stray_bytes_go_too() {
+        let tmp = tempfile::tempdir().unwrap();
+        let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+        let clock = ManualClock::new(now);
+        let i = ingests(tmp.path(), clock.clone());
+        let mut held = i.lock("v", "ns", "idle").unwrap();
+        i.create(&mut held, meta("idle", now));
+        held.as_mut().unwrap().append(b"x", now).unwrap();
+        held.release().unwrap();
+        // A `.data` a cut spill left without its `.meta`.
+        std::fs::write(tmp.path().join("ingest").join("f00d.data"), b"stray").unwrap();
+        // The cache clock a day and more on, the wall clock (the files' times) not: kept.
+        clock.set(now + 2 * DAY);
+        assert_eq!(i.expire(DAY), 0);
+        assert_eq!(i.list("v", None).unwrap().len(), 1);
+        // Both clocks past a day (the files' times set back): removed, the stray bytes too.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
+        for e in std::fs::read_dir(tmp.path().join("ingest")).unwrap() {
+            let f = std::fs::File::options()
+                .write(true)
+                .open(e.unwrap().path())
+                .unwrap();
+            f.set_modified(old).unwrap();
+        }
+        assert_eq!(i.expire(DAY), 2);
+        assert!(i.list("v", None).unwrap().is_empty());
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("ingest"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn abort_removes_without_reading_and_unknown_refs_are_not_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+        let i = ingests(tmp.path(), ManualClock::new(now));
+        let mut held = i.lock("v", "ns", "a").unwrap();
+        i.create(&mut held, meta("a", now));
+        held.as_mut().unwrap().append(b"abc", now).unwrap();
+        // Held by a stream: an abort must wait its turn.
+        assert_eq!(
+            i.abort("v", "ns", "a").err().map(|e| e.kind),
+            Some(ErrorKind::Unavailable)
+        );
+        held.release().unwrap();
+        i.abort("v", "ns", "a").unwrap();
+        assert!(i.abort("v", "ns", "a").unwrap_err().is_not_found());
+        assert!(i.list("v", None).unwrap().is_empty());
+    }
 }
