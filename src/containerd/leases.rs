@@ -17,7 +17,6 @@ use tonic::{Request, Response, Status};
 
 use super::filters::{Fields, Filters};
 use super::{check_labels, status, timestamp, Content, Scope};
-use crate::auth::Front;
 use crate::clock::Millis;
 use crate::digest::Digest;
 use crate::error::{Error, Result, What};
@@ -152,6 +151,7 @@ impl Content {
                 repo,
                 &Tag::parse(&lease_key(&lease.id)?)?,
                 LEASE_TYPE,
+                "application/octet-stream",
                 &[],
                 a,
             )
@@ -527,17 +527,7 @@ pub struct LeasesService {
 
 impl LeasesService {
     fn scope<T>(&self, req: &Request<T>, action: u8) -> std::result::Result<Scope, Status> {
-        let scope = Scope::of(&self.view, req).map_err(status)?;
-        // Without a namespace a request may act on every namespace of the view.
-        let whole_view = scope.namespace.is_none();
-        self.gate.check_scope(
-            req,
-            Front::Content,
-            Some(scope.auth_name()),
-            whole_view,
-            action,
-        )?;
-        Ok(scope)
+        Scope::checked(&self.view, &self.gate, req, action)
     }
 }
 

@@ -109,6 +109,26 @@ impl Scope {
         })
     }
 
+    /// The scope of a request on a listener of `view`, once the caller may act there (a
+    /// request without a namespace may act on every namespace of the view).
+    pub fn checked<T>(
+        view: &str,
+        gate: &crate::grpc::Gate,
+        req: &Request<T>,
+        action: u8,
+    ) -> std::result::Result<Scope, Status> {
+        let scope = Scope::of(view, req).map_err(status)?;
+        let whole_view = scope.namespace.is_none();
+        gate.check_scope(
+            req,
+            Front::Content,
+            Some(scope.auth_name()),
+            whole_view,
+            action,
+        )?;
+        Ok(scope)
+    }
+
     /// The namespace writes go to.
     pub fn ns(&self) -> &str {
         self.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
@@ -551,17 +571,7 @@ type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = std::result::Result<T, 
 
 impl ContentService {
     fn scope<T>(&self, req: &Request<T>, action: u8) -> std::result::Result<Scope, Status> {
-        let scope = Scope::of(&self.view, req).map_err(status)?;
-        // Without a namespace a request may act on every namespace of the view.
-        let whole_view = scope.namespace.is_none();
-        self.gate.check_scope(
-            req,
-            Front::Content,
-            Some(scope.auth_name()),
-            whole_view,
-            action,
-        )?;
-        Ok(scope)
+        Scope::checked(&self.view, &self.gate, req, action)
     }
 }
 

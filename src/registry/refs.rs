@@ -118,60 +118,38 @@ impl Registry {
         media_type: &str,
         file: FileRef,
     ) -> Result<Digest> {
-        let config = Digest::sha256_of(EMPTY_CONFIG);
-        // Both stay pinned until the manifest names them: a collection in between (the last
-        // other ref naming the empty config evicted) must not take them from under it.
-        let _pins = (self.life.pins.pin(config), self.life.pins.pin(file.digest));
-        self.put_bytes(repo, config, Bytes::from_static(EMPTY_CONFIG))
-            .await?;
-        let manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "artifactType": artifact_type,
-            "config": {
-                "mediaType": EMPTY_CONFIG_TYPE,
-                "digest": config.to_string(),
-                "size": EMPTY_CONFIG.len(),
-            },
-            "layers": [{
-                "mediaType": media_type,
-                "digest": file.digest.to_string(),
-                "size": file.size,
-                "annotations": file.annotations,
-            }],
-        });
-        let body = Bytes::from(
-            serde_json::to_vec(&manifest)
-                .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?,
-        );
-        let reference = Reference::Tag(tag.clone());
-        let stored = self
-            .put_manifest(PutManifest {
+        let digest = self
+            .set_files_ref(
                 repo,
-                reference: &reference,
-                content_type: Some(OCI_MANIFEST),
-                body,
-                extra_tags: &[],
-            })
+                tag,
+                artifact_type,
+                media_type,
+                std::slice::from_ref(&file),
+                serde_json::Map::new(),
+            )
             .await?;
         if let Ok(mut c) = self.file_refs.lock() {
-            c.put(stored.digest, file);
+            c.put(digest, file);
         }
-        Ok(stored.digest)
+        Ok(digest)
     }
 
-    /// Points `repo:tag` at a manifest listing `files` (each stored and visible in `repo`), with
-    /// `annotations` on the manifest itself: a ref that holds several files at once (a content
-    /// lease). Replaces whatever the tag named.
+    /// Points `repo:tag` at a manifest listing `files` (each stored and visible in `repo`; their
+    /// facts in each layer's annotations), with `annotations` on the manifest itself when there
+    /// are any: a ref holding several files, or none but its annotations (a content lease).
+    /// Replaces whatever the tag named.
     pub async fn set_files_ref(
         &self,
         repo: &RepoName,
         tag: &Tag,
         artifact_type: &str,
+        media_type: &str,
         files: &[FileRef],
         annotations: serde_json::Map<String, serde_json::Value>,
     ) -> Result<Digest> {
         let config = Digest::sha256_of(EMPTY_CONFIG);
+        // All stay pinned until the manifest names them: a collection in between (the last
+        // other ref naming the empty config evicted) must not take them from under it.
         let _pins: Vec<_> = std::iter::once(config)
             .chain(files.iter().map(|f| f.digest))
             .map(|d| self.life.pins.pin(d))
@@ -182,13 +160,14 @@ impl Registry {
             .iter()
             .map(|f| {
                 serde_json::json!({
-                    "mediaType": "application/octet-stream",
+                    "mediaType": media_type,
                     "digest": f.digest.to_string(),
                     "size": f.size,
+                    "annotations": f.annotations,
                 })
             })
             .collect();
-        let manifest = serde_json::json!({
+        let mut manifest = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
             "artifactType": artifact_type,
@@ -198,8 +177,10 @@ impl Registry {
                 "size": EMPTY_CONFIG.len(),
             },
             "layers": layers,
-            "annotations": annotations,
         });
+        if !annotations.is_empty() {
+            manifest["annotations"] = serde_json::Value::Object(annotations);
+        }
         let body = Bytes::from(
             serde_json::to_vec(&manifest)
                 .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?,
