@@ -1125,6 +1125,8 @@ struct ProxyContainerd {
 }
 
 impl ProxyContainerd {
+    /// Its collector runs only when asked (`images rm --sync`), not on its own schedule: the
+    /// tests say when containerd collects, so what they check does not depend on timing.
     fn start(dir: &Path, hoard_sock: &Path) -> ProxyContainerd {
         let containerd = require_tool("containerd", "install it with `apt-get install containerd`");
         std::fs::create_dir_all(dir).unwrap();
@@ -1138,7 +1140,9 @@ impl ProxyContainerd {
                  \"io.containerd.snapshotter.v1.zfs\", \"io.containerd.snapshotter.v1.aufs\", \
                  \"io.containerd.snapshotter.v1.devmapper\", \"io.containerd.content.v1.content\"]\n\
                  [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n[debug]\n  address = \"\"\n\
-                 [proxy_plugins]\n  [proxy_plugins.hoard]\n    type = \"content\"\n    address = \"{hoard}\"\n",
+                 [proxy_plugins]\n  [proxy_plugins.hoard]\n    type = \"content\"\n    address = \"{hoard}\"\n\
+                 [plugins.\"io.containerd.gc.v1.scheduler\"]\n  startup_delay = \"0s\"\n  \
+                 deletion_threshold = 1000000\n  mutation_threshold = 0\n",
                 root = dir.join("root").display(),
                 state = dir.join("state").display(),
                 sock = sock.display(),
@@ -1233,6 +1237,12 @@ fn containerd_keeps_its_content_in_hoard_and_cannot_delete_what_others_hold() {
             .args(["content", "ingest", "--expected-digest", &own_digest, "own"])
             .stdin(std::fs::File::open(&own_path).unwrap()),
     );
+    // `ctr content ingest` holds what it wrote only by a lease it drops on exit; containerd's
+    // collector (it runs at every start) would rightly take the blob. A root label keeps it.
+    run_ok(
+        ctd.ctr()
+            .args(["content", "label", &own_digest, "containerd.io/gc.root=1"]),
+    );
     let rt = rt();
     rt.block_on(async {
         let ch = channel(&h).await;
@@ -1301,8 +1311,10 @@ fn containerd_keeps_its_content_in_hoard_and_cannot_delete_what_others_hold() {
 
     // containerd removes the image and collects: it deletes every blob of hoard's it does not
     // reference any more, in its view. The lifecycle decides what actually goes.
-    run_ok(ctd.ctr().args(["images", "rm", "--sync", &reference]));
+    // `content rm` only forgets the blob in containerd's database; the collector that `images rm
+    // --sync` runs is what deletes from the backing store.
     run_ok(ctd.ctr().args(["content", "rm", &own_digest]));
+    run_ok(ctd.ctr().args(["images", "rm", "--sync", &reference]));
     let ls = run_ok(ctd.ctr().args(["content", "ls"]));
     for b in &blobs {
         assert!(
