@@ -694,3 +694,130 @@ fn a_pull_whose_s3_body_stalls_is_cut_not_hung() {
     assert_eq!(r.status, 200);
     assert!(r.body == data, "the pull after S3 is back is whole");
 }
+
+/// containerd's content API on S3: a commit the store cannot take (S3 cuts every write)
+/// answers Unavailable and keeps the ingest where it was, in memory or in files; with S3 back,
+/// the client's next stream finds its offset and commits the same bytes.
+#[test]
+fn a_content_commit_s3_cannot_take_keeps_the_ingest_for_a_retry() {
+    use hoard::proto::content as api;
+    use hoard::proto::content::content_client::ContentClient;
+
+    let s3 = S3Server::start();
+    s3.create_bucket("ingests");
+    let proxy = common::proxy::Proxy::start(s3.addr());
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("d");
+    let mut e = common::s3::store_env_at(StoreKind::S3, &proxy.endpoint(), "ingests");
+    e.push(("HOARD_STORE_TIMEOUT".into(), "1s".into()));
+    e.push(("HOARD_STORE_RETRIES".into(), "2".into()));
+    let h = Hoard::start_env(&data_dir, &[], &e);
+    wait_ready(&h, 200, Duration::from_secs(10));
+    // One kept in memory while its stream lasts, one past that size (in files).
+    let blobs = [
+        ("small", bytes(60, 100 * K)),
+        ("large", bytes(61, 3 * K * K)),
+    ];
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let msg = |action: api::WriteAction, r: &str, offset: usize, data: &[u8], expected: &str| {
+        api::WriteContentRequest {
+            action: action as i32,
+            r#ref: r.into(),
+            offset: offset as i64,
+            total: 0,
+            expected: expected.into(),
+            data: data.to_vec().into(),
+            labels: Default::default(),
+        }
+    };
+    // One Write stream: its replies and how it ended.
+    let stream = |msgs: Vec<api::WriteContentRequest>| {
+        let data_dir = data_dir.clone();
+        async move {
+            let ch = hoard::grpc::connect_socket(&data_dir.join("hoard.sock"))
+                .await
+                .unwrap();
+            let mut r = tonic::Request::new(tokio_stream::iter(msgs));
+            r.metadata_mut()
+                .insert("containerd-namespace", "ci".parse().unwrap());
+            let mut out = Vec::new();
+            let mut s = match ContentClient::new(ch).write(r).await {
+                Ok(s) => s.into_inner(),
+                Err(e) => return (out, Err(e)),
+            };
+            loop {
+                match s.message().await {
+                    Ok(Some(m)) => out.push(m),
+                    Ok(None) => return (out, Ok(())),
+                    Err(e) => return (out, Err(e)),
+                }
+            }
+        }
+    };
+    for (name, data) in &blobs {
+        let d = sha256(data);
+        rt.block_on(async {
+            let (replies, end) =
+                stream(vec![msg(api::WriteAction::Write, name, 0, data, &d)]).await;
+            end.unwrap();
+            assert_eq!(replies.last().unwrap().offset as usize, data.len());
+        });
+    }
+    proxy.cut_writes(true);
+    for (name, data) in &blobs {
+        let d = sha256(data);
+        let t = Instant::now();
+        let (_, end) = rt.block_on(stream(vec![msg(
+            api::WriteAction::Commit,
+            name,
+            data.len(),
+            b"",
+            &d,
+        )]));
+        let e = end.expect_err("a commit S3 cannot take");
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{name}: {e:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "bounded retries, took {:?}",
+            t.elapsed()
+        );
+    }
+    proxy.cut_writes(false);
+    for (name, data) in &blobs {
+        let d = sha256(data);
+        rt.block_on(async {
+            // The ingest is where the client left it: STAT, then COMMIT.
+            let (replies, end) = stream(vec![msg(api::WriteAction::Stat, name, 0, b"", &d)]).await;
+            end.unwrap();
+            assert_eq!(
+                replies[0].offset as usize,
+                data.len(),
+                "{name} kept its bytes"
+            );
+            assert_eq!(replies[0].digest, d);
+            let (replies, end) = stream(vec![msg(
+                api::WriteAction::Commit,
+                name,
+                data.len(),
+                b"",
+                &d,
+            )])
+            .await;
+            end.unwrap_or_else(|e| panic!("{name} commits once S3 is back: {e:?}"));
+            assert_eq!(replies.last().unwrap().digest, d);
+        });
+        assert_eq!(
+            s3.list(
+                "ingests",
+                &format!("hoard/blobs/sha256/{}/{}", &d[7..9], &d[7..])
+            )
+            .len(),
+            1,
+            "{name} is in the bucket"
+        );
+    }
+}

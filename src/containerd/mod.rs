@@ -1014,18 +1014,19 @@ async fn write_loop(
             let mut open = held
                 .take()
                 .ok_or_else(|| Status::internal("ingest vanished"))?;
-            let r = match open.payload() {
+            let payload = open.payload();
+            let r = match &payload {
                 // Small: one store write, no ingest file was ever made.
                 ingest::Payload::Memory(bytes) => core
                     .reg
-                    .put_bytes(&repo, expected, bytes)
+                    .put_bytes(&repo, expected, bytes.clone())
                     .await
                     .map(|()| size),
                 ingest::Payload::File(path) => {
                     core.reg
                         .commit_file(
                             &repo,
-                            path,
+                            path.clone(),
                             hashed,
                             size,
                             Expect {
@@ -1036,8 +1037,22 @@ async fn write_loop(
                         .await
                 }
             };
+            if let Err(e) = r {
+                // The store could not take it (full, S3 unreachable): nothing is lost, the
+                // ingest stays at its offset and the client commits again when it can.
+                let (open, kept) = blocking(move || {
+                    let kept = open.restore(payload);
+                    (open, kept)
+                })
+                .await;
+                if kept {
+                    **held = Some(open);
+                } else {
+                    blocking(move || open.remove()).await;
+                }
+                return Err(status(e));
+            }
             blocking(move || open.remove()).await;
-            r.map_err(status)?;
             core.committed(scope, expected, size, req.labels.into_iter().collect())
                 .await
                 .map_err(status)?;

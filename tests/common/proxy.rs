@@ -1,7 +1,8 @@
 //! A TCP proxy in front of the S3 server, for faults the server itself cannot show: a service
 //! that ignores conditional writes (the proxy drops `If-Match` / `If-None-Match` from requests,
 //! as some S3-compatible services effectively do), and S3 going away and coming back with its
-//! data intact (connections cut and refused, then served again on the same address).
+//! data intact (connections cut and refused, then served again on the same address), and S3
+//! that answers reads but cuts every write.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -12,6 +13,7 @@ pub struct Proxy {
     pub port: u16,
     strip: Arc<AtomicBool>,
     down: Arc<AtomicBool>,
+    writes_cut: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
 }
 
@@ -23,9 +25,11 @@ impl Proxy {
             port,
             strip: Arc::new(AtomicBool::new(false)),
             down: Arc::new(AtomicBool::new(false)),
+            writes_cut: Arc::new(AtomicBool::new(false)),
             conns: Arc::new(Mutex::new(Vec::new())),
         };
         let (strip, down, conns) = (p.strip.clone(), p.down.clone(), p.conns.clone());
+        let writes_cut = p.writes_cut.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -46,8 +50,8 @@ impl Proxy {
                     }
                 }
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let strip = strip.clone();
-                std::thread::spawn(move || forward_requests(client, server, &strip));
+                let (strip, writes_cut) = (strip.clone(), writes_cut.clone());
+                std::thread::spawn(move || forward_requests(client, server, &strip, &writes_cut));
                 std::thread::spawn(move || {
                     let (mut from, mut to) = (s2, c2);
                     let _ = std::io::copy(&mut from, &mut to);
@@ -75,6 +79,12 @@ impl Proxy {
         }
     }
 
+    /// Reads still answered; every `PUT` and `POST` from now on has its connection cut before
+    /// a byte of it reaches S3.
+    pub fn cut_writes(&self, on: bool) {
+        self.writes_cut.store(on, Ordering::SeqCst);
+    }
+
     pub fn come_back(&self) {
         self.down.store(false, Ordering::SeqCst);
     }
@@ -82,7 +92,12 @@ impl Proxy {
 
 /// Copies HTTP/1.1 requests from `client` to `server`, head by head (dropping conditional
 /// headers when asked), bodies by their length or their chunks.
-fn forward_requests(client: TcpStream, mut server: TcpStream, strip: &AtomicBool) {
+fn forward_requests(
+    client: TcpStream,
+    mut server: TcpStream,
+    strip: &AtomicBool,
+    writes_cut: &AtomicBool,
+) {
     let mut r = BufReader::new(client);
     loop {
         let mut head = Vec::new();
@@ -96,6 +111,14 @@ fn forward_requests(client: TcpStream, mut server: TcpStream, strip: &AtomicBool
                     return;
                 }
                 Ok(_) => {}
+            }
+            if head.is_empty()
+                && writes_cut.load(Ordering::SeqCst)
+                && (line.starts_with("PUT ") || line.starts_with("POST "))
+            {
+                let _ = r.get_ref().shutdown(Shutdown::Both);
+                let _ = server.shutdown(Shutdown::Both);
+                return;
             }
             let lower = line.to_ascii_lowercase();
             if strip.load(Ordering::SeqCst)

@@ -148,9 +148,18 @@ impl Open {
         }
         match &mut self.bytes {
             Bytes::Memory(buf) => buf.extend_from_slice(data),
-            Bytes::File(f) => f
-                .write_all(data)
-                .map_err(|e| Error::io(format!("writing ingest {}", self.key), e))?,
+            Bytes::File(f) => {
+                if let Err(e) = f.write_all(data) {
+                    // A short write (the disk filled) is taken back, so the file keeps exactly
+                    // the bytes hashed so far and the client can resume at `offset`.
+                    use std::io::Seek;
+                    let offset = self.offset;
+                    let _ = f
+                        .set_len(offset)
+                        .and_then(|()| f.seek(std::io::SeekFrom::Start(offset)));
+                    return Err(Error::io(format!("writing ingest {}", self.key), e));
+                }
+            }
         }
         self.hasher.update(data);
         self.offset = upto;
@@ -191,6 +200,19 @@ impl Open {
         match &mut self.bytes {
             Bytes::Memory(buf) => Payload::Memory(bytes::Bytes::from(std::mem::take(buf))),
             Bytes::File(_) => Payload::File(self.data_path()),
+        }
+    }
+
+    /// A commit the store could not take (full, S3 unreachable): the bytes `payload` gave
+    /// come back, and the ingest stays resumable for a commit retried later. False when they
+    /// are gone (a file the store took before failing): the ingest cannot be kept (blocking).
+    pub fn restore(&mut self, payload: Payload) -> bool {
+        match payload {
+            Payload::Memory(b) => {
+                self.bytes = Bytes::Memory(Vec::from(b));
+                true
+            }
+            Payload::File(path) => path.exists(),
         }
     }
 
