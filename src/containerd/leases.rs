@@ -10,7 +10,7 @@
 //! once its own cache clock is past that time plus the clock-skew tolerance, so a client whose
 //! clock runs ahead cannot make hoard drop content early by more than the tolerance allows.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -275,27 +275,37 @@ impl Content {
         };
         let mut out = Vec::new();
         for (key, manifest) in metas {
-            let bytes = match self.reg.read_small(&manifest, 1 << 20).await {
-                Ok(b) => b,
-                // Gone meanwhile (deleted, expired).
-                Err(e) if e.is_not_found() => continue,
-                Err(e) => return Err(e),
-            };
-            #[derive(serde::Deserialize)]
-            struct Meta {
-                #[serde(default)]
-                annotations: serde_json::Map<String, serde_json::Value>,
-            }
-            let Ok(m) = serde_json::from_slice::<Meta>(&bytes) else {
+            let Some(a) = self.quiet_annotations(&manifest).await? else {
                 continue;
             };
-            let l = self.lease_of(repo, &key, &m.annotations);
+            let l = self.lease_of(repo, &key, &a);
             if filters.matches(&l) {
                 out.push(l);
             }
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    /// A lease manifest's annotations, read without counting as use; `None` if it is gone
+    /// meanwhile (deleted, expired) or unreadable.
+    async fn quiet_annotations(
+        &self,
+        manifest: &Digest,
+    ) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
+        let bytes = match self.reg.read_small(manifest, 1 << 20).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        #[derive(serde::Deserialize)]
+        struct Meta {
+            #[serde(default)]
+            annotations: serde_json::Map<String, serde_json::Value>,
+        }
+        Ok(serde_json::from_slice::<Meta>(&bytes)
+            .ok()
+            .map(|m| m.annotations))
     }
 
     /// A lease from its own ref's annotations and its content refs.
@@ -409,35 +419,64 @@ impl Content {
     }
 
     /// Removes every lease whose `containerd.io/gc.expire` lies further in the past than the
-    /// skew tolerance, by the cache clock. Returns how many went.
+    /// skew tolerance, by the cache clock. Returns how many went. A lease's manifest is read
+    /// only when it is new or changed (its digest is remembered with what it said).
     pub async fn expire_leases(&self) -> Result<usize> {
-        let repos: Vec<String> = {
+        // Every lease's own ref: (repository, key, manifest).
+        let metas: Vec<(String, String, Digest)> = {
             let state = self.reg.index.read();
             state
                 .repos
                 .range("containerd/".to_owned()..)
                 .take_while(|(k, _)| k.starts_with("containerd/"))
-                .filter(|(k, r)| k.contains("/leases/") && !r.tags.is_empty())
-                .map(|(k, _)| k.clone())
+                .filter(|(k, _)| k.contains("/leases/"))
+                .flat_map(|(k, r)| {
+                    r.tags
+                        .iter()
+                        .filter(|(t, _)| !t.contains('-'))
+                        .map(move |(t, d)| (k.clone(), t.clone(), *d))
+                })
                 .collect()
         };
+        let known: Vec<Option<(String, Option<Millis>)>> = {
+            let cache = self.expiries.lock().unwrap_or_else(|e| e.into_inner());
+            metas.iter().map(|(_, _, d)| cache.get(d).cloned()).collect()
+        };
+        let mut seen = HashMap::with_capacity(metas.len());
         let now = self.reg.clock.now_ms();
-        let mut n = 0;
-        for name in repos {
-            let repo = RepoName::parse(&name)?;
-            for l in self.leases_in(&repo, &Filters::default()).await? {
-                let Some(exp) = l.expires() else { continue };
-                if now > exp.saturating_add(self.skew) {
-                    let _g = self.stripe(&format!("{repo}#{}", l.id)).await;
-                    match self.remove_lease(&repo, &l.id).await {
-                        Ok(()) => {
-                            tracing::info!(repository = %repo, lease = %l.id, "lease expired");
-                            n += 1;
-                        }
-                        Err(e) if e.is_not_found() => {}
-                        Err(e) => return Err(e),
-                    }
+        let mut due = Vec::new();
+        for ((name, key, manifest), known) in metas.into_iter().zip(known) {
+            let (id, exp) = match known {
+                Some(k) => k,
+                None => {
+                    let repo = RepoName::parse(&name)?;
+                    let Some(a) = self.quiet_annotations(&manifest).await? else {
+                        continue;
+                    };
+                    let l = self.lease_of(&repo, &key, &a);
+                    (l.id.clone(), l.expires())
                 }
+            };
+            if let Some(exp) = exp {
+                if now > exp.saturating_add(self.skew) {
+                    due.push((name.clone(), id.clone()));
+                }
+            }
+            seen.insert(manifest, (id, exp));
+        }
+        // What is not a lease's manifest any more is forgotten.
+        *self.expiries.lock().unwrap_or_else(|e| e.into_inner()) = seen;
+        let mut n = 0;
+        for (name, id) in due {
+            let repo = RepoName::parse(&name)?;
+            let _g = self.stripe(&format!("{repo}#{id}")).await;
+            match self.remove_lease(&repo, &id).await {
+                Ok(()) => {
+                    tracing::info!(repository = %repo, lease = %id, "lease expired");
+                    n += 1;
+                }
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(n)

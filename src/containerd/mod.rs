@@ -68,6 +68,9 @@ pub struct Content {
     stripes: Vec<tokio::sync::Mutex<()>>,
     /// The lifecycle's clock-skew tolerance (lease expiry waits this much longer).
     pub skew: Millis,
+    /// Each lease manifest's id and expiry, by the manifest's digest (immutable): the expiry
+    /// sweep reads a lease's manifest once per change, not every few seconds.
+    pub(crate) expiries: std::sync::Mutex<HashMap<Digest, (String, Option<Millis>)>>,
 }
 
 /// Where a request works: its listener's view, the namespace and lease it names.
@@ -308,6 +311,7 @@ impl Content {
             reg,
             stripes: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             skew,
+            expiries: Default::default(),
         }
     }
 
