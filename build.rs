@@ -1,5 +1,5 @@
-//! Compiles the gRPC interfaces in proto/ (containerd's content, leases and introspection
-//! services, hoard's admin service) without a system protoc: protox parses them, tonic's
+//! Compiles the gRPC interfaces in proto/ (containerd's content, leases, introspection and
+//! version services, hoard's admin service) without a system protoc: protox parses them, tonic's
 //! generator writes the Rust code into OUT_DIR.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/containerd/services/content/v1/content.proto",
         "proto/containerd/services/leases/v1/leases.proto",
         "proto/containerd/services/introspection/v1/introspection.proto",
+        "proto/containerd/services/version/v1/version.proto",
         "proto/hoard/v1/admin.proto",
     ];
     println!("cargo:rerun-if-changed=proto");

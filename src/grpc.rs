@@ -1,7 +1,7 @@
 //! The gRPC listeners: a unix socket (`<data-dir>/hoard.sock`, mode 0660: its file permissions
 //! are its access control) and optionally TCP (`grpc_listen`; a token in the `authorization`
 //! metadata when auth is on, TLS when a certificate is configured). Both serve containerd's
-//! content, leases and introspection services and hoard's admin service, in the daemon's
+//! content, leases, introspection and version services and hoard's admin service, in the daemon's
 //! process, and both drain on shutdown.
 
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ use crate::app::App;
 use crate::auth::{Front, Need, Verdict};
 use crate::containerd::{leases::LeasesService, Content, ContentService};
 use crate::proto::{
-    admin as admin_api, content as content_api, introspection, leases as leases_api,
+    admin as admin_api, content as content_api, introspection, leases as leases_api, version,
 };
 
 /// gRPC's own default is 4 MiB; containerd's clients send 8 MiB writes in 16 MiB messages.
@@ -118,6 +118,7 @@ impl introspection::introspection_server::Introspection for Introspection {
                 plugin("io.containerd.grpc.v1", "content"),
                 plugin("io.containerd.grpc.v1", "leases"),
                 plugin("io.containerd.grpc.v1", "introspection"),
+                plugin("io.containerd.grpc.v1", "version"),
             ],
         }))
     }
@@ -132,6 +133,26 @@ impl introspection::introspection_server::Introspection for Introspection {
             uuid: self.uuid.clone(),
             pid: std::process::id() as u64,
             pidns: 0,
+        }))
+    }
+}
+
+/// containerd's version service: hoard's version, so `ctr version` names what it talks to.
+pub struct Version {
+    gate: Gate,
+}
+
+#[tonic::async_trait]
+impl version::version_server::Version for Version {
+    async fn version(
+        &self,
+        req: Request<()>,
+    ) -> Result<Response<version::VersionResponse>, Status> {
+        self.gate
+            .check(&req, Front::Content, None, crate::auth::READ)?;
+        Ok(Response::new(version::VersionResponse {
+            version: format!("hoard {}", env!("CARGO_PKG_VERSION")),
+            revision: String::new(),
         }))
     }
 }
@@ -223,6 +244,7 @@ fn router(app: &Arc<App>, content: &Arc<Content>, tcp: bool) -> tonic::transport
         uuid,
         gate: gate.clone(),
     });
+    let version = version::version_server::VersionServer::new(Version { gate: gate.clone() });
     let admin = admin_api::admin_server::AdminServer::new(crate::admin::AdminService {
         app: app.clone(),
         gate,
@@ -231,6 +253,7 @@ fn router(app: &Arc<App>, content: &Arc<Content>, tcp: bool) -> tonic::transport
         .add_service(content_svc)
         .add_service(leases_svc)
         .add_service(intro)
+        .add_service(version)
         .add_service(admin)
 }
 

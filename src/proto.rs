@@ -1,5 +1,5 @@
-//! Code generated from proto/ at build time (build.rs): containerd's content, leases and
-//! introspection services and hoard's admin service, messages, servers and clients. The modules
+//! Code generated from proto/ at build time (build.rs): containerd's content, leases,
+//! introspection and version services and hoard's admin service, messages, servers and clients. The modules
 //! nest as the proto packages do (the generated code names other packages by relative path).
 
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
@@ -30,6 +30,11 @@ pub mod containerd {
                 tonic::include_proto!("containerd.services.introspection.v1");
             }
         }
+        pub mod version {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.version.v1");
+            }
+        }
     }
 }
 
@@ -42,4 +47,5 @@ pub mod hoard {
 pub use containerd::services::content::v1 as content;
 pub use containerd::services::introspection::v1 as introspection;
 pub use containerd::services::leases::v1 as leases;
+pub use containerd::services::version::v1 as version;
 pub use hoard::v1 as admin;

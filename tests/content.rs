@@ -186,6 +186,12 @@ fn ctr_content_commands_work_on_the_socket() {
     let meta = std::fs::metadata(sock(&h)).expect("hoard.sock in the data directory");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    // `ctr version` names the server it talks to.
+    let v = run_ok(ctr(&h, "test").arg("version"));
+    assert!(
+        v.contains(&format!("hoard {}", env!("CARGO_PKG_VERSION"))),
+        "{v}"
+    );
 
     // A 256 MiB ingest from stdin, as `ctr content ingest` sends it (1 MiB writes, a lease).
     // (32 MiB in the S3 and tiered passes: their S3 server keeps objects in Python's memory.)

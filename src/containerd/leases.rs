@@ -440,7 +440,10 @@ impl Content {
         };
         let known: Vec<Option<(String, Option<Millis>)>> = {
             let cache = self.expiries.lock().unwrap_or_else(|e| e.into_inner());
-            metas.iter().map(|(_, _, d)| cache.get(d).cloned()).collect()
+            metas
+                .iter()
+                .map(|(_, _, d)| cache.get(d).cloned())
+                .collect()
         };
         let mut seen = HashMap::with_capacity(metas.len());
         let now = self.reg.clock.now_ms();
