@@ -927,6 +927,9 @@ pub async fn run_content(args: BenchContentArgs) -> anyhow::Result<()> {
     let mut results: Vec<Vec<[f64; 4]>> = vec![Vec::new(); targets.len()];
     // The server's CPU seconds per part, per round, where its pid is known.
     let mut cpu: Vec<Vec<[f64; 4]>> = vec![Vec::new(); targets.len()];
+    // This process's (the client's) CPU seconds for the small reads, per round.
+    let mut client_cpu: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    let me = std::process::id();
     let pid_of = |label: &str| -> Option<u32> {
         args.pids.iter().find_map(|p| {
             let (l, n) = p.split_once('=')?;
@@ -990,6 +993,7 @@ pub async fn run_content(args: BenchContentArgs) -> anyhow::Result<()> {
             let si = t.elapsed().as_secs_f64();
             marks.push(small_from);
             marks.push(pid.and_then(cpu_seconds).unwrap_or(0.0));
+            let client_from = cpu_seconds(me).unwrap_or(0.0);
             let t = std::time::Instant::now();
             let mut tasks = Vec::new();
             for (d, _) in &smalls {
@@ -1005,6 +1009,7 @@ pub async fn run_content(args: BenchContentArgs) -> anyhow::Result<()> {
             }
             let sr = t.elapsed().as_secs_f64();
             marks.push(pid.and_then(cpu_seconds).unwrap_or(0.0));
+            client_cpu[ti].push(cpu_seconds(me).unwrap_or(0.0) - client_from);
             if pid.is_some() {
                 // marks: [start, after large ingest, after large read, small start, after small
                 // ingest, after small read]
@@ -1077,6 +1082,30 @@ pub async fn run_content(args: BenchContentArgs) -> anyhow::Result<()> {
             m[2] * 1e6 / args.small as f64,
             m[3] * 1e6 / args.small as f64
         );
+    }
+    // The client runs on the same cores: its own cost per small read bounds what any server
+    // speed-up can show there.
+    let mut client_med = Vec::new();
+    for (ti, (label, _)) in targets.iter().enumerate() {
+        let mut v = client_cpu[ti].clone();
+        let c = median(&mut v) * 1e6 / args.small as f64;
+        client_med.push(c);
+        println!("{label:>12} client CPU: small read {c:.0} µs/blob (this process)");
+    }
+    if let (Some(first), Some(last)) = (cpu.first(), cpu.last()) {
+        if targets.len() > 1 && !first.is_empty() && !last.is_empty() {
+            let server = |c: &Vec<[f64; 4]>| {
+                let mut v: Vec<f64> = c.iter().map(|x| x[3]).collect();
+                median(&mut v) * 1e6 / args.small as f64
+            };
+            let other = client_med[client_med.len() - 1] + server(last);
+            println!(
+                "small-read ratio if {} took no CPU at all (client + {} server CPU over client CPU): {:.2}x",
+                targets[0].0,
+                targets[targets.len() - 1].0,
+                other / client_med[0]
+            );
+        }
     }
     if let (Some(first), Some(last)) = (med.first(), med.last()) {
         if targets.len() > 1 {

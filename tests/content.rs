@@ -527,6 +527,17 @@ fn write_follows_containerds_rules() {
         let want: HashMap<String, String> =
             [("a".to_string(), "1".to_string()), ("b".into(), "2".into())].into();
         assert_eq!(labels, want, "labels after a restart");
+        // A small blob: read from the store the first time after the restart, from memory
+        // the second; whole and by range either way.
+        let small = sha256(b"labelled");
+        for _ in 0..2 {
+            assert_eq!(read_all(&ch, "t", &small, 0, 0).await.unwrap(), b"labelled");
+            assert_eq!(read_all(&ch, "t", &small, 2, 3).await.unwrap(), b"bel");
+            assert_eq!(read_all(&ch, "t", &small, 5, 100).await.unwrap(), b"led");
+            assert_eq!(read_all(&ch, "t", &small, 8, 0).await.unwrap(), b"");
+            let e = read_all(&ch, "t", &small, 9, 0).await.unwrap_err();
+            assert_eq!(e.code(), Code::OutOfRange);
+        }
         // A commit whose size is wrong.
         let mut bad = write_msg(api::WriteAction::Commit, "r1", 2 << 20, &payload[2 << 20..]);
         bad.total = (3 << 20) + 1;

@@ -60,6 +60,40 @@ const MAX_LABEL: usize = 4096;
 const READ_CHUNK: usize = 1 << 20;
 /// Infos per `List` message.
 const LIST_BATCH: usize = 256;
+/// Blobs up to this size are kept in memory once written or read (manifests, configs, indexes,
+/// small layers: what containerd reads again and again)...
+const SMALL_BLOB: u64 = 64 << 10;
+/// ...up to this many bytes in all, least recently used out first.
+const SMALL_CACHE: usize = 32 << 20;
+
+/// Small blobs' bytes by digest. Content-addressed bytes never change, so an entry is right
+/// for as long as the blob is stored; a read looks here only after the index said it is.
+struct SmallBlobs {
+    lru: lru::LruCache<Digest, Bytes>,
+    bytes: usize,
+}
+
+impl SmallBlobs {
+    fn get(&mut self, d: &Digest) -> Option<Bytes> {
+        self.lru.get(d).cloned()
+    }
+
+    fn put(&mut self, d: Digest, b: Bytes) {
+        if b.len() as u64 > SMALL_BLOB {
+            return;
+        }
+        self.bytes += b.len();
+        if let Some(old) = self.lru.put(d, b) {
+            self.bytes -= old.len();
+        }
+        while self.bytes > SMALL_CACHE {
+            match self.lru.pop_lru() {
+                Some((_, b)) => self.bytes -= b.len(),
+                None => break,
+            }
+        }
+    }
+}
 
 /// The content API's state: the registry it shares blobs with, the ingests, per-ref locks.
 pub struct Content {
@@ -71,6 +105,8 @@ pub struct Content {
     /// Each lease manifest's id and expiry, by the manifest's digest (immutable): the expiry
     /// sweep reads a lease's manifest once per change, not every few seconds.
     pub(crate) expiries: std::sync::Mutex<HashMap<Digest, (String, Option<Millis>)>>,
+    /// Small blobs served from memory: a read of one costs no trip to the blocking pool.
+    small: std::sync::Mutex<SmallBlobs>,
 }
 
 /// Where a request works: its listener's view, the namespace and lease it names.
@@ -312,7 +348,22 @@ impl Content {
             stripes: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             skew,
             expiries: Default::default(),
+            small: std::sync::Mutex::new(SmallBlobs {
+                lru: lru::LruCache::unbounded(),
+                bytes: 0,
+            }),
         }
+    }
+
+    fn small_get(&self, d: &Digest) -> Option<Bytes> {
+        self.small.lock().unwrap_or_else(|e| e.into_inner()).get(d)
+    }
+
+    fn small_put(&self, d: Digest, b: Bytes) {
+        self.small
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(d, b)
     }
 
     /// The ingests (the registry's upload-session module keeps them).
@@ -697,8 +748,36 @@ impl api::content_server::Content for ContentService {
                 .index
                 .touch_blob(&state, &d, self.core.reg.clock.now_ms());
         }
+        let once = |data: Bytes| -> Response<Self::ReadStream> {
+            let msg = api::ReadContentResponse {
+                offset: offset as i64,
+                data,
+            };
+            Response::new(Box::pin(tokio_stream::once(Ok(msg))))
+        };
+        let (from, to) = (offset as usize, (offset + len) as usize);
+        if size <= SMALL_BLOB {
+            if let Some(b) = self.core.small_get(&d).filter(|b| b.len() as u64 == size) {
+                return Ok(once(b.slice(from..to)));
+            }
+        }
         let permit = self.core.reg.transfer().await.map_err(status)?;
         let store = self.core.reg.store.clone();
+        if size <= SMALL_BLOB {
+            // Small: read whole (one step on the blocking pool), kept for the next read.
+            let data = blocking(move || {
+                let _permit = permit;
+                let mut r = store.open(&d)?;
+                let mut buf = vec![0u8; size as usize];
+                std::io::Read::read_exact(&mut r, &mut buf)
+                    .map_err(|e| Error::io(format!("reading {d}"), e))?;
+                Ok::<_, Error>(Bytes::from(buf))
+            })
+            .await
+            .map_err(status)?;
+            self.core.small_put(d, data.clone());
+            return Ok(once(data.slice(from..to)));
+        }
         if len <= READ_CHUNK as u64 {
             // One message: opened and read in one step on the blocking pool.
             let data = blocking(move || {
@@ -711,11 +790,7 @@ impl api::content_server::Content for ContentService {
             })
             .await
             .map_err(status)?;
-            let msg = api::ReadContentResponse {
-                offset: offset as i64,
-                data,
-            };
-            return Ok(Response::new(Box::pin(tokio_stream::once(Ok(msg)))));
+            return Ok(once(data));
         }
         let reader = blocking(move || store.open_at(&d, offset))
             .await
@@ -1021,11 +1096,13 @@ async fn write_loop(
             let payload = open.payload();
             let r = match &payload {
                 // Small: one store write, no ingest file was ever made.
-                ingest::Payload::Memory(bytes) => core
-                    .reg
-                    .put_bytes(&repo, expected, bytes.clone())
-                    .await
-                    .map(|()| size),
+                ingest::Payload::Memory(bytes) => {
+                    let r = core.reg.put_bytes(&repo, expected, bytes.clone()).await;
+                    if r.is_ok() {
+                        core.small_put(expected, bytes.clone());
+                    }
+                    r.map(|()| size)
+                }
                 ingest::Payload::File(path) => {
                     core.reg
                         .commit_file(
@@ -1067,5 +1144,37 @@ async fn write_loop(
         if tx.send(Ok(reply)).await.is_err() {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_blobs_stay_within_their_byte_bound_least_recently_used_out_first() {
+        let mut c = SmallBlobs {
+            lru: lru::LruCache::unbounded(),
+            bytes: 0,
+        };
+        let blob = |i: u32| Bytes::from(vec![i as u8; SMALL_BLOB as usize]);
+        let d = |i: u32| Digest::sha256_of(&i.to_le_bytes());
+        let fit = (SMALL_CACHE / SMALL_BLOB as usize) as u32;
+        for i in 0..fit {
+            c.put(d(i), blob(i));
+        }
+        assert_eq!(c.bytes, SMALL_CACHE);
+        // The first is used again; the next put pushes out the second, not the first.
+        assert!(c.get(&d(0)).is_some());
+        c.put(d(fit), blob(fit));
+        assert_eq!(c.bytes, SMALL_CACHE);
+        assert!(c.get(&d(0)).is_some());
+        assert!(c.get(&d(1)).is_none());
+        // The same blob again counts once; one over the size limit is not kept.
+        c.put(d(0), blob(0));
+        assert_eq!(c.bytes, SMALL_CACHE);
+        c.put(d(fit + 1), Bytes::from(vec![0; SMALL_BLOB as usize + 1]));
+        assert!(c.get(&d(fit + 1)).is_none());
+        assert_eq!(c.bytes, SMALL_CACHE);
     }
 }
