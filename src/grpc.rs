@@ -151,8 +151,9 @@ impl version::version_server::Version for Version {
         self.gate
             .check(&req, Front::Content, None, crate::auth::READ)?;
         Ok(Response::new(version::VersionResponse {
-            version: format!("hoard {}", env!("CARGO_PKG_VERSION")),
-            revision: String::new(),
+            // Semantic, as clients that compare versions expect; the revision names hoard.
+            version: format!("v{}", env!("CARGO_PKG_VERSION")),
+            revision: "hoard".into(),
         }))
     }
 }

@@ -713,8 +713,10 @@ fn a_content_commit_s3_cannot_take_keeps_the_ingest_for_a_retry() {
     e.push(("HOARD_STORE_RETRIES".into(), "2".into()));
     let h = Hoard::start_env(&data_dir, &[], &e);
     wait_ready(&h, 200, Duration::from_secs(10));
-    // One kept in memory while its stream lasts, one past that size (in files).
+    // One written and committed in a single stream (its commit is from memory), one written
+    // by a stream that ended (in files by then), one past the in-memory size (in files).
     let blobs = [
+        ("whole", bytes(62, 16 * K)),
         ("small", bytes(60, 100 * K)),
         ("large", bytes(61, 3 * K * K)),
     ];
@@ -758,7 +760,7 @@ fn a_content_commit_s3_cannot_take_keeps_the_ingest_for_a_retry() {
             }
         }
     };
-    for (name, data) in &blobs {
+    for (name, data) in &blobs[1..] {
         let d = sha256(data);
         rt.block_on(async {
             let (replies, end) =
@@ -768,16 +770,15 @@ fn a_content_commit_s3_cannot_take_keeps_the_ingest_for_a_retry() {
         });
     }
     proxy.cut_writes(true);
-    for (name, data) in &blobs {
+    for (i, (name, data)) in blobs.iter().enumerate() {
         let d = sha256(data);
         let t = Instant::now();
-        let (_, end) = rt.block_on(stream(vec![msg(
-            api::WriteAction::Commit,
-            name,
-            data.len(),
-            b"",
-            &d,
-        )]));
+        let commit = if i == 0 {
+            msg(api::WriteAction::Commit, name, 0, data, &d)
+        } else {
+            msg(api::WriteAction::Commit, name, data.len(), b"", &d)
+        };
+        let (_, end) = rt.block_on(stream(vec![commit]));
         let e = end.expect_err("a commit S3 cannot take");
         assert_eq!(e.code(), tonic::Code::Unavailable, "{name}: {e:?}");
         assert!(
@@ -809,6 +810,24 @@ fn a_content_commit_s3_cannot_take_keeps_the_ingest_for_a_retry() {
             .await;
             end.unwrap_or_else(|e| panic!("{name} commits once S3 is back: {e:?}"));
             assert_eq!(replies.last().unwrap().digest, d);
+            // And reads back whole.
+            let ch = hoard::grpc::connect_socket(&data_dir.join("hoard.sock"))
+                .await
+                .unwrap();
+            let mut s = ContentClient::new(ch)
+                .read(api::ReadContentRequest {
+                    digest: d.clone(),
+                    offset: 0,
+                    size: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut got = Vec::new();
+            while let Some(m) = s.message().await.unwrap() {
+                got.extend_from_slice(&m.data);
+            }
+            assert!(got == *data, "{name} reads back as written");
         });
         assert_eq!(
             s3.list(

@@ -462,7 +462,7 @@ impl Content {
             };
             if let Some(exp) = exp {
                 if now > exp.saturating_add(self.skew) {
-                    due.push((name.clone(), id.clone()));
+                    due.push((name.clone(), key.clone(), manifest, id.clone()));
                 }
             }
             seen.insert(manifest, (id, exp));
@@ -470,9 +470,21 @@ impl Content {
         // What is not a lease's manifest any more is forgotten.
         *self.expiries.lock().unwrap_or_else(|e| e.into_inner()) = seen;
         let mut n = 0;
-        for (name, id) in due {
+        for (name, key, manifest, id) in due {
             let repo = RepoName::parse(&name)?;
             let _g = self.stripe(&format!("{repo}#{id}")).await;
+            // Only the lease that was judged: one deleted and made again meanwhile is new.
+            let same = self
+                .reg
+                .index
+                .read()
+                .repos
+                .get(&name)
+                .and_then(|r| r.tags.get(&key))
+                == Some(&manifest);
+            if !same {
+                continue;
+            }
             match self.remove_lease(&repo, &id).await {
                 Ok(()) => {
                     tracing::info!(repository = %repo, lease = %id, "lease expired");

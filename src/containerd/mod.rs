@@ -63,11 +63,15 @@ const LIST_BATCH: usize = 256;
 /// Blobs up to this size are kept in memory once written or read (manifests, configs, indexes,
 /// small layers: what containerd reads again and again)...
 const SMALL_BLOB: u64 = 64 << 10;
-/// ...up to this many bytes in all, least recently used out first.
+/// ...up to this many bytes in all, least recently used out first...
 const SMALL_CACHE: usize = 32 << 20;
+/// ...counting each entry's bookkeeping (key, node, handle) as this much besides its bytes.
+const SMALL_ENTRY: usize = 128;
 
-/// Small blobs' bytes by digest. Content-addressed bytes never change, so an entry is right
-/// for as long as the blob is stored; a read looks here only after the index said it is.
+/// Small blobs' bytes by digest, each verified against its digest before it is kept (hashed as
+/// it was ingested, or hashed again when read from the store). Content-addressed bytes never
+/// change, so an entry is right for as long as the blob is stored; a read looks here only after
+/// the index said it is (and, on a shared bucket, no collection has announced it).
 struct SmallBlobs {
     lru: lru::LruCache<Digest, Bytes>,
     bytes: usize,
@@ -82,13 +86,13 @@ impl SmallBlobs {
         if b.len() as u64 > SMALL_BLOB {
             return;
         }
-        self.bytes += b.len();
+        self.bytes += b.len() + SMALL_ENTRY;
         if let Some(old) = self.lru.put(d, b) {
-            self.bytes -= old.len();
+            self.bytes -= old.len() + SMALL_ENTRY;
         }
         while self.bytes > SMALL_CACHE {
             match self.lru.pop_lru() {
-                Some((_, b)) => self.bytes -= b.len(),
+                Some((_, b)) => self.bytes -= b.len() + SMALL_ENTRY,
                 None => break,
             }
         }
@@ -756,7 +760,13 @@ impl api::content_server::Content for ContentService {
             Response::new(Box::pin(tokio_stream::once(Ok(msg))))
         };
         let (from, to) = (offset as usize, (offset + len) as usize);
-        if size <= SMALL_BLOB {
+        let doomed = self
+            .core
+            .reg
+            .shared
+            .as_ref()
+            .is_some_and(|s| s.doomed_blob(&d));
+        if size <= SMALL_BLOB && !doomed {
             if let Some(b) = self.core.small_get(&d).filter(|b| b.len() as u64 == size) {
                 return Ok(once(b.slice(from..to)));
             }
@@ -764,18 +774,30 @@ impl api::content_server::Content for ContentService {
         let permit = self.core.reg.transfer().await.map_err(status)?;
         let store = self.core.reg.store.clone();
         if size <= SMALL_BLOB {
-            // Small: read whole (one step on the blocking pool), kept for the next read.
+            // Small: read whole and verified (one step on the blocking pool), kept for the
+            // next read.
             let data = blocking(move || {
                 let _permit = permit;
                 let mut r = store.open(&d)?;
                 let mut buf = vec![0u8; size as usize];
                 std::io::Read::read_exact(&mut r, &mut buf)
                     .map_err(|e| Error::io(format!("reading {d}"), e))?;
+                let mut h = d.algorithm().hasher();
+                h.update(&buf);
+                if h.finish() != d {
+                    tracing::error!(digest = %d, "stored blob does not match its digest: run `hoard admin verify --repair`");
+                    return Err(Error::new(
+                        ErrorKind::Internal,
+                        format!("stored blob {d} does not match its digest"),
+                    ));
+                }
                 Ok::<_, Error>(Bytes::from(buf))
             })
             .await
             .map_err(status)?;
-            self.core.small_put(d, data.clone());
+            if !doomed {
+                self.core.small_put(d, data.clone());
+            }
             return Ok(once(data.slice(from..to)));
         }
         if len <= READ_CHUNK as u64 {
@@ -1099,7 +1121,8 @@ async fn write_loop(
                 ingest::Payload::Memory(bytes) => {
                     let r = core.reg.put_bytes(&repo, expected, bytes.clone()).await;
                     if r.is_ok() {
-                        core.small_put(expected, bytes.clone());
+                        // A copy: the ingest's buffer may have grown past its length.
+                        core.small_put(expected, Bytes::copy_from_slice(bytes));
                     }
                     r.map(|()| size)
                 }
@@ -1119,10 +1142,16 @@ async fn write_loop(
                 }
             };
             if let Err(e) = r {
-                // The store could not take it (full, S3 unreachable): nothing is lost, the
-                // ingest stays at its offset and the client commits again when it can.
+                // The store could not take it for now (full, S3 unreachable, an I/O error): the
+                // ingest stays at its offset and the client commits again when it can. (An
+                // in-memory ingest goes to its files when the stream ends; if even that fails,
+                // the client's next STAT says offset 0.) Anything else ends the ingest.
+                let transient = matches!(
+                    e.kind,
+                    ErrorKind::Unavailable | ErrorKind::Exhausted | ErrorKind::Internal
+                );
                 let (open, kept) = blocking(move || {
-                    let kept = open.restore(payload);
+                    let kept = transient && open.restore(payload);
                     (open, kept)
                 })
                 .await;
@@ -1157,7 +1186,7 @@ mod tests {
             lru: lru::LruCache::unbounded(),
             bytes: 0,
         };
-        let blob = |i: u32| Bytes::from(vec![i as u8; SMALL_BLOB as usize]);
+        let blob = |i: u32| Bytes::from(vec![i as u8; SMALL_BLOB as usize - SMALL_ENTRY]);
         let d = |i: u32| Digest::sha256_of(&i.to_le_bytes());
         let fit = (SMALL_CACHE / SMALL_BLOB as usize) as u32;
         for i in 0..fit {
