@@ -108,9 +108,15 @@ fn content_tag(key: &str, d: &Digest) -> Result<Tag> {
     Tag::parse(&format!("{key}-{}", d.hex()))
 }
 
+/// Whether a tag of a leases repository is a lease's own (`<key>`), not one of the content
+/// refs it holds (`<key>-<digest hex>`).
+fn is_lease_tag(t: &str) -> bool {
+    !t.contains('-')
+}
+
 impl Content {
-    /// Tags of `repo` starting with `prefix`.
-    fn tags_from(&self, repo: &RepoName, prefix: &str) -> Vec<String> {
+    /// Tags of `repo` starting with `prefix`, with the manifests they name.
+    fn tags_from(&self, repo: &RepoName, prefix: &str) -> Vec<(String, Digest)> {
         let state = self.reg.index.read();
         state
             .repos
@@ -119,7 +125,7 @@ impl Content {
                 r.tags
                     .range(prefix.to_owned()..)
                     .take_while(|(t, _)| t.starts_with(prefix))
-                    .map(|(t, _)| t.clone())
+                    .map(|(t, d)| (t.clone(), *d))
                     .collect()
             })
             .unwrap_or_default()
@@ -228,7 +234,7 @@ impl Content {
         if self.reg.files_ref(repo, &meta).await?.is_none() {
             return Err(Error::not_found(format!("lease {id:?} not found")));
         }
-        for t in self.tags_from(repo, &format!("{key}-")) {
+        for (t, _) in self.tags_from(repo, &format!("{key}-")) {
             match self
                 .reg
                 .delete_manifest(repo, &Reference::Tag(Tag::parse(&t)?))
@@ -256,25 +262,14 @@ impl Content {
         self.leases_in(&repo, filters).await
     }
 
-    /// The leases of `repo`, read without refreshing their last access (the expiry sweep reads
-    /// them every few seconds: reads that counted as use would keep every lease young).
+    /// The leases of `repo`, read without refreshing their last access (listing leases is not
+    /// using them).
     async fn leases_in(&self, repo: &RepoName, filters: &Filters) -> Result<Vec<Lease>> {
-        let metas: Vec<(String, Digest)> = {
-            let state = self.reg.index.read();
-            state
-                .repos
-                .get(repo.as_str())
-                .map(|r| {
-                    r.tags
-                        .iter()
-                        .filter(|(t, _)| !t.contains('-'))
-                        .map(|(t, d)| (t.clone(), *d))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
         let mut out = Vec::new();
-        for (key, manifest) in metas {
+        for (key, manifest) in self.tags_from(repo, "") {
+            if !is_lease_tag(&key) {
+                continue;
+            }
             let Some(a) = self.quiet_annotations(&manifest).await? else {
                 continue;
             };
@@ -317,7 +312,7 @@ impl Content {
     ) -> Lease {
         let s = |k: &str| a.get(k).and_then(|v| v.as_str()).unwrap_or_default();
         let mut resources: Vec<Resource> = serde_json::from_str(s(RESOURCES)).unwrap_or_default();
-        for t in self.tags_from(repo, &format!("{key}-")) {
+        for (t, _) in self.tags_from(repo, &format!("{key}-")) {
             if let Some(hex) = t.strip_prefix(&format!("{key}-")) {
                 resources.push(Resource {
                     id: format!("sha256:{hex}"),
@@ -433,7 +428,7 @@ impl Content {
                 .flat_map(|(k, r)| {
                     r.tags
                         .iter()
-                        .filter(|(t, _)| !t.contains('-'))
+                        .filter(|(t, _)| is_lease_tag(t))
                         .map(move |(t, d)| (k.clone(), t.clone(), *d))
                 })
                 .collect()

@@ -773,46 +773,34 @@ impl api::content_server::Content for ContentService {
         }
         let permit = self.core.reg.transfer().await.map_err(status)?;
         let store = self.core.reg.store.clone();
-        if size <= SMALL_BLOB {
-            // Small: read whole and verified (one step on the blocking pool), kept for the
-            // next read.
+        let small = size <= SMALL_BLOB;
+        if small || len <= READ_CHUNK as u64 {
+            // One message, read in one step on the blocking pool: a small blob whole and
+            // verified (then kept for the next read), anything else just the range.
+            let (at, want) = if small { (0, size) } else { (offset, len) };
             let data = blocking(move || {
                 let _permit = permit;
-                let mut r = store.open(&d)?;
-                let mut buf = vec![0u8; size as usize];
+                let mut r = store.open_at(&d, at)?;
+                let mut buf = vec![0u8; want as usize];
                 std::io::Read::read_exact(&mut r, &mut buf)
                     .map_err(|e| Error::io(format!("reading {d}"), e))?;
-                let mut h = d.algorithm().hasher();
-                h.update(&buf);
-                if h.finish() != d {
+                if small && Digest::of(d.algorithm(), &buf) != d {
                     tracing::error!(digest = %d, "stored blob does not match its digest: run `hoard admin verify --repair`");
-                    return Err(Error::new(
-                        ErrorKind::Internal,
-                        format!("stored blob {d} does not match its digest"),
-                    ));
+                    return Err(Error::internal(format!(
+                        "stored blob {d} does not match its digest"
+                    )));
                 }
                 Ok::<_, Error>(Bytes::from(buf))
             })
             .await
             .map_err(status)?;
+            if !small {
+                return Ok(once(data));
+            }
             if !doomed {
                 self.core.small_put(d, data.clone());
             }
             return Ok(once(data.slice(from..to)));
-        }
-        if len <= READ_CHUNK as u64 {
-            // One message: opened and read in one step on the blocking pool.
-            let data = blocking(move || {
-                let _permit = permit;
-                let mut r = store.open_at(&d, offset)?;
-                let mut buf = vec![0u8; len as usize];
-                std::io::Read::read_exact(&mut r, &mut buf)
-                    .map_err(|e| Error::io(format!("reading {d}"), e))?;
-                Ok::<_, Error>(Bytes::from(buf))
-            })
-            .await
-            .map_err(status)?;
-            return Ok(once(data));
         }
         let reader = blocking(move || store.open_at(&d, offset))
             .await
